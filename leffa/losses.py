@@ -1,0 +1,115 @@
+"""Losses of the Leffa paper: Eq. 1 (diffusion) and Eq. 2-4 (Leffa: learning flow fields in attention).
+
+Every loss returns one value per sample, shape (B,); the LightningModule selects, weights and reduces.
+Coordinates follow ``grid_sample``'s convention with ``align_corners=True``: (x, y), top-left -1,
+bottom-right +1.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["coordinate_map", "attention_flow", "warp_loss", "diffusion_loss"]
+
+
+def coordinate_map(h: int, w: int, device=None, dtype=torch.float32) -> torch.Tensor:
+    """The normalised coordinate map C of Eq. 3, (h*w, 2) in row-major token order, values (x, y).
+
+    Token (0, 0) is (-1, -1) and token (h-1, w-1) is (1, 1).
+    """
+    ys = torch.linspace(-1.0, 1.0, h, device=device, dtype=dtype)
+    xs = torch.linspace(-1.0, 1.0, w, device=device, dtype=dtype)
+    grid_y, grid_x = torch.meshgrid(ys, xs, indexing="ij")
+    # (h, w, 2) -> (h*w, 2): row-major, like the flattened token sequence of a transformer block
+    return torch.stack([grid_x, grid_y], dim=-1).reshape(h * w, 2)
+
+
+def attention_flow(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    ref_size: tuple[int, int],
+    temperature: float = 2.0,
+    average_heads: bool = True,
+    register_key: torch.Tensor | None = None,
+    pad_values: bool | None = None,
+) -> torch.Tensor:
+    """Eq. 2-3 of the Leffa paper: the flow field ``softmax(Q K^T / sqrt(d) / tau) @ C``.
+
+    Computed as one fused attention call with the coordinate map C as the values, so the
+    (n_q x n_k) attention matrix is never materialised; the mean over heads (the paper's A-hat)
+    commutes with the product by C, so it is taken on the (.., 2) output.
+
+    Args:
+        query: (B, heads, n_q, d) generative queries.
+        key: (B, heads, h*w, d) reference keys, row-major over the reference token grid.
+        ref_size: (h, w) of the reference token grid.
+        temperature: tau of Eq. 2.
+        average_heads: return the head-averaged flow (B, n_q, 2); else per head (B, heads, n_q, 2).
+        register_key: optional (B, heads, R, d) keys of learnable register tokens. Registers take part
+            in the softmax (they absorb attention, as in Darcet et al. 2024) but carry coordinate 0,
+            so attention on them pulls the flow towards the centre of the reference and the Leffa
+            loss teaches the queries to attend to the reference instead where it matters.
+        pad_values: zero-pad C to the head dimension so that fused GPU kernels (which want equal
+            q/k/v head dims) stay eligible; default: on for CUDA tensors.
+    """
+    batch, heads, _, d = query.shape
+    h, w = ref_size
+    if key.shape[-2] != h * w:
+        raise ValueError(f"key has {key.shape[-2]} tokens but ref_size {ref_size} needs h*w = {h * w}")
+    # (h*w, 2) -> (B, heads, h*w, 2): the values of the attention call
+    values = coordinate_map(h, w, query.device, query.dtype).expand(batch, heads, h * w, 2)
+    if register_key is not None:
+        key = torch.cat([key, register_key], dim=2)
+        values = torch.cat([values, values.new_zeros(batch, heads, register_key.shape[2], 2)], dim=2)
+    if pad_values is None:
+        pad_values = query.is_cuda
+    if pad_values and d > 2:
+        values = F.pad(values, (0, d - 2))
+    scale = 1.0 / (math.sqrt(d) * temperature)
+    # (B, heads, n_q, 2 or d) -> keep (x, y)
+    flow = F.scaled_dot_product_attention(query, key, values, scale=scale)[..., :2]
+    # (B, heads, n_q, 2) -> (B, n_q, 2): mean over heads
+    return flow.mean(dim=1) if average_heads else flow
+
+
+def warp_loss(
+    flow: torch.Tensor,
+    ref_image: torch.Tensor,
+    target_image: torch.Tensor,
+    mask: torch.Tensor,
+    upsample: bool = True,
+) -> torch.Tensor:
+    """Eq. 4 of the Leffa paper for one layer: ``|| I_tgt * I_m - warp(I_ref, F) * I_m ||^2``, per sample.
+
+    Args:
+        flow: (B, h, w, 2) grid_sample coordinates into the reference.
+        ref_image, target_image: (B, 3, H, W).
+        mask: (B, 1, H, W) in {0, 1}, 1 where the model generates.
+        upsample: bilinearly upsample the flow to (H, W) (the paper); False is the Tab. 8 ablation,
+            which instead resizes images (area) and mask (nearest) down to (h, w).
+
+    Returns:
+        (B,) mean over (3, H, W) of the squared masked difference.
+    """
+    _, h, w, _ = flow.shape
+    dtype = flow.dtype
+    ref, tgt, m = ref_image.to(dtype), target_image.to(dtype), mask.to(dtype)
+    if upsample:
+        # (B, h, w, 2) -> (B, 2, h, w) -> (B, 2, H, W) -> (B, H, W, 2)
+        grid = F.interpolate(flow.permute(0, 3, 1, 2), size=tgt.shape[-2:], mode="bilinear", align_corners=True)
+        grid = grid.permute(0, 2, 3, 1)
+    else:
+        grid = flow
+        ref = F.interpolate(ref, size=(h, w), mode="area")
+        tgt = F.interpolate(tgt, size=(h, w), mode="area")
+        m = F.interpolate(m, size=(h, w), mode="nearest")
+    warped = F.grid_sample(ref, grid, mode="bilinear", align_corners=True)
+    return ((tgt * m - warped * m) ** 2).mean(dim=(1, 2, 3))
+
+
+def diffusion_loss(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Eq. 1 of the Leffa paper (epsilon prediction, as SD): per-sample mean squared error, shape (B,)."""
+    return ((prediction.float() - target.float()) ** 2).mean(dim=tuple(range(1, prediction.ndim)))

@@ -1,0 +1,230 @@
+"""The Leffa LightningModule: frozen VAE, Reference and Generative UNets, diffusion loss (Eq. 1)
+plus lambda * Leffa loss (Eq. 2-5), AdamW. EMA comes from Lightning's ``EMAWeightAveraging``
+callback (configured on the Trainer), parallelism from the Trainer's strategy.
+"""
+
+from __future__ import annotations
+
+import lightning as L
+import torch
+from torch import nn
+
+from leffa.attention import ReferenceBank, attach_reference_attention
+from leffa.checkpoints import load_weights, read_state_dict
+from leffa.conditioning import build_conditioning, conditioning_channels
+from leffa.losses import attention_flow, diffusion_loss, warp_loss
+from leffa.pretrained import load_scheduler, load_vae
+from leffa.unets import build_unet
+
+__all__ = ["LeffaModule"]
+
+LATENT_CHANNELS = 4
+
+
+class LeffaModule(L.LightningModule):
+    """Dual-UNet latent diffusion for virtual try-on and pose transfer, with the Leffa loss.
+
+    Args:
+        pretrained_model: local SD1.5 (or SD1.5-inpainting) diffusers folder: both UNets, the VAE
+            and the scheduler come from it. Never downloaded.
+        reference_pretrained_model: another folder for the Reference UNet (default: the same).
+        unet_config: inline ``UNet2DConditionModel`` config, used when no folder is given.
+        vae_config: inline ``AutoencoderKL`` config, used when no folder is given.
+        conditioning: Generative UNet input layout: ``tryon``, ``pose``, ``pose_image`` or
+            ``released`` (see ``leffa.conditioning``).
+        use_leffa_loss: add lambda * Leffa (Eq. 5); the paper turns it on in the last stage.
+        lambda_leffa: weight of the Leffa loss (paper: 1e-3).
+        theta_resolution: only layers whose token grid height h satisfies h/H > theta take part
+            (paper: 1/32).
+        theta_timestep: only samples with t < theta take part (paper: 500 of 1000).
+        tau: softmax temperature of the Leffa attention map (paper: 2.0).
+        average_heads: average the attention over heads before the loss (paper); False is the
+            per-head ablation of Tab. 8.
+        upsample_flow: upsample flow fields to image size (paper); False is Tab. 8's ablation.
+        freeze_reference_unet: freeze the Reference UNet (Tab. 9 ablation; the paper trains both).
+        num_registers: learnable register tokens per self-attention layer (0: off).
+        p_drop_ref: probability of replacing a sample's reference latent by zeros in training, so
+            that sampling can use classifier-free guidance over the reference.
+        learning_rate: AdamW learning rate (paper: 1e-5).
+        weight_decay: AdamW weight decay.
+        gradient_checkpointing: recompute UNet blocks in backward to save activation memory.
+        init_from: weights of a previous stage (Lightning checkpoint or safetensors); only the
+            weights, never optimizer state. Resuming a stage is the Trainer's ``--ckpt_path``.
+        init_from_weights: ``ema`` or ``live`` weights of ``init_from``.
+    """
+
+    def __init__(
+        self,
+        pretrained_model: str | None = None,
+        reference_pretrained_model: str | None = None,
+        unet_config: dict | None = None,
+        vae_config: dict | None = None,
+        conditioning: str = "tryon",
+        use_leffa_loss: bool = False,
+        lambda_leffa: float = 1e-3,
+        theta_resolution: float = 1.0 / 32,
+        theta_timestep: int = 500,
+        tau: float = 2.0,
+        average_heads: bool = True,
+        upsample_flow: bool = True,
+        freeze_reference_unet: bool = False,
+        num_registers: int = 0,
+        p_drop_ref: float = 0.1,
+        learning_rate: float = 1e-5,
+        weight_decay: float = 1e-2,
+        gradient_checkpointing: bool = False,
+        init_from: str | None = None,
+        init_from_weights: str = "ema",
+    ):
+        super().__init__()
+        self.save_hyperparameters()
+        if not 0.0 <= p_drop_ref < 1.0:
+            raise ValueError(f"model.p_drop_ref must be in [0, 1), got {p_drop_ref}")
+        in_channels = LATENT_CHANNELS + conditioning_channels(conditioning)
+        self.generative_unet = build_unet(pretrained_model, unet_config, in_channels)
+        self.reference_unet = build_unet(reference_pretrained_model or pretrained_model, unet_config, LATENT_CHANNELS)
+        self.bank: ReferenceBank = attach_reference_attention(
+            self.generative_unet, self.reference_unet, num_registers, ReferenceBank(theta_resolution=theta_resolution)
+        )
+        self.vae = load_vae(pretrained_model, vae_config).requires_grad_(False).eval()
+        self.scheduler = load_scheduler(pretrained_model)
+        if freeze_reference_unet:
+            self.reference_unet.requires_grad_(False)
+        if gradient_checkpointing:
+            self.generative_unet.enable_gradient_checkpointing()
+            self.reference_unet.enable_gradient_checkpointing()
+        # Why a generator of our own: each data-parallel rank needs its own stream of noise, timesteps
+        # and reference drops, and its state goes into checkpoints so a resumed run draws what an
+        # uninterrupted one would have drawn. Seeded per rank in setup().
+        self.noise_generator = torch.Generator()
+        if init_from:
+            load_weights(self, read_state_dict(init_from, init_from_weights), optional=("processor.registers",),
+                         source=f"model.init_from={init_from}")
+
+    # ---------------------------------------------------------------- Lightning plumbing
+
+    def setup(self, stage: str) -> None:
+        self.noise_generator.manual_seed(torch.initial_seed() + self.global_rank)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.vae.eval()  # frozen: keep it in eval mode whatever the Trainer does
+        return self
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["noise_generator"] = self.noise_generator.get_state()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        if "noise_generator" in checkpoint:
+            self.noise_generator.set_state(checkpoint["noise_generator"])
+
+    def configure_optimizers(self):
+        params = [p for p in self.parameters() if p.requires_grad]
+        return torch.optim.AdamW(params, lr=self.hparams.learning_rate, weight_decay=self.hparams.weight_decay)
+
+    # ---------------------------------------------------------------- model
+
+    @torch.no_grad()
+    def encode(self, image: torch.Tensor, sample: bool = False) -> torch.Tensor:
+        """(B, 3, H, W) in [-1, 1] -> scaled VAE latent (B, 4, H/8, W/8)."""
+        dist = self.vae.encode(image.to(self.vae.dtype)).latent_dist
+        latent = dist.sample() if sample else dist.mode()
+        return latent * self.vae.config.scaling_factor
+
+    def run_reference(self, ref_latent: torch.Tensor, timesteps: torch.Tensor) -> None:
+        """Run the Reference UNet; its processors record every self-attention input in the bank."""
+        self.bank.features.clear()
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.hparams.freeze_reference_unet):
+            self.reference_unet(ref_latent, timesteps, encoder_hidden_states=None)
+
+    def denoise(self, noisy_latent: torch.Tensor, timesteps: torch.Tensor, conditioning: torch.Tensor) -> torch.Tensor:
+        """Generative UNet: epsilon prediction (B, 4, h, w) given the recorded reference features."""
+        x = torch.cat([noisy_latent, conditioning.to(noisy_latent.dtype)], dim=1)
+        return self.generative_unet(x, timesteps, encoder_hidden_states=None).sample
+
+    def forward(self, noisy_latent, timesteps, conditioning, ref_latent, image_hw=None, capture_rows=None):
+        """Reference pass then generative pass; Leffa captures for ``capture_rows`` land in ``self.bank``."""
+        self.bank.latent_hw = tuple(noisy_latent.shape[-2:])
+        self.bank.image_hw = image_hw
+        self.bank.capture_rows = capture_rows
+        self.bank.captures.clear()
+        self.run_reference(ref_latent, timesteps)
+        return self.denoise(noisy_latent, timesteps, conditioning)
+
+    # ---------------------------------------------------------------- losses
+
+    def leffa_loss(self, ref_image: torch.Tensor, tgt_image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Eq. 4 summed over the captured layers, per selected sample, shape (b,)."""
+        hp = self.hparams
+        total = tgt_image.new_zeros(tgt_image.shape[0], dtype=torch.float32)
+        # the flow is computed in float32 even under bf16 autocast: coordinates need the precision
+        with torch.autocast(device_type=tgt_image.device.type, enabled=False):
+            for capture in self.bank.captures.values():
+                h, w = capture.grid
+                reg = capture.register_key.float() if capture.register_key is not None else None
+                flow = attention_flow(capture.query.float(), capture.key.float(), (h, w), hp.tau,
+                                      hp.average_heads, register_key=reg)
+                if hp.average_heads:
+                    # (b, n, 2) -> (b, h, w, 2)
+                    loss = warp_loss(flow.view(-1, h, w, 2), ref_image, tgt_image, mask, hp.upsample_flow)
+                else:
+                    # (b, heads, n, 2) -> (b*heads, h, w, 2): one loss per head, then the mean over heads
+                    heads = flow.shape[1]
+                    loss = warp_loss(
+                        flow.reshape(-1, h, w, 2), ref_image.repeat_interleave(heads, 0),
+                        tgt_image.repeat_interleave(heads, 0), mask.repeat_interleave(heads, 0), hp.upsample_flow,
+                    ).view(-1, heads).mean(1)
+                total = total + loss
+        return total
+
+    def _common_step(self, batch: dict, stage: str, generator: torch.Generator) -> torch.Tensor:
+        hp = self.hparams
+        tgt, ref, mask = batch["tgt"], batch["ref"], batch["mask"]
+        b = tgt.shape[0]
+        latents = self.encode(tgt, sample=True)
+        ref_latent = self.encode(ref)
+        conditioning = build_conditioning(hp.conditioning, batch, self.encode, tuple(latents.shape[-2:]))
+
+        # random draws on the CPU generator, then moved: cheap, and identical on every device type
+        noise = torch.randn(latents.shape, generator=generator).to(latents)
+        timesteps = torch.randint(0, self.scheduler.config.num_train_timesteps, (b,), generator=generator)
+        keep_ref = torch.rand(b, generator=generator) >= (hp.p_drop_ref if stage == "train" else 0.0)
+        timesteps, keep_ref = timesteps.to(self.device), keep_ref.to(self.device)
+        ref_latent = ref_latent * keep_ref.view(b, 1, 1, 1).to(ref_latent.dtype)
+        noisy = self.scheduler.add_noise(latents, noise, timesteps)
+
+        rows = None
+        if hp.use_leffa_loss:
+            # Sec. 3.3 timestep selection; samples whose reference was dropped have nothing to attend to
+            rows = torch.nonzero((timesteps < hp.theta_timestep) & keep_ref).flatten()
+        prediction = self(noisy, timesteps, conditioning, ref_latent, tuple(tgt.shape[-2:]), rows)
+
+        terms = {"diffusion": diffusion_loss(prediction, noise)}
+        loss = terms["diffusion"].mean()
+        log = dict(batch_size=b, sync_dist=stage != "train")
+        if hp.use_leffa_loss:
+            layers = len(self.bank.captures)
+            if layers:
+                terms["leffa"] = self.leffa_loss(ref[rows], tgt[rows], mask[rows])
+                # mean over the samples that passed the selection, then Eq. 5
+                loss = loss + hp.lambda_leffa * terms["leffa"].mean()
+                self.log(f"{stage}/leffa", terms["leffa"].mean(), **log)
+            self.log(f"{stage}/leffa_layers", float(layers), **log)
+            self.log(f"{stage}/leffa_samples", float(rows.numel()), **log)
+        self.log(f"{stage}/diffusion", terms["diffusion"].mean(), **log)
+        self.log(f"{stage}/loss", loss, prog_bar=True, **log)
+        if "skipped" in batch:
+            self.log("data/skipped", batch["skipped"].sum().float(), reduce_fx="sum", batch_size=b)
+        return loss
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        return self._common_step(batch, "train", self.noise_generator)
+
+    def validation_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        # a fixed draw per batch, so validation losses of different checkpoints are comparable
+        generator = torch.Generator().manual_seed(10_000 * self.global_rank + batch_idx)
+        return self._common_step(batch, "val", generator)
+
+    def test_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        generator = torch.Generator().manual_seed(10_000 * self.global_rank + batch_idx)
+        return self._common_step(batch, "test", generator)

@@ -1,0 +1,69 @@
+"""Local-only loading of diffusers components (UNet, VAE, scheduler) from an SD1.5-style folder.
+
+Nothing is ever fetched from a hub: a path must exist on disk, and a missing one is one clear
+error that says what to put where.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+
+__all__ = ["component_location", "load_unet", "load_vae", "load_scheduler", "SD15_SCHEDULER"]
+
+# SD1.5's training noise schedule (scheduler/scheduler_config.json of runwayml/stable-diffusion-v1-5).
+SD15_SCHEDULER = dict(
+    num_train_timesteps=1000,
+    beta_start=0.00085,
+    beta_end=0.012,
+    beta_schedule="scaled_linear",
+    prediction_type="epsilon",
+    clip_sample=False,
+    steps_offset=1,
+)
+
+
+def component_location(path: str | Path, component: str) -> tuple[Path, str | None]:
+    """Where a component's ``config.json`` lies: ``<path>/<component>/`` (pipeline folder) or ``<path>/``.
+
+    Raises FileNotFoundError naming the expected files when neither exists.
+    """
+    root = Path(path).expanduser()
+    if (root / component / "config.json").is_file() or (root / component / "scheduler_config.json").is_file():
+        return root, component
+    if (root / "config.json").is_file() or (root / "scheduler_config.json").is_file():
+        return root, None
+    raise FileNotFoundError(
+        f"no diffusers {component} at {root}: expected {root / component / 'config.json'} (an SD1.5 or "
+        f"SD1.5-inpainting folder saved with diffusers, e.g. stable-diffusion-v1-5/) or {root / 'config.json'}"
+    )
+
+
+def load_unet(path: str | Path | None = None, config: dict | None = None) -> UNet2DConditionModel:
+    """A UNet from a local folder, or a randomly initialised one from an inline diffusers config."""
+    if path is not None:
+        root, sub = component_location(path, "unet")
+        return UNet2DConditionModel.from_pretrained(root, subfolder=sub, local_files_only=True)
+    if config is not None:
+        return UNet2DConditionModel(**config)
+    raise ValueError("give a UNet either as a local folder (pretrained path) or as an inline config (unet_config)")
+
+
+def load_vae(path: str | Path | None = None, config: dict | None = None) -> AutoencoderKL:
+    """A VAE from a local folder, or a randomly initialised one from an inline diffusers config."""
+    if path is not None:
+        root, sub = component_location(path, "vae")
+        return AutoencoderKL.from_pretrained(root, subfolder=sub, local_files_only=True)
+    if config is not None:
+        return AutoencoderKL(**config)
+    raise ValueError("give the VAE either as a local folder (pretrained path) or as an inline config (vae_config)")
+
+
+def load_scheduler(path: str | Path | None = None) -> DDPMScheduler:
+    """The DDPM training scheduler: the folder's own ``scheduler/`` when there is one, else SD1.5's settings."""
+    if path is not None:
+        root = Path(path).expanduser()
+        if (root / "scheduler" / "scheduler_config.json").is_file():
+            return DDPMScheduler.from_pretrained(root, subfolder="scheduler", local_files_only=True)
+    return DDPMScheduler(**SD15_SCHEDULER)
