@@ -1,0 +1,269 @@
+"""Cost of the Leffa loss, measured side by side in one run.
+
+1. One training step of the tiny model without and with the Leffa loss (time, peak memory).
+2. ``attention_flow`` (one fused attention call) against the naive explicit-matrix flow at growing
+   token counts (time of forward + backward, peak memory).
+3. Generative-query-only concatenated attention against the literal concat-then-slice.
+
+Each case runs in its own process so that its peak memory is its own (CPU: peak RSS above the RSS
+before the timed work; CUDA: ``max_memory_allocated``). Usage::
+
+    python benchmarks/leffa_overhead.py                     # CPU, small sizes
+    python benchmarks/leffa_overhead.py --device cuda --height 1024 --width 768 --batch 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import resource
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# ---------------------------------------------------------------- measuring
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize()
+
+
+class PeakRSS:
+    """Samples the process RSS every millisecond in a thread; CPU torch has no allocator statistics."""
+
+    def __enter__(self):
+        self.peak, self._stop = _rss_bytes(), threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+        self._thread.start()
+        return self
+
+    def _watch(self):
+        while not self._stop.wait(0.001):
+            self.peak = max(self.peak, _rss_bytes())
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+
+def measure(fn, device: str, warmup: int, repeat: int) -> dict:
+    """Median seconds of ``fn()`` and the peak memory it used above what was held before."""
+    for _ in range(warmup):
+        fn()
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+    else:
+        before = _rss_bytes()
+    times = []
+    with PeakRSS() as rss:
+        for _ in range(repeat):
+            start = time.perf_counter()
+            fn()
+            if device == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - start)
+    peak = torch.cuda.max_memory_allocated() - before if device == "cuda" else rss.peak - before
+    return {"seconds": statistics.median(times), "peak_bytes": max(peak, 0)}
+
+
+# ---------------------------------------------------------------- cases (run in a child process)
+
+
+def case_step(args) -> dict:
+    import yaml
+
+    from leffa.module import LeffaModule
+
+    sys.path.insert(0, str(ROOT / "tests"))
+    from conftest import make_batch
+
+    torch.manual_seed(0)
+    model_cfg = yaml.safe_load((ROOT / "configs/model/tiny.yaml").read_text())
+    module = LeffaModule(**model_cfg, use_leffa_loss=args.leffa, theta_timestep=args.theta_timestep, p_drop_ref=0.0)
+    module.setup("fit")
+    module.to(args.device).train()
+    optimizer = module.configure_optimizers()
+    batch = {k: v.to(args.device) if torch.is_tensor(v) else v
+             for k, v in make_batch(args.batch, args.height, args.width).items()}
+
+    def step():
+        # the same draw every step (and in every case), so each step selects the same samples
+        generator = torch.Generator().manual_seed(3)
+        optimizer.zero_grad(set_to_none=True)
+        with torch.autocast(args.device, dtype=torch.bfloat16, enabled=args.bf16):
+            loss = module._common_step(batch, "bench", generator)
+        loss.backward()
+        optimizer.step()
+
+    result = measure(step, args.device, args.warmup, args.repeat)
+    rows = module.bank.capture_rows
+    result["leffa_samples"] = 0 if rows is None else int(rows.numel())
+    result["leffa_layers"] = len(module.bank.captures)
+    return result
+
+
+def _qk(args, n):
+    g = torch.Generator().manual_seed(0)
+    shape = (1, args.heads, n, args.head_dim)
+    q = torch.randn(shape, generator=g).to(args.device).requires_grad_()
+    k = torch.randn(shape, generator=g).to(args.device).requires_grad_()
+    return q, k
+
+
+def _grid(n: int) -> tuple[int, int]:
+    """A token grid (h, w) with h*w = n, as close to a 4:3 portrait as n allows."""
+    h = min((d for d in range(1, n + 1) if n % d == 0), key=lambda d: abs(d - math.sqrt(n * 4 / 3)))
+    return h, n // h
+
+
+def case_flow(args) -> dict:
+    from leffa.losses import attention_flow, coordinate_map
+
+    n = args.tokens
+    q, k = _qk(args, n)
+    grid = _grid(n)
+
+    def fused():
+        attention_flow(q, k, grid).sum().backward()
+
+    def naive():
+        attn = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1]) / 2.0, dim=-1).mean(1)
+        (attn @ coordinate_map(*grid, device=q.device)).sum().backward()
+
+    result = measure(fused if args.variant == "fused" else naive, args.device, args.warmup, args.repeat)
+    if args.device == "cuda" and args.variant == "fused":
+        result["backends"] = flow_backends(q, k, grid)
+    return result
+
+
+def flow_backends(q, k, grid) -> dict:
+    """Which SDPA kernels accept the flow call, with C as given (2 wide) and zero-padded to d."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from leffa.losses import attention_flow
+
+    found = {}
+    for backend in (SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH):
+        for pad in (False, True):
+            try:
+                with sdpa_kernel(backend):
+                    attention_flow(q.detach().bfloat16(), k.detach().bfloat16(), grid, pad_values=pad)
+                found[f"{backend.name}{'+pad' if pad else ''}"] = "ok"
+            except RuntimeError:
+                found[f"{backend.name}{'+pad' if pad else ''}"] = "refused"
+    return found
+
+
+def case_concat(args) -> dict:
+    from diffusers.models.attention_processor import Attention, AttnProcessor2_0
+
+    from leffa.attention import ConcatAttention, ReferenceBank
+
+    torch.manual_seed(0)
+    dim = args.heads * args.head_dim
+    attn = Attention(query_dim=dim, heads=args.heads, dim_head=args.head_dim).to(args.device)
+    g = torch.Generator().manual_seed(0)
+    gen = torch.randn(2, args.tokens, dim, generator=g).to(args.device).requires_grad_()
+    ref = torch.randn(2, args.tokens, dim, generator=g).to(args.device).requires_grad_()
+    bank = ReferenceBank(latent_hw=_grid(args.tokens))
+    bank.features["layer"] = ref
+    ours, literal = ConcatAttention(bank, "layer", dim), AttnProcessor2_0()
+
+    def queries_only():
+        ours(attn, gen).sum().backward()
+
+    def concat_then_slice():
+        literal(attn, torch.cat([gen, ref], dim=1))[:, : args.tokens].sum().backward()
+
+    return measure(queries_only if args.variant == "ours" else concat_then_slice, args.device, args.warmup, args.repeat)
+
+
+CASES = {"step": case_step, "flow": case_flow, "concat": case_concat}
+
+
+# ---------------------------------------------------------------- driver
+
+
+def run_case(args, case: str, **overrides) -> dict:
+    cmd = [sys.executable, __file__, "--case", case]
+    options = {**{k: v for k, v in vars(args).items() if k not in ("case", "token_counts")}, **overrides}
+    for key, value in options.items():
+        flag = "--" + key.replace("_", "-")
+        if isinstance(value, bool):
+            cmd += [flag] if value else [f"--no-{key.replace('_', '-')}"]
+        elif value is not None:
+            cmd += [flag, str(value)]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=ROOT).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def fmt(result: dict) -> str:
+    return f"{result['seconds'] * 1e3:9.1f} ms {result['peak_bytes'] / 2**20:9.1f} MiB"
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--height", type=int, default=128)
+    p.add_argument("--width", type=int, default=96)
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=False)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--repeat", type=int, default=5)
+    p.add_argument("--heads", type=int, default=8)
+    p.add_argument("--head-dim", type=int, default=40, help="SD1.5's first level: 320 channels / 8 heads")
+    p.add_argument("--token-counts", type=int, nargs="+", default=[1024, 3072, 6144])
+    p.add_argument("--case", choices=sorted(CASES), help=argparse.SUPPRESS)
+    p.add_argument("--leffa", action=argparse.BooleanOptionalAction, default=False, help=argparse.SUPPRESS)
+    p.add_argument("--theta-timestep", type=int, default=500, help=argparse.SUPPRESS)
+    p.add_argument("--tokens", type=int, default=1024, help=argparse.SUPPRESS)
+    p.add_argument("--variant", default="", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.case:
+        print(json.dumps(CASES[args.case](args)))
+        return
+
+    print(f"device={args.device} threads={torch.get_num_threads()} torch={torch.__version__}")
+    print(f"\n1. training step, tiny model, batch {args.batch} at {args.height}x{args.width}"
+          f"{' bf16' if args.bf16 else ''}")
+    base = run_case(args, "step", leffa=False)
+    print(f"  {'baseline (diffusion loss)':34s}{fmt(base)}   1.00x time 1.00x memory")
+    for theta in (500, 1000):
+        res = run_case(args, "step", leffa=True, theta_timestep=theta)
+        print(f"  {f'+ Leffa loss, theta_timestep={theta}':34s}{fmt(res)}   "
+              f"{res['seconds'] / base['seconds']:.2f}x time "
+              f"{res['peak_bytes'] / max(base['peak_bytes'], 1):.2f}x memory   "
+              f"({res['leffa_samples']}/{args.batch} samples, {res['leffa_layers']} layers)")
+
+    print(f"\n2. attention_flow, {args.heads} heads, head dim {args.head_dim}, forward + backward")
+    print(f"  {'tokens':>7s} {'fused':>22s} {'naive matrix':>22s}   naive/fused time, memory")
+    for n in args.token_counts:
+        fused = run_case(args, "flow", tokens=n, variant="fused")
+        naive = run_case(args, "flow", tokens=n, variant="naive")
+        print(f"  {n:7d} {fmt(fused)} {fmt(naive)}   {naive['seconds'] / fused['seconds']:.2f}x, "
+              f"{naive['peak_bytes'] / max(fused['peak_bytes'], 1):.2f}x")
+        if "backends" in fused:
+            print(f"          SDPA kernels: {fused['backends']}")
+
+    print("\n3. concatenated self-attention, batch 2, forward + backward")
+    for n in args.token_counts:
+        ours = run_case(args, "concat", tokens=n, variant="ours")
+        literal = run_case(args, "concat", tokens=n, variant="literal")
+        print(f"  {n:7d} tokens: generative queries only {fmt(ours)} | concat then slice {fmt(literal)}"
+              f" | literal/ours time {literal['seconds'] / ours['seconds']:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
