@@ -1,0 +1,49 @@
+"""Lightning callbacks of the project."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+import torch
+from lightning.pytorch.loggers import TensorBoardLogger
+
+from leffa.sampling import make_scheduler, sample
+from leffa.viz import sample_grid, save_png
+
+__all__ = ["SampleGrid"]
+
+
+class SampleGrid(L.Callback):
+    """At each validation, sample the first validation batch and log a grid (TensorBoard + PNG).
+
+    Runs inside the validation loop, so with ``EMAWeightAveraging`` the pictures show the EMA
+    weights. PNGs go to ``<log_dir>/samples/step_<global step>.png``.
+
+    Args:
+        num_samples: rows of the grid (taken from the first validation batch).
+        num_steps: denoising steps.
+        guidance_scale: classifier-free guidance over the reference.
+        scheduler: sampling scheduler name (see ``leffa.sampling.SCHEDULERS``).
+        seed: seed of the initial noise, the same at every validation.
+    """
+
+    def __init__(self, num_samples: int = 4, num_steps: int = 20, guidance_scale: float = 2.5,
+                 scheduler: str = "ddim", seed: int = 0):
+        self.num_samples, self.num_steps, self.guidance_scale = num_samples, num_steps, guidance_scale
+        self.scheduler_name, self.seed = scheduler, seed
+        self.last_path: Path | None = None
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
+        if batch_idx != 0 or trainer.sanity_checking or not trainer.is_global_zero:
+            return
+        batch = {k: v[: self.num_samples] if torch.is_tensor(v) or isinstance(v, list) else v
+                 for k, v in batch.items()}
+        scheduler = make_scheduler(self.scheduler_name, pl_module.scheduler)
+        prediction = sample(pl_module, batch, scheduler, self.num_steps, self.guidance_scale,
+                            generator=torch.Generator().manual_seed(self.seed))
+        grid = sample_grid(batch, prediction)
+        log_dir = Path(trainer.log_dir or trainer.default_root_dir)
+        self.last_path = save_png(grid, log_dir / "samples" / f"step_{trainer.global_step:06d}.png")
+        if isinstance(trainer.logger, TensorBoardLogger):
+            trainer.logger.experiment.add_image("val/samples", grid, trainer.global_step)

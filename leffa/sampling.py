@@ -1,0 +1,105 @@
+"""Reverse diffusion for the dual-UNet model, with classifier-free guidance over the reference.
+
+The unconditional branch is the zero reference latent, the same as reference dropout in training.
+A diffusers scheduler does the stepping (DDIM by default, any by name). With
+``reference_timestep`` set, the Reference UNet runs once at that timestep and its features serve
+every step ("reference acceleration", as the released inference code does).
+"""
+
+from __future__ import annotations
+
+import diffusers
+import torch
+
+from leffa.conditioning import build_conditioning
+
+__all__ = ["make_scheduler", "sample"]
+
+SCHEDULERS = {
+    "ddim": "DDIMScheduler",
+    "ddpm": "DDPMScheduler",
+    "dpm++": "DPMSolverMultistepScheduler",
+    "euler": "EulerDiscreteScheduler",
+    "euler_a": "EulerAncestralDiscreteScheduler",
+    "unipc": "UniPCMultistepScheduler",
+}
+
+
+def make_scheduler(name: str, training_scheduler) -> diffusers.SchedulerMixin:
+    """A sampling scheduler by name, sharing the training scheduler's noise schedule."""
+    if name not in SCHEDULERS:
+        raise ValueError(f"unknown scheduler {name!r}; valid: {', '.join(SCHEDULERS)}")
+    return getattr(diffusers, SCHEDULERS[name]).from_config(training_scheduler.config)
+
+
+def rescale_noise_cfg(eps_guided: torch.Tensor, eps_cond: torch.Tensor, rescale: float) -> torch.Tensor:
+    """Sec. 3.4 of Lin et al. 2023 (arXiv 2305.08891): match the guided prediction's per-sample std to
+    the conditional one's, then mix by ``rescale``. (diffusers has it only in a module that needs
+    ``transformers``, which this project does not install.)"""
+    dims = tuple(range(1, eps_cond.ndim))
+    rescaled = eps_guided * (eps_cond.std(dim=dims, keepdim=True) / eps_guided.std(dim=dims, keepdim=True))
+    return rescale * rescaled + (1 - rescale) * eps_guided
+
+
+@torch.no_grad()
+def sample(
+    module,
+    batch: dict,
+    scheduler,
+    num_steps: int = 50,
+    guidance_scale: float = 2.5,
+    guidance_rescale: float = 0.0,
+    generator: torch.Generator | None = None,
+    reference_timestep: int | None = None,
+    repaint: bool = False,
+) -> torch.Tensor:
+    """Generate the target images of ``batch``; returns (B, 3, H, W) in [-1, 1].
+
+    Args:
+        module: a ``LeffaModule`` (its VAE, both UNets and conditioning layout are used).
+        batch: ``tgt`` (the source person; only its unmasked part is seen), ``ref``, ``mask``,
+            ``densepose`` as in training.
+        scheduler: a diffusers scheduler (see :func:`make_scheduler`); its state is reset here.
+        num_steps: number of denoising steps.
+        guidance_scale: CFG scale over the reference; 1 runs the conditional branch only.
+        guidance_rescale: the rescale of Lin et al. 2023 (Sec. 3.4 of arXiv 2305.08891), 0 = off.
+        generator: CPU generator for the initial noise and stochastic schedulers.
+        reference_timestep: run the Reference UNet once at this timestep and reuse its features;
+            None recomputes them at every step with that step's timestep.
+        repaint: paste the unmasked region of the source person back onto the result.
+    """
+    device = batch["tgt"].device
+    b = batch["tgt"].shape[0]
+    ref_latent = module.encode(batch["ref"])
+    latent_hw = tuple(ref_latent.shape[-2:])
+    conditioning = build_conditioning(module.hparams.conditioning, batch, module.encode, latent_hw)
+    guided = guidance_scale != 1.0
+    if guided:
+        # (2B, ...): unconditional (zero reference) first, conditional second
+        ref_latent = torch.cat([torch.zeros_like(ref_latent), ref_latent])
+        conditioning = torch.cat([conditioning, conditioning])
+
+    module.bank.latent_hw, module.bank.image_hw, module.bank.capture_rows = latent_hw, None, None
+    scheduler.set_timesteps(num_steps, device=device)
+    x = torch.randn((b, ref_latent.shape[1], *latent_hw), generator=generator).to(device, ref_latent.dtype)
+    x = x * scheduler.init_noise_sigma
+    if reference_timestep is not None:
+        module.run_reference(ref_latent, torch.full((ref_latent.shape[0],), reference_timestep, device=device))
+
+    for t in scheduler.timesteps:
+        x_in = scheduler.scale_model_input(torch.cat([x, x]) if guided else x, t)
+        timesteps = t.expand(x_in.shape[0]).to(device)
+        if reference_timestep is None:
+            module.run_reference(ref_latent, timesteps)
+        eps = module.denoise(x_in, timesteps, conditioning)
+        if guided:
+            eps_uncond, eps_cond = eps.chunk(2)
+            eps = eps_uncond + guidance_scale * (eps_cond - eps_uncond)
+            if guidance_rescale > 0:
+                eps = rescale_noise_cfg(eps, eps_cond, guidance_rescale)
+        x = scheduler.step(eps, t, x, generator=generator).prev_sample
+
+    image = module.vae.decode(x / module.vae.config.scaling_factor).sample.clamp(-1, 1)
+    if repaint:
+        image = image * batch["mask"] + batch["tgt"] * (1 - batch["mask"])
+    return image
