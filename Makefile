@@ -7,6 +7,14 @@ TORCH  ?= torch==2.14.1 torchvision==0.29.1
 
 .PHONY: install test demo shards bench clean
 
+# make shards DATASET=vitonhd SRC=/data/VITON-HD OUT=shards/vitonhd [SPLIT=all] [SHARD_SIZE=1000] [WORKERS=2]
+DATASET    ?=
+SRC        ?=
+OUT        ?=
+SPLIT      ?= all
+SHARD_SIZE ?= 1000
+WORKERS    ?= 2
+
 install: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
@@ -18,6 +26,11 @@ $(VENV)/.installed: pyproject.toml
 
 test: install
 	$(PY) -m pytest tests $(PYTEST_ARGS)
+
+shards: install
+	@test -n "$(DATASET)" || { echo "error: set DATASET=vitonhd|dresscode|deepfashion|synthetic"; exit 2; }
+	@test -n "$(OUT)" || { echo "error: set OUT=<folder for the shards>"; exit 2; }
+	$(PY) -m data_prep $(DATASET) --src "$(SRC)" --out "$(OUT)" --split $(SPLIT) --shard-size $(SHARD_SIZE) --workers $(WORKERS)
 
 clean:
 	rm -rf $(VENV) *.egg-info

@@ -1,0 +1,193 @@
+"""DeepFashion In-shop, pose-transfer split (PATN/GFLA/DPTN pairs, as used by PIDM, CFLD, Leffa) -> pose shards.
+
+Layout (root = the `fashion/` folder of CFLD's README):
+- `fasion-resize-pairs-{train,test}.csv` (upstream spelling; `fashion-...` also accepted):
+  header `from,to`, flattened image names; `from` = appearance source -> `ref`, `to` -> `tgt`.
+- `fasion-resize-annotation-{train,test}.csv`: `:`-separated `name:keypoints_y:keypoints_x`,
+  y and x JSON lists of 18 OpenPose COCO-18 joints in the 256x176 (HxW) frame, -1 = missing.
+- images, first found: `--images DIR`; `{split}_highres/` or `{split}/` (flat folders of
+  flattened names); or the nested `img_highres/` or `img/` of `img_highres.zip`
+  (`MEN|WOMEN/<Category>/id_XXXXXXXX/NN_V_view.jpg`), matched through the flattening rule of
+  CFLD generate_fashion_datasets.py (`flatten_name`). A folder is nested when it holds MEN/ or WOMEN/.
+
+Pose image: with `--densepose DIR`, the user's DensePose rendering `DIR/<flattened target
+stem>.png` (e.g. `fashionWOMENDressesid0000262902_1front.png`), json pose_source "densepose";
+without it, the 18 target keypoints drawn by `keypoints.draw_coco18`, pose_source "keypoints".
+Mask: all 255 (the whole target is generated). Key: `deepfashion_<split>_paired_<to>__<from>`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from data_prep.keypoints import draw_coco18
+from data_prep.load import load_rgb
+from data_prep.sample import SampleError, build_sample, make_key
+
+DATASET = "deepfashion"
+SPLITS = ("train", "test")
+KEYPOINT_FRAME = (176, 256)  # (W, H) of the annotation coordinates
+ROOT_HINT = (
+    "a DeepFashion pose-transfer root must contain fasion-resize-pairs-{train,test}.csv, "
+    "fasion-resize-annotation-{train,test}.csv and train_highres/, test_highres/ (or the nested img_highres/)"
+)
+_NAME = re.compile(r"fashion(WOMEN|MEN)(.+?)id\d+")
+
+
+@dataclass(frozen=True)
+class DeepFashionSpec:
+    """One pose-transfer pair with resolved image paths (None: not found) and the target keypoints."""
+
+    key: str
+    source: str
+    split: str
+    pairing: str
+    tgt_name: str
+    ref_name: str
+    tgt_path: Path | None
+    ref_path: Path | None
+    keypoints: tuple[str, str] | None  # raw (y, x) JSON lists of the target
+    densepose_path: Path | None
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--densepose",
+        type=Path,
+        default=None,
+        help="folder of DensePose renderings named <flattened target stem>.png (default: draw keypoints)",
+    )
+    parser.add_argument(
+        "--images",
+        type=Path,
+        default=None,
+        help="image folder, flat (flattened names) or nested (MEN/, WOMEN/); default: found under --src",
+    )
+
+
+def flatten_name(relative: Path) -> str:
+    """`WOMEN/Dresses/id_00002629/02_1_front.jpg` -> `fashionWOMENDressesid0000262902_1front.jpg`.
+
+    CFLD generate_fashion_datasets.py: 'fashion' + gender + category + id without '_' + file
+    name keeping only its first '_'.
+    """
+    gender, category, person, filename = relative.parts[-4:]
+    head, _, tail = filename.partition("_")
+    return f"fashion{gender}{category}{person.replace('_', '')}{head}_{tail.replace('_', '')}"
+
+
+def category_of(name: str) -> str:
+    """`fashionWOMENBlouses_Shirtsid...` -> `WOMEN_Blouses_Shirts` (`unknown` if the name is not flattened)."""
+    match = _NAME.match(name)
+    return f"{match.group(1)}_{match.group(2)}" if match else "unknown"
+
+
+def _csv_file(root: Path, kind: str, split: str) -> Path:
+    for spelling in ("fasion", "fashion"):
+        path = root / f"{spelling}-resize-{kind}-{split}.csv"
+        if path.is_file():
+            return path
+    raise FileNotFoundError(f"{root / f'fasion-resize-{kind}-{split}.csv'} not found; {ROOT_HINT}")
+
+
+def read_pairs(path: Path) -> list[tuple[str, str]]:
+    """(from, to) rows of a pairs CSV."""
+    with open(path, encoding="utf-8", newline="") as handle:
+        reader = csv.DictReader(handle)
+        if not reader.fieldnames or not {"from", "to"} <= set(reader.fieldnames):
+            raise ValueError(f"{path}: expected a header with columns from,to, got {reader.fieldnames}")
+        return [(row["from"].strip(), row["to"].strip()) for row in reader]
+
+
+def read_annotations(path: Path) -> dict[str, tuple[str, str]]:
+    """name -> raw (keypoints_y, keypoints_x) strings of a `:`-separated annotation CSV."""
+    with open(path, encoding="utf-8", newline="") as handle:
+        rows = list(csv.reader(handle, delimiter=":"))
+    if not rows or [c.strip() for c in rows[0]] != ["name", "keypoints_y", "keypoints_x"]:
+        raise ValueError(f"{path}: expected the header name:keypoints_y:keypoints_x")
+    return {row[0].strip(): (row[1], row[2]) for row in rows[1:] if len(row) == 3}
+
+
+def _image_index(root: Path, split: str, images: Path | None) -> tuple[Path | None, dict[str, Path]]:
+    """(flat folder, {}) or (None, {flattened name: path}) for a nested folder."""
+    candidates = (
+        [images]
+        if images is not None
+        else [root / f"{split}_highres", root / split, root / "img_highres", root / "img"]
+    )
+    for folder in candidates:
+        if not folder.is_dir():
+            continue
+        if not ((folder / "MEN").is_dir() or (folder / "WOMEN").is_dir()):
+            return folder, {}
+        return None, {flatten_name(p.relative_to(folder)): p for p in sorted(folder.rglob("*.jpg"))
+                      if len(p.relative_to(folder).parts) == 4}  # fmt: skip
+    raise FileNotFoundError(f"no image folder among {', '.join(str(c) for c in candidates)}; {ROOT_HINT}")
+
+
+def list_samples(args: argparse.Namespace, split: str) -> list[DeepFashionSpec]:
+    """Sample specs of one split in pairs-file order (reads the two CSVs and, if nested, the file tree)."""
+    root = Path(args.src)
+    pairs = read_pairs(_csv_file(root, "pairs", split))
+    annotations = read_annotations(_csv_file(root, "annotation", split)) if args.densepose is None else {}
+    if args.densepose is not None and not args.densepose.is_dir():
+        raise FileNotFoundError(
+            f"DensePose folder {args.densepose} not found (expected <flattened target stem>.png files)"
+        )
+    flat, nested = _image_index(root, split, args.images)
+
+    def path_of(name: str) -> Path | None:
+        return flat / name if flat is not None else nested.get(name)
+
+    specs = []
+    for ref_name, tgt_name in pairs:
+        tgt_stem, ref_stem = Path(tgt_name).stem, Path(ref_name).stem
+        specs.append(DeepFashionSpec(
+            key=make_key(DATASET, split, "paired", tgt_stem, ref_stem),
+            source=f"{ref_name} -> {tgt_name}", split=split, pairing="paired",
+            tgt_name=tgt_name, ref_name=ref_name, tgt_path=path_of(tgt_name), ref_path=path_of(ref_name),
+            keypoints=annotations.get(tgt_name),
+            densepose_path=None if args.densepose is None else args.densepose / f"{tgt_stem}.png",
+        ))  # fmt: skip
+    return specs
+
+
+def parse_keypoints(raw: tuple[str, str], size: tuple[int, int]) -> np.ndarray:
+    """Raw (y, x) JSON lists in the 256x176 frame -> (18, 2) (x, y) scaled to `size` (W, H); NaN = missing."""
+    try:
+        ys, xs = (np.asarray(json.loads(text), dtype=np.float64) for text in raw)
+    except (ValueError, TypeError) as err:
+        raise SampleError(f"unreadable keypoint lists {raw!r}: {err}") from err
+    if ys.shape != (18,) or xs.shape != (18,):
+        raise SampleError(f"expected 18 y and 18 x keypoints, got {ys.shape} and {xs.shape}")
+    points = np.stack([xs * size[0] / KEYPOINT_FRAME[0], ys * size[1] / KEYPOINT_FRAME[1]], axis=1)
+    points[(xs == -1) | (ys == -1)] = np.nan
+    return points
+
+
+def load_sample(spec: DeepFashionSpec) -> dict:
+    """Read, check and encode one pair (runs in a worker process)."""
+    for name, path in ((spec.tgt_name, spec.tgt_path), (spec.ref_name, spec.ref_path)):
+        if path is None:
+            raise SampleError(f"image {name} not found in the nested image folder")
+    tgt, ref = load_rgb(spec.tgt_path), load_rgb(spec.ref_path)
+    if spec.densepose_path is not None:
+        pose, pose_source = load_rgb(spec.densepose_path, tgt.size), "densepose"
+    elif spec.keypoints is None:
+        raise SampleError(f"no keypoints for {spec.tgt_name} in the annotation file")
+    else:
+        pose, pose_source = draw_coco18(parse_keypoints(spec.keypoints, tgt.size), tgt.size), "keypoints"
+    mask = np.full((tgt.height, tgt.width), 255, dtype=np.uint8)
+    meta = {
+        "dataset": DATASET, "split": spec.split, "task": "pose", "category": category_of(spec.tgt_name),
+        "pairing": spec.pairing, "tgt_id": Path(spec.tgt_name).stem, "ref_id": Path(spec.ref_name).stem,
+        "pose_source": pose_source,
+    }  # fmt: skip
+    return build_sample(spec.key, tgt, ref, mask, pose, meta)

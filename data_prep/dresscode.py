@@ -1,0 +1,197 @@
+"""DressCode (aimagelab/dress-code) -> try-on shards for upper_body, lower_body and dresses.
+
+Layout (root = DressCode/): `upper_body/`, `lower_body/`, `dresses/`, each with
+`images/<id>_0.jpg` (person) and `<id>_1.jpg` (garment), `label_maps/<id>_4.png` (ATR labels),
+`keypoints/<id>_2.json` ({"keypoints": [[x, y, conf, idx] x 18]}, OpenPose COCO-18 in a
+384x512 frame) and `dense/<id>_5.png` (DensePose part index 0..24); optional additions
+`image-densepose/<id>_0.jpg` (IDM-VTON's DensePose renders) and `agnostic_masks/<id>_0.png`
+(CatVTON's masks). `masks/<id>_1.png` (ladi-vton) are garment masks, not person masks: unused.
+
+Pair files: the root-level `train_pairs.txt`, `test_pairs_paired.txt`, `test_pairs_unpaired.txt`
+(three columns: person, garment, category index 0 upper_body / 1 lower_body / 2 dresses) are
+used when present; otherwise each category folder's own files of the same names (two columns).
+
+Mask (`--mask-source`): `rule` = the official category rule (`masks.dresscode_agnostic_mask`)
+on the label map and keypoints (scaled from 384x512 to the image size); `file` =
+`agnostic_masks/` (grey >= 128 -> 255); `auto` (default) = `file` for a category whose
+`agnostic_masks/` folder exists, else `rule`.
+DensePose: `image-densepose/` when the category has that folder, else `dense/<id>_5.png`
+rendered as part index * `--dense-index-scale` (default 10) in all three channels. Leffa's
+DressCode model conditions on the DensePose part index repeated to three channels; use
+`--dense-index-scale 1` to store exactly those values.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from data_prep.load import load_binary_mask, load_json, load_labels, load_rgb, read_pair_lines
+from data_prep.masks import DRESSCODE_CATEGORIES, dresscode_agnostic_mask
+from data_prep.sample import SampleError, build_sample, make_key
+
+DATASET = "dresscode"
+SPLITS = ("train", "test")
+MASK_SOURCES = ("auto", "file", "rule")
+PAIR_FILES = {"train": (("paired", "train_pairs.txt"),),
+              "test": (("paired", "test_pairs_paired.txt"), ("unpaired", "test_pairs_unpaired.txt"))}  # fmt: skip
+KEYPOINT_FRAME = (384, 512)  # (W, H) of the keypoint coordinates (aimagelab/dress-code#4)
+ROOT_HINT = (
+    "a DressCode root must contain upper_body/, lower_body/, dresses/ (each with images/, label_maps/, "
+    "keypoints/, dense/) and train_pairs.txt, test_pairs_paired.txt, test_pairs_unpaired.txt at the root "
+    "or in each category folder"
+)
+
+
+@dataclass(frozen=True)
+class DressCodeSpec:
+    """One sample to build: a pair line, its category folder and the chosen mask/DensePose sources."""
+
+    key: str
+    source: str
+    split: str
+    pairing: str
+    category: str
+    person: str  # file name in images/, e.g. 048392_0.jpg
+    cloth: str  # file name in images/, e.g. 048392_1.jpg
+    category_dir: Path
+    mask_source: str  # "file" or "rule"
+    densepose_dir: str  # "image-densepose" or "dense"
+    dense_index_scale: int
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--categories",
+        default="all",
+        help=f"comma-separated subset of {','.join(DRESSCODE_CATEGORIES)} (default: all present)",
+    )
+    parser.add_argument(
+        "--mask-source",
+        choices=MASK_SOURCES,
+        default="auto",
+        help="agnostic_masks/ files, the official label-map rule, or auto (files when the folder exists)",
+    )
+    parser.add_argument(
+        "--dense-index-scale",
+        type=int,
+        default=10,
+        help="multiplier of the DensePose part index (0..24) when rendering dense/*_5.png",
+    )
+
+
+def _categories(root: Path, requested: str) -> list[str]:
+    if requested == "all":
+        found = [c for c in DRESSCODE_CATEGORIES if (root / c).is_dir()]
+        if not found:
+            raise FileNotFoundError(f"no category folder in {root}; {ROOT_HINT}")
+        return found
+    chosen = [c.strip() for c in requested.split(",") if c.strip()]
+    for category in chosen:
+        if category not in DRESSCODE_CATEGORIES:
+            raise ValueError(f"unknown DressCode category {category!r}; valid: {', '.join(DRESSCODE_CATEGORIES)}, all")
+        if not (root / category).is_dir():
+            raise FileNotFoundError(f"category folder {root / category} not found; {ROOT_HINT}")
+    return [c for c in DRESSCODE_CATEGORIES if c in chosen]
+
+
+def _pair_rows(root: Path, split: str, categories: list[str]) -> list[tuple[str, str, str, str]]:
+    """(pairing, category, person, cloth) in file order: root-level files, else per-category files."""
+    rows = []
+    if all((root / name).is_file() for _, name in PAIR_FILES[split]):
+        for pairing, name in PAIR_FILES[split]:
+            for number, (person, cloth, index) in enumerate(read_pair_lines(root / name, 3, ROOT_HINT), start=1):
+                if index not in ("0", "1", "2"):
+                    raise ValueError(f"{root / name}: pair {number} has category index {index!r}; valid: 0, 1, 2")
+                category = DRESSCODE_CATEGORIES[int(index)]
+                if category in categories:
+                    rows.append((pairing, category, person, cloth))
+        return rows
+    for category in categories:
+        for pairing, name in PAIR_FILES[split]:
+            rows += [(pairing, category, p, c) for p, c in read_pair_lines(root / category / name, 2, ROOT_HINT)]
+    return rows
+
+
+def _category_sources(category_dir: Path, mask_source: str) -> tuple[str, str]:
+    if mask_source == "auto":
+        mask_source = "file" if (category_dir / "agnostic_masks").is_dir() else "rule"
+    needed = ["images"] + (["agnostic_masks"] if mask_source == "file" else ["label_maps", "keypoints"])
+    densepose_dir = "image-densepose" if (category_dir / "image-densepose").is_dir() else "dense"
+    for name in needed + [densepose_dir]:
+        if not (category_dir / name).is_dir():
+            raise FileNotFoundError(f"folder {category_dir / name} not found; {ROOT_HINT}")
+    return mask_source, densepose_dir
+
+
+def list_samples(args: argparse.Namespace, split: str) -> list[DressCodeSpec]:
+    """Sample specs of one split (cheap: reads only pair files and folder names)."""
+    root = Path(args.src)
+    categories = _categories(root, args.categories)
+    sources = {c: _category_sources(root / c, args.mask_source) for c in categories}
+    specs = []
+    for pairing, category, person, cloth in _pair_rows(root, split, categories):
+        tgt_id, ref_id = Path(person).stem, Path(cloth).stem
+        mask_source, densepose_dir = sources[category]
+        key_ref = ref_id if pairing == "unpaired" else None
+        specs.append(
+            DressCodeSpec(
+                key=make_key(DATASET, split, pairing, f"{category}_{tgt_id}", key_ref),
+                source=f"{category}/images/{person} + {cloth}",
+                split=split, pairing=pairing, category=category, person=person, cloth=cloth,
+                category_dir=root / category, mask_source=mask_source, densepose_dir=densepose_dir,
+                dense_index_scale=args.dense_index_scale,
+            )
+        )  # fmt: skip
+    return specs
+
+
+def read_keypoints(path: Path, size: tuple[int, int]) -> np.ndarray:
+    """keypoints/<id>_2.json -> (18, 2) (x, y) scaled from 384x512 to `size` (W, H); NaN = missing."""
+    data = load_json(path)
+    try:
+        keypoints = np.asarray(data["keypoints"], dtype=np.float64)[:, :2]
+    except (KeyError, IndexError, TypeError, ValueError) as err:
+        raise SampleError(f"{path}: no usable 'keypoints' list ({err!r})") from err
+    points = keypoints * (size[0] / KEYPOINT_FRAME[0], size[1] / KEYPOINT_FRAME[1])
+    points[(keypoints[:, 0] <= 1) & (keypoints[:, 1] <= 1)] = np.nan  # the loaders' "absent" convention
+    return points
+
+
+def render_part_index(path: Path, size: tuple[int, int], scale: int) -> Image.Image:
+    """dense/<id>_5.png part index (0..24) -> RGB image of index * scale in every channel."""
+    index = load_labels(path, size)
+    value = np.clip(index * scale, 0, 255).astype(np.uint8)
+    return Image.fromarray(np.repeat(value[:, :, None], 3, axis=2), mode="RGB")
+
+
+def load_sample(spec: DressCodeSpec) -> dict:
+    """Read, check and encode one sample (runs in a worker process)."""
+    stem = Path(spec.person).stem  # <id>_0
+    sample_id = stem.rsplit("_", 1)[0]
+    tgt = load_rgb(spec.category_dir / "images" / spec.person)
+    ref = load_rgb(spec.category_dir / "images" / spec.cloth)
+    if spec.mask_source == "file":
+        mask = load_binary_mask(spec.category_dir / "agnostic_masks" / f"{stem}.png", tgt.size)
+    else:
+        labels = load_labels(spec.category_dir / "label_maps" / f"{sample_id}_4.png", tgt.size)
+        pose = read_keypoints(spec.category_dir / "keypoints" / f"{sample_id}_2.json", tgt.size)
+        mask = dresscode_agnostic_mask(labels, pose, spec.category)
+    if not mask.any():
+        raise SampleError(f"empty agnostic mask for {spec.category}/{stem}")
+    if spec.densepose_dir == "image-densepose":
+        densepose = load_rgb(spec.category_dir / "image-densepose" / f"{stem}.jpg", tgt.size)
+    else:
+        densepose = render_part_index(
+            spec.category_dir / "dense" / f"{sample_id}_5.png", tgt.size, spec.dense_index_scale
+        )
+    meta = {
+        "dataset": DATASET, "split": spec.split, "task": "tryon", "category": spec.category,
+        "pairing": spec.pairing, "tgt_id": stem, "ref_id": Path(spec.cloth).stem,
+        "pose_source": "densepose", "mask_source": spec.mask_source,
+    }  # fmt: skip
+    return build_sample(spec.key, tgt, ref, mask, densepose, meta)

@@ -1,0 +1,84 @@
+"""The shard sample schema (DESIGN.md, "Sample schema"): keys, metadata and one encoded sample."""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+from PIL import Image
+
+from data_prep.encode import jpeg_bytes, json_bytes, npy_bytes, png_bytes
+
+TASKS = ("tryon", "pose")
+PAIRINGS = ("paired", "unpaired")
+POSE_SOURCES = ("densepose", "keypoints")
+
+
+class SampleError(Exception):
+    """A sample cannot be built from its source files (missing or corrupt); it is skipped."""
+
+
+def sanitize_id(name: str) -> str:
+    """Turn a file stem or path into a key part: '.', '/', '\\' and whitespace become '_'."""
+    return re.sub(r"[./\\\s]", "_", name)
+
+
+def make_key(dataset: str, split: str, pairing: str, tgt_id: str, ref_id: str | None = None) -> str:
+    """`<dataset>_<split>_<pairing>_<tgt>[__<ref>]`, with no dots (webdataset splits names at the first dot).
+
+    The reference id is part of the key whenever the target alone does not name the sample
+    (unpaired try-on, pose transfer), so every pair line gives its own key.
+    """
+    parts = [dataset, split, pairing, sanitize_id(tgt_id)]
+    key = "_".join(parts)
+    if ref_id is not None:
+        key += "__" + sanitize_id(ref_id)
+    return key
+
+
+def build_sample(
+    key: str,
+    tgt: Image.Image,
+    ref: Image.Image,
+    mask: np.ndarray,
+    densepose: Image.Image,
+    meta: dict,
+    flow: np.ndarray | None = None,
+) -> dict[str, str | bytes]:
+    """Check one sample against the schema and encode it into the bytes stored in a shard.
+
+    Args:
+        key: sample key from `make_key`.
+        tgt: target person, RGB.
+        ref: reference (garment or another photo of the person), RGB, any size.
+        mask: (H, W) uint8, 255 = region to generate, 0 elsewhere, same size as `tgt`.
+        densepose: RGB pose image of the target, same size as `tgt`.
+        meta: dataset, split, task, category, pairing, tgt_id, ref_id (+ pose_source, ...);
+            height and width are filled in from `tgt`.
+        flow: optional (H, W, 2) grid_sample coordinates (x, y) into `ref`, NaN outside the mask.
+    """
+    if "." in key:
+        raise ValueError(f"sample key {key!r} contains a dot; webdataset would split it there")
+    width, height = tgt.size
+    if mask.shape != (height, width) or mask.dtype != np.uint8:
+        raise ValueError(f"{key}: mask must be uint8 of shape {(height, width)}, got {mask.dtype} {mask.shape}")
+    if not np.isin(mask, (0, 255)).all():
+        raise ValueError(f"{key}: mask values must be 0 or 255")
+    if densepose.size != tgt.size:
+        raise ValueError(f"{key}: densepose size {densepose.size} differs from target size {tgt.size}")
+    if meta.get("task") not in TASKS or meta.get("pairing") not in PAIRINGS:
+        raise ValueError(f"{key}: task must be one of {TASKS} and pairing one of {PAIRINGS}, got {meta}")
+    meta = {**meta, "height": height, "width": width}
+    sample = {
+        "__key__": key,
+        "tgt.jpg": jpeg_bytes(tgt),
+        "ref.jpg": jpeg_bytes(ref),
+        "mask.png": png_bytes(Image.fromarray(mask, mode="L")),
+        "densepose.png": png_bytes(densepose.convert("RGB")),
+        "json": json_bytes(meta),
+    }
+    if flow is not None:
+        if flow.shape != (height, width, 2):
+            raise ValueError(f"{key}: flow must have shape {(height, width, 2)}, got {flow.shape}")
+        sample["flow.npy"] = npy_bytes(flow.astype(np.float16))
+    return sample

@@ -1,0 +1,134 @@
+"""Atomic shard writing on top of webdataset's own `wds.ShardWriter`.
+
+Shards are `<out>/<split>-%06d.tar`. `ShardWriter` opens each shard through our `opener`
+as `.<name>.tmp` and calls `post` once the shard is complete (webdataset.writer.ShardWriter,
+arguments `opener` and `post`). Nothing gets a final name until `commit()`: then all temporary
+shards are renamed (os.replace, atomic on one file system) and shards of the split that this
+run did not produce again are deleted. An interrupted run therefore leaves the previous shards
+and manifest as they were, and no partial shard under a `.tar` name.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import BinaryIO
+
+import webdataset as wds
+
+# A fixed member mtime makes a re-run byte-identical. PAX allows member names over 100
+# characters (webdataset's default USTAR does not), which DeepFashion pair keys need.
+TAR_OPTIONS = {"encoder": False, "mtime": 0, "format": "PAX_FORMAT"}
+
+
+def temp_path(final: Path) -> Path:
+    """Hidden name under which a shard is written until commit."""
+    return final.with_name(f".{final.name}.tmp")
+
+
+class AtomicShardWriter:
+    """Writes one split's samples into shards of `shard_size` samples, visible only after commit().
+
+    Use as a context manager: leaving the block by an exception removes the temporary shards.
+
+    Args:
+        out_dir: output folder (created if needed).
+        split: split name; it prefixes the shard names.
+        shard_size: samples per shard.
+    """
+
+    def __init__(self, out_dir: Path, split: str, shard_size: int):
+        if shard_size < 1:
+            raise ValueError(f"shard_size must be >= 1, got {shard_size}")
+        self.out_dir = Path(out_dir)
+        self.split = split
+        self.shard_size = shard_size
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self._final_pattern = re.compile(rf"{re.escape(split)}-\d{{6}}\.tar")
+        self._remove_leftover_temps()
+        self._writer: wds.ShardWriter | None = None  # opened on the first sample: no empty shard
+        self._stream: BinaryIO | None = None
+        self._temps: list[Path] = []  # every temporary file opened by this writer
+        self._finished: list[str] = []  # final names of complete shards, in order
+        self._counts: dict[str, int] = {}  # final name -> samples
+
+    # Hooks handed to wds.ShardWriter
+    def _open(self, fname: str) -> BinaryIO:
+        path = temp_path(Path(fname))
+        self._temps.append(path)
+        self._stream = open(path, "wb")
+        return self._stream
+
+    def _post(self, fname: str) -> None:
+        # TarWriter does not close a stream it did not open, so the shard is flushed here.
+        assert self._stream is not None
+        self._stream.flush()
+        os.fsync(self._stream.fileno())
+        self._stream.close()
+        self._stream = None
+        self._finished.append(Path(fname).name)
+
+    def write(self, sample: dict) -> None:
+        """Append one encoded sample (all values bytes)."""
+        if self._writer is None:
+            pattern = str(self.out_dir / f"{self.split}-%06d.tar")
+            self._writer = wds.ShardWriter(
+                pattern, maxcount=self.shard_size, opener=self._open, post=self._post, verbose=0, **TAR_OPTIONS
+            )
+        self._writer.write(sample)
+        name = Path(self._writer.fname).name
+        self._counts[name] = self._counts.get(name, 0) + 1
+
+    def commit(self) -> list[dict]:
+        """Give the shards their final names, delete stale shards of the split; return shard records."""
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+        records = []
+        for name in self._finished:
+            final = self.out_dir / name
+            os.replace(temp_path(final), final)
+            records.append({"name": name, "size_bytes": final.stat().st_size, "num_samples": self._counts[name]})
+        produced = set(self._finished)
+        for stale in self.existing_shards():
+            if stale.name not in produced:
+                stale.unlink()
+        self._temps.clear()
+        return records
+
+    def abort(self) -> None:
+        """Drop everything this writer wrote; shards from earlier runs stay untouched."""
+        tar = getattr(self._writer, "tarstream", None)
+        if tar is not None:
+            # Close the open tar first (it flushes into the temporary file), or its finaliser
+            # would later write to a closed file.
+            try:
+                tar.close()
+            except (OSError, ValueError):
+                pass  # e.g. disk full: the file is deleted below anyway
+        if self._stream is not None:
+            self._stream.close()
+            self._stream = None
+        self._writer = None
+        for path in self._temps:
+            path.unlink(missing_ok=True)
+        self._temps.clear()
+
+    def existing_shards(self) -> list[Path]:
+        """Final-named shards of this split now in the folder, sorted."""
+        return sorted(p for p in self.out_dir.iterdir() if self._final_pattern.fullmatch(p.name))
+
+    def _remove_leftover_temps(self) -> None:
+        # A killed run (SIGKILL, power loss) cannot clean up; its hidden temporaries go here.
+        for path in self.out_dir.iterdir():
+            name = path.name
+            if name.startswith(".") and name.endswith(".tmp") and self._final_pattern.fullmatch(name[1:-4]):
+                path.unlink()
+
+    def __enter__(self) -> AtomicShardWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None or self._writer is not None:
+            self.abort()
