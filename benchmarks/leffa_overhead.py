@@ -82,16 +82,14 @@ def measure(fn, device: str, warmup: int, repeat: int) -> dict:
 
 
 def case_step(args) -> dict:
-    import yaml
-
     from leffa.module import LeffaModule
 
     sys.path.insert(0, str(ROOT / "tests"))
     from conftest import make_batch
 
     torch.manual_seed(0)
-    model_cfg = yaml.safe_load((ROOT / "configs/model/tiny.yaml").read_text())
-    module = LeffaModule(**model_cfg, use_leffa_loss=args.leffa, theta_timestep=args.theta_timestep, p_drop_ref=0.0)
+    module = LeffaModule(unet_config=ROOT / "configs/model/tiny_unet.yaml", vae_config=ROOT / "configs/model/tiny_vae.yaml",
+                         use_leffa_loss=args.leffa, theta_timestep=args.theta_timestep, p_drop_ref=0.0)
     module.setup("fit")
     module.to(args.device).train()
     optimizer = module.configure_optimizers()

@@ -7,13 +7,13 @@ from __future__ import annotations
 
 import lightning as L
 import torch
-from torch import nn
+from jsonargparse.typing import Path_fr
 
 from leffa.attention import ReferenceBank, attach_reference_attention
 from leffa.checkpoints import load_weights, read_state_dict
 from leffa.conditioning import build_conditioning, conditioning_channels
 from leffa.losses import attention_flow, diffusion_loss, warp_loss
-from leffa.pretrained import load_scheduler, load_vae
+from leffa.pretrained import load_scheduler, load_vae, read_config
 from leffa.unets import build_unet
 
 __all__ = ["LeffaModule"]
@@ -28,8 +28,9 @@ class LeffaModule(L.LightningModule):
         pretrained_model: local SD1.5 (or SD1.5-inpainting) diffusers folder: both UNets, the VAE
             and the scheduler come from it. Never downloaded.
         reference_pretrained_model: another folder for the Reference UNet (default: the same).
-        unet_config: inline ``UNet2DConditionModel`` config, used when no folder is given.
-        vae_config: inline ``AutoencoderKL`` config, used when no folder is given.
+        unet_config: ``UNet2DConditionModel`` config (a mapping, or a JSON/YAML file such as a
+            diffusers ``config.json``), used when no folder is given; tests and the demo use it.
+        vae_config: ``AutoencoderKL`` config (mapping or file), used when no folder is given.
         conditioning: Generative UNet input layout: ``tryon``, ``pose``, ``pose_image`` or
             ``released`` (see ``leffa.conditioning``).
         use_leffa_loss: add lambda * Leffa (Eq. 5); the paper turns it on in the last stage.
@@ -57,8 +58,8 @@ class LeffaModule(L.LightningModule):
         self,
         pretrained_model: str | None = None,
         reference_pretrained_model: str | None = None,
-        unet_config: dict | None = None,
-        vae_config: dict | None = None,
+        unet_config: dict | Path_fr | None = None,
+        vae_config: dict | Path_fr | None = None,
         conditioning: str = "tryon",
         use_leffa_loss: bool = False,
         lambda_leffa: float = 1e-3,
@@ -77,6 +78,8 @@ class LeffaModule(L.LightningModule):
         init_from_weights: str = "ema",
     ):
         super().__init__()
+        # read files now, so the checkpoint's hyper-parameters hold the architecture itself
+        unet_config, vae_config = read_config(unet_config), read_config(vae_config)
         self.save_hyperparameters()
         if not 0.0 <= p_drop_ref < 1.0:
             raise ValueError(f"model.p_drop_ref must be in [0, 1), got {p_drop_ref}")

@@ -6,11 +6,14 @@ error that says what to put where.
 
 from __future__ import annotations
 
+import json
+import os
 from pathlib import Path
 
+import yaml
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 
-__all__ = ["component_location", "load_unet", "load_vae", "load_scheduler", "SD15_SCHEDULER"]
+__all__ = ["read_config", "component_location", "load_unet", "load_vae", "load_scheduler", "SD15_SCHEDULER"]
 
 # SD1.5's training noise schedule (scheduler/scheduler_config.json of runwayml/stable-diffusion-v1-5).
 SD15_SCHEDULER = dict(
@@ -22,6 +25,23 @@ SD15_SCHEDULER = dict(
     clip_sample=False,
     steps_offset=1,
 )
+
+
+def read_config(value: dict | str | os.PathLike | None) -> dict | None:
+    """An inline component config: a dict as it is, or a path to a JSON/YAML file read into one.
+
+    Paths given in a YAML config arrive as jsonargparse paths, already resolved against the
+    config file's folder (``os.fspath`` gives the absolute path).
+    """
+    if value is None or isinstance(value, dict):
+        return value
+    path = Path(os.fspath(value))
+    if not path.is_file():
+        raise FileNotFoundError(f"component config file not found: {path}")
+    loaded = json.loads(path.read_text()) if path.suffix == ".json" else yaml.safe_load(path.read_text())
+    if not isinstance(loaded, dict):
+        raise ValueError(f"{path} must hold a mapping of config keys, got {type(loaded).__name__}")
+    return loaded
 
 
 def component_location(path: str | Path, component: str) -> tuple[Path, str | None]:

@@ -53,3 +53,20 @@ def test_component_location_accepts_a_component_folder(sd_folder):
 def test_neither_folder_nor_config_is_a_clear_error():
     with pytest.raises(ValueError, match="unet_config"):
         LeffaModule()
+
+
+def test_component_configs_from_files_are_stored_as_mappings(tmp_path):
+    import json
+
+    import yaml
+
+    from conftest import TINY_UNET
+
+    (tmp_path / "unet.json").write_text(json.dumps(TINY_UNET))
+    (tmp_path / "vae.yaml").write_text(yaml.safe_dump(TINY_VAE))
+    module = LeffaModule(unet_config=str(tmp_path / "unet.json"), vae_config=tmp_path / "vae.yaml")
+    # JSON/YAML give lists where the Python configs have tuples
+    assert module.hparams.unet_config == json.loads(json.dumps(TINY_UNET))
+    assert module.hparams.vae_config == json.loads(json.dumps(TINY_VAE))
+    with pytest.raises(FileNotFoundError, match="nothere.yaml"):
+        LeffaModule(unet_config=str(tmp_path / "nothere.yaml"), vae_config=TINY_VAE)

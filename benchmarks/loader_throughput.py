@@ -1,0 +1,107 @@
+"""Training dataloader throughput against what one GPU consumes.
+
+Writes synthetic shards of native 1024x768 samples (noise + gradient JPEGs of realistic size)
+into a temporary folder, then times ``LeffaDataModule.train_dataloader()`` (decode, resize,
+flip, batch; resampled shards, shuffle buffer) at each output resolution and worker count:
+a warm-up (worker start, shuffle buffer fill), then N timed batches.
+
+GPU reference: one training sample at 1024x768 costs about 25 TFLOP (forward + backward of
+both UNets); an H100 at 40% MFU (~0.4 x 989 TFLOP/s bf16 dense) then trains ~16 samples/s.
+At 512x384 the cost scales with the pixel count, so ~64 samples/s.
+
+    python benchmarks/loader_throughput.py --samples 64 --batches 20
+"""
+
+import argparse
+import math
+import os
+import statistics
+import tempfile
+import time
+
+import numpy as np
+
+from leffa.data import LeffaDataModule
+from leffa.data.synthetic import random_sample, write_split
+
+GPU_SAMPLES_PER_S_1024 = 0.4 * 989 / 25  # ~16 samples/s per GPU at 1024x768, 40% MFU
+NATIVE = (1024, 768)
+
+
+def gpu_rate(height: int, width: int) -> float:
+    """Samples/s one GPU trains at (height, width), scaled from 1024x768 by pixel count."""
+    return GPU_SAMPLES_PER_S_1024 * NATIVE[0] * NATIVE[1] / (height * width)
+
+
+def write_shards(folder: str, samples: int, flow: bool) -> None:
+    rng = np.random.default_rng(0)
+    stream = (random_sample(f"bench_train_{i:06d}", *NATIVE, rng, with_flow=flow, noise=4.0) for i in range(samples))
+    write_split(folder, "train", stream, per_shard=16, dataset="bench")
+
+
+def samples_per_second(folder: str, height: int, width: int, workers: int, args) -> list[float]:
+    """Samples/s of ``args.repeats`` consecutive windows of ``args.batches`` batches, after a warm-up."""
+    dm = LeffaDataModule(
+        train_shards=folder,
+        height=height,
+        width=width,
+        batch_size=args.batch_size,
+        num_workers=workers,
+        shuffle_buffer=args.shuffle_buffer,
+        hflip=True,
+    )
+    dm.setup("fit")
+    batches = iter(dm.train_dataloader())
+    for _ in range(args.warmup):
+        next(batches)
+    rates = []
+    for _ in range(args.repeats):
+        start = time.perf_counter()
+        for _ in range(args.batches):
+            next(batches)
+        rates.append(args.batches * args.batch_size / (time.perf_counter() - start))
+    del batches  # stops the workers
+    return rates
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--samples", type=int, default=64, help="synthetic 1024x768 samples to write")
+    parser.add_argument("--batches", type=int, default=20, help="timed batches per configuration")
+    parser.add_argument("--warmup", type=int, default=5, help="untimed batches first")
+    parser.add_argument("--repeats", type=int, default=3, help="timed windows per configuration (median shown)")
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--shuffle-buffer", type=int, default=100)
+    parser.add_argument("--flow", action="store_true", help="include a 1024x768x2 float16 flow per sample")
+    args = parser.parse_args()
+
+    with tempfile.TemporaryDirectory() as folder:
+        start = time.perf_counter()
+        write_shards(folder, args.samples, args.flow)
+        tars = [f for f in os.listdir(folder) if f.endswith(".tar")]
+        size = sum(os.path.getsize(os.path.join(folder, f)) for f in tars)
+        print(
+            f"wrote {args.samples} samples at {NATIVE[0]}x{NATIVE[1]} in {len(tars)} shards,"
+            f" {size / args.samples / 1e3:.0f} kB/sample, {time.perf_counter() - start:.1f} s"
+        )
+        print(
+            f"CPU cores: {os.cpu_count()}; batch {args.batch_size}, hflip on, flow {'on' if args.flow else 'off'};"
+            f" median of {args.repeats} windows of {args.batches} batches (range in brackets)\n"
+        )
+        print(f"{'resolution':>10} {'workers':>7} {'samples/s':>10} {'(min-max)':>13} {'per worker':>10} {'GPU@40%MFU':>10} {'workers/GPU':>11}")
+        for height, width in ((512, 384), (1024, 768)):
+            need = gpu_rate(height, width)
+            for workers in args.workers:
+                rates = samples_per_second(folder, height, width, workers, args)
+                rate = statistics.median(rates)
+                per_worker = rate / max(workers, 1)
+                spread = f"({min(rates):.0f}-{max(rates):.0f})"
+                print(
+                    f"{height:>5}x{width:<4} {workers:>7} {rate:>10.1f} {spread:>13} {per_worker:>10.1f}"
+                    f" {need:>10.1f} {math.ceil(need / per_worker):>11}"
+                )
+
+
+if __name__ == "__main__":
+    main()
