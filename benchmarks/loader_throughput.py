@@ -1,9 +1,11 @@
 """Training dataloader throughput against what one GPU consumes.
 
 Writes synthetic shards of native 1024x768 samples (noise + gradient JPEGs of realistic size)
-into a temporary folder, then times ``LeffaDataModule.train_dataloader()`` (decode, resize,
-flip, batch; resampled shards, shuffle buffer) at each output resolution and worker count:
-a warm-up (worker start, shuffle buffer fill), then N timed batches.
+into a temporary folder, then times ``LeffaDataModule.train_dataloader()`` (resampled shards,
+shuffle buffer, decode, resize, flip, batch) at each output resolution and worker count: a
+warm-up (worker start, shuffle buffer fill), then windows of N timed batches. The loader
+yields uint8 batches; the float conversion runs on the GPU (``on_after_batch_transfer``) and
+is not timed here.
 
 GPU reference: one training sample at 1024x768 costs about 25 TFLOP (forward + backward of
 both UNets); an H100 at 40% MFU (~0.4 x 989 TFLOP/s bf16 dense) then trains ~16 samples/s.
@@ -20,6 +22,7 @@ import tempfile
 import time
 
 import numpy as np
+import torch
 
 from leffa.data import LeffaDataModule
 from leffa.data.synthetic import random_sample, write_split
@@ -75,6 +78,10 @@ def main() -> None:
     parser.add_argument("--shuffle-buffer", type=int, default=100)
     parser.add_argument("--flow", action="store_true", help="include a 1024x768x2 float16 flow per sample")
     args = parser.parse_args()
+    # DataLoader workers run with one torch thread; give num_workers=0 the same so the per-worker
+    # figures compare. (Two intra-op threads in the main process of a 2-core machine made the
+    # figures erratic, from 16 to 72 samples/s within one run.)
+    torch.set_num_threads(1)
 
     with tempfile.TemporaryDirectory() as folder:
         start = time.perf_counter()
@@ -89,7 +96,10 @@ def main() -> None:
             f"CPU cores: {os.cpu_count()}; batch {args.batch_size}, hflip on, flow {'on' if args.flow else 'off'};"
             f" median of {args.repeats} windows of {args.batches} batches (range in brackets)\n"
         )
-        print(f"{'resolution':>10} {'workers':>7} {'samples/s':>10} {'(min-max)':>13} {'per worker':>10} {'GPU@40%MFU':>10} {'workers/GPU':>11}")
+        print(
+            f"{'resolution':>10} {'workers':>7} {'samples/s':>10} {'(min-max)':>13}"
+            f" {'per worker':>10} {'GPU@40%MFU':>10} {'workers/GPU':>11}"
+        )
         for height, width in ((512, 384), (1024, 768)):
             need = gpu_rate(height, width)
             for workers in args.workers:

@@ -1,0 +1,186 @@
+"""LeffaDataModule: streams WebDataset shards into batches of the batch contract (batch.py)."""
+
+import warnings
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader
+
+from leffa.data.batch import to_model_batch
+from leffa.data.distributed import node_info
+from leffa.data.pipeline import eval_pipeline, train_pipeline
+from leffa.data.shards import resolve_sources
+
+ShardSpec = str | list[str] | None
+
+# Manifest split read when a specification names none (``dir@split`` overrides); the first
+# one the manifest has wins. The public person datasets ship train and test splits only.
+DEFAULT_SPLITS = {"train": ("train",), "val": ("val", "test"), "test": ("test",), "predict": ("test",)}
+
+
+class LeffaDataModule(L.LightningDataModule):
+    """Shards -> batches of ``{tgt, ref, mask, densepose, key, flow?, skipped}`` at (height, width).
+
+    The dataloaders yield compact uint8 batches; ``on_after_batch_transfer`` turns them into
+    the float batch contract on the device (batch.py), so a LightningModule receives the
+    contract. Outside a Trainer, call ``leffa.data.to_model_batch`` on each batch.
+
+    Training is an endless stream of resampled shards: there are no epochs, so give the
+    Trainer ``max_steps`` and an integer ``val_check_interval`` (steps; with
+    ``check_val_every_n_epoch: null``). Validation, test and predict read every sample
+    exactly once across all ranks and workers; their last batch may be short, and ranks may
+    get different numbers of batches, so nothing in a validation step may be a collective
+    (log with ``sync_dist`` per epoch only, the default there).
+    """
+
+    def __init__(
+        self,
+        train_shards: ShardSpec = None,
+        val_shards: ShardSpec = None,
+        test_shards: ShardSpec = None,
+        predict_shards: ShardSpec = None,
+        train_weights: list[float] | None = None,
+        height: int = 512,
+        width: int = 384,
+        batch_size: int = 4,
+        val_batch_size: int | None = None,
+        num_workers: int = 2,
+        shuffle_buffer: int = 1000,
+        hflip: bool = False,
+        seed: int = 0,
+    ):
+        """Configure the data of one stage.
+
+        Args:
+            train_shards: training shards. Each string is a manifest.json or its folder
+                (``shards/vitonhd``; a split other than "train" with ``shards/vitonhd@name``),
+                a brace pattern (``shards/x/train-{000000..000009}.tar``) or a glob
+                (``shards/x/train-*.tar``). A list gives several sources, mixed by
+                ``train_weights``.
+            val_shards: validation shards, same forms (default manifest split: "val", else
+                "test"); a list is concatenated. None: no validation.
+            test_shards: test shards (default split "test"). None: no test.
+            predict_shards: shards to run ``predict`` on (default split "test").
+            train_weights: one mixing weight per ``train_shards`` entry (relative; 0 drops a
+                source). None: all shards pooled, so each source counts by its shard count.
+            height: image height of this stage, in pixels; every key is resized to it.
+            width: image width of this stage, in pixels.
+            batch_size: training samples per batch, per device.
+            val_batch_size: samples per batch for validation/test/predict (default: batch_size).
+            num_workers: DataLoader worker processes per device (0: load in the main process).
+                Evaluation needs at least world_size * num_workers shards to use every worker.
+            shuffle_buffer: training samples held per worker to shuffle across shards. They are
+                held encoded: ~0.25 MB each for 1024x768 images, ~3.4 MB with a float16 flow, so
+                1000 costs ~0.25 GB (3.4 GB with flow) per worker. 0 or 1: samples come in shard
+                order (shards are still drawn at random).
+            hflip: mirror each training sample with probability 0.5 (all keys together; the
+                flow is mirrored with its x component negated).
+            seed: base seed of the training stream (shard draws, shuffle, flips); each rank and
+                worker derives its own from it and from the step training starts at.
+        """
+        super().__init__()
+        _check_positive(height=height, width=width, batch_size=batch_size, val_batch_size=val_batch_size or 1)
+        if num_workers < 0 or shuffle_buffer < 0:
+            raise ValueError(f"num_workers ({num_workers}) and shuffle_buffer ({shuffle_buffer}) must be >= 0")
+        if train_weights is not None:
+            _check_weights(train_shards, train_weights)
+        self.save_hyperparameters()
+        self.shards: dict[str, list[list[str]]] = {}
+
+    def setup(self, stage: str) -> None:
+        """Resolve the shard lists the Trainer stage needs (errors name the missing pattern)."""
+        needed = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("predict",)}
+        if stage not in needed:
+            raise ValueError(f"unknown stage {stage!r}; valid: {sorted(needed)}")
+        for name in needed[stage]:
+            spec = self.hparams[f"{name}_shards"]
+            if spec is None and name != "val":  # no val_shards: fit without validation
+                raise ValueError(f"Trainer stage {stage!r} needs data.{name}_shards")
+            self.shards[name] = resolve_sources(spec, DEFAULT_SPLITS[name])
+
+    def train_dataloader(self) -> DataLoader:
+        """Endless batches of ``batch_size`` (see class docstring)."""
+        hp = self.hparams
+        rank, _ = node_info()
+        start_step = self.trainer.global_step if self.trainer is not None else 0
+        dataset = train_pipeline(
+            self._sources("train"),
+            hp.train_weights,
+            height=hp.height,
+            width=hp.width,
+            batch_size=hp.batch_size,
+            shuffle_buffer=hp.shuffle_buffer,
+            hflip=hp.hflip,
+            seed=hp.seed,
+            rank=rank,
+            start_step=start_step,
+        )
+        return self._loader(dataset)
+
+    def on_after_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
+        """Wire batch (uint8, on the device now) -> the float batch contract (batch.py)."""
+        return to_model_batch(batch)
+
+    def val_dataloader(self) -> DataLoader | list:
+        return self._eval_loader("val")
+
+    def test_dataloader(self) -> DataLoader | list:
+        return self._eval_loader("test")
+
+    def predict_dataloader(self) -> DataLoader | list:
+        return self._eval_loader("predict")
+
+    # Helpers
+
+    def _sources(self, name: str) -> list[list[str]]:
+        if name not in self.shards:  # dataloader requested outside a Trainer
+            self.shards[name] = resolve_sources(self.hparams[f"{name}_shards"], DEFAULT_SPLITS[name])
+        return self.shards[name]
+
+    def _eval_loader(self, name: str) -> DataLoader | list:
+        """One exactly-once pass; ``[]`` (no batches) when ``<name>_shards`` is None."""
+        shards = [s for source in self._sources(name) for s in source]
+        if not shards:
+            return []
+        hp = self.hparams
+        rank, world_size = node_info()
+        if len(shards) < world_size:
+            raise ValueError(
+                f"{name}_shards: {len(shards)} shard(s) for {world_size} ranks; each rank needs at least one"
+                f" (write smaller shards, or evaluate on fewer devices)"
+            )
+        workers = max(hp.num_workers, 1)
+        if len(shards) < world_size * workers:
+            warnings.warn(
+                f"{name}_shards: {len(shards)} shard(s) < {world_size} ranks x {workers} workers;"
+                f" some workers will have nothing to read",
+                stacklevel=2,
+            )
+        dataset = eval_pipeline(
+            shards,
+            height=hp.height,
+            width=hp.width,
+            batch_size=hp.val_batch_size or hp.batch_size,
+            rank=rank,
+            world_size=world_size,
+        )
+        return self._loader(dataset)
+
+    def _loader(self, dataset) -> DataLoader:
+        # batch_size=None: the pipeline already yields whole batches.
+        workers = self.hparams.num_workers
+        return DataLoader(dataset, batch_size=None, num_workers=workers, pin_memory=torch.cuda.is_available())
+
+
+def _check_positive(**values: int) -> None:
+    bad = {k: v for k, v in values.items() if v < 1}
+    if bad:
+        raise ValueError(f"must be >= 1: {bad}")
+
+
+def _check_weights(train_shards: ShardSpec, weights: list[float]) -> None:
+    n_sources = 0 if train_shards is None else 1 if isinstance(train_shards, str) else len(train_shards)
+    if len(weights) != n_sources:
+        raise ValueError(f"train_weights has {len(weights)} entries but train_shards has {n_sources} source(s)")
+    if any(w < 0 for w in weights) or sum(weights) <= 0:
+        raise ValueError(f"train_weights must be >= 0 with a positive sum, got {weights}")

@@ -1,0 +1,132 @@
+"""The two webdataset pipelines: an endless resampled training stream and an exactly-once
+evaluation pass. Both run, inside each DataLoader worker:
+
+    shards -> tar samples -> [train: mix sources, shuffle buffer] -> decode (skip + count corrupt)
+           -> resize per key -> [train: random flip] -> to batch (float tensors)
+
+Batching happens in the pipeline (so ``skipped`` can travel with the batch); the DataLoader
+then takes ``batch_size=None``.
+"""
+
+import random
+from collections.abc import Iterable, Iterator, Sequence
+from functools import partial
+
+import webdataset as wds
+from torch.utils.data import IterableDataset
+
+from leffa.data.batch import Collate
+from leffa.data.decode import decode_sample
+from leffa.data.distributed import split_by_rank_then_worker, stream_seed
+from leffa.data.skips import SkipCounter, skip_corrupt
+from leffa.data.transforms import random_hflip, resize_sample
+
+
+class WeightedMix(IterableDataset):
+    """Endless stream that draws each next sample from source i with probability w_i / sum(w).
+
+    Written here rather than ``webdataset.RandomMix`` because that one draws from the global
+    ``random`` module; this one uses a per-rank, per-worker seeded RNG.
+    """
+
+    def __init__(
+        self, sources: Sequence[Iterable[dict]], weights: Sequence[float], seed: int, rank: int, start_step: int
+    ):
+        self.sources, self.weights = list(sources), list(weights)
+        self.seed, self.rank, self.start_step = seed, rank, start_step
+
+    def __iter__(self) -> Iterator[dict]:
+        rng = random.Random(f"mix-{stream_seed(self.seed, self.rank, self.start_step)}")
+        live = [i for i, w in enumerate(self.weights) if w > 0]
+        iters = {i: iter(self.sources[i]) for i in live}
+        while True:
+            i = rng.choices(live, weights=[self.weights[j] for j in live])[0]
+            try:
+                yield next(iters[i])
+            except StopIteration:  # a resampled source only ends if it had nothing readable
+                return
+
+
+def _shuffle(samples: Iterable[dict], bufsize: int, seed: int, rank: int, start_step: int) -> Iterator[dict]:
+    """``webdataset.shuffle`` with a per-worker seeded RNG (its default seeds from pid and time)."""
+    rng = random.Random(f"shuffle-{stream_seed(seed, rank, start_step)}")
+    return wds.shuffle(bufsize, initial=min(100, bufsize), rng=rng)(samples)
+
+
+def _resampled_source(shards: list[str], index: int, seed: int, rank: int, start_step: int, counter: SkipCounter):
+    """Tar samples from shards drawn with replacement, forever; distinct stream per rank/worker."""
+    return wds.DataPipeline(
+        wds.ResampledShards(
+            shards,
+            seed=index,  # distinct stream per source
+            worker_seed=partial(stream_seed, seed, rank, start_step),
+            deterministic=True,
+        ),
+        wds.tarfile_to_samples(handler=counter.handler),
+    )
+
+
+def _decode_resize(height: int, width: int, counter: SkipCounter) -> list:
+    """The shared middle stages: decode (skipping corrupt samples), resize per key."""
+    return [
+        partial(skip_corrupt, fn=partial(decode_sample, draft_size=(height, width)), counter=counter),
+        wds.map(partial(resize_sample, height=height, width=width)),
+    ]
+
+
+def train_pipeline(
+    sources: list[list[str]],
+    weights: Sequence[float] | None,
+    *,
+    height: int,
+    width: int,
+    batch_size: int,
+    shuffle_buffer: int,
+    hflip: bool,
+    seed: int,
+    rank: int,
+    start_step: int = 0,
+) -> wds.DataPipeline:
+    """Endless stream of full training batches for one rank (each worker runs a copy).
+
+    Every rank and worker resamples shards independently, with replacement, from a seed of
+    its own (``distributed.stream_seed``), so no splitting of the shard list is needed and an
+    epoch has no meaning: ``Trainer(max_steps=...)`` ends training.
+
+    Args:
+        sources: one shard list per source.
+        weights: mixing weight per source; None pools all shards into one source (so each
+            source contributes in proportion to its shard count).
+    """
+    counter = SkipCounter()
+    if weights is None:
+        sources, weights = [[s for shards in sources for s in shards]], [1.0]
+    streams = [_resampled_source(shards, i, seed, rank, start_step, counter) for i, shards in enumerate(sources)]
+    stages = [WeightedMix(streams, weights, seed, rank, start_step)]
+    if shuffle_buffer > 1:
+        # Shuffle the still-encoded samples: ~30x smaller than decoded ones at 1024x768.
+        stages.append(partial(_shuffle, bufsize=shuffle_buffer, seed=seed, rank=rank, start_step=start_step))
+    stages += _decode_resize(height, width, counter)
+    if hflip:
+        stages.append(partial(random_hflip, p=0.5, seed=seed, rank=rank, start_step=start_step))
+    stages.append(wds.batched(batch_size, collation_fn=Collate(counter), partial=False))
+    return wds.DataPipeline(*stages)
+
+
+def eval_pipeline(
+    shards: list[str], *, height: int, width: int, batch_size: int, rank: int, world_size: int
+) -> wds.DataPipeline:
+    """One pass over ``shards``: no resampling, no shuffle, no flip; the last batch may be short.
+
+    Shards are split by rank, then by worker (``split_by_rank_then_worker``), so every sample
+    is seen exactly once across all ranks and workers. Skips that happen after a worker's
+    last batch are logged but reach no batch.
+    """
+    counter = SkipCounter()
+    return wds.DataPipeline(
+        wds.SimpleShardList(shards),
+        partial(split_by_rank_then_worker, rank=rank, world_size=world_size),
+        wds.tarfile_to_samples(handler=counter.handler),
+        *_decode_resize(height, width, counter),
+        wds.batched(batch_size, collation_fn=Collate(counter), partial=True),
+    )
