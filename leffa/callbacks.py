@@ -37,8 +37,7 @@ class SampleGrid(L.Callback):
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
         if batch_idx != 0 or trainer.sanity_checking or not trainer.is_global_zero:
             return
-        batch = {k: v[: self.num_samples] if torch.is_tensor(v) or isinstance(v, list) else v
-                 for k, v in batch.items()}
+        batch = {k: v[: self.num_samples] for k, v in batch.items() if k in ("tgt", "ref", "mask", "densepose")}
         scheduler = make_scheduler(self.scheduler_name, pl_module.scheduler)
         prediction = sample(pl_module, batch, scheduler, self.num_steps, self.guidance_scale,
                             generator=torch.Generator().manual_seed(self.seed))

@@ -19,21 +19,25 @@ class LeffaCLI(LightningCLI):
     """LightningCLI with the project's model and data module; the resolved config is saved per run."""
 
 
-def _run_extra(command: str, argv: list[str]):
+def _run_extra(command: str, argv: list[str]) -> None:
     module_name, func_name = EXTRA_COMMANDS[command].split(":")
     module = __import__(module_name, fromlist=[func_name])
-    return getattr(module, func_name)(argv)
+    getattr(module, func_name)(argv)
 
 
-def cli_main(args: list[str] | None = None):
-    """Entry point of the ``leffa`` console script; ``args`` defaults to ``sys.argv[1:]``."""
+def cli_main(args: list[str] | None = None) -> None:
+    """Entry point of the ``leffa`` console script; ``args`` defaults to ``sys.argv[1:]``.
+
+    Returns nothing: the console script exits 0 on success and non-zero on an exception.
+    """
     argv = list(sys.argv[1:] if args is None else args)
     if argv and argv[0] in EXTRA_COMMANDS:
-        return _run_extra(argv[0], argv[1:])
+        _run_extra(argv[0], argv[1:])
+        return
     from leffa.data import LeffaDataModule
     from leffa.module import LeffaModule
 
-    return LeffaCLI(
+    LeffaCLI(
         LeffaModule,
         LeffaDataModule,
         save_config_kwargs={"overwrite": True},

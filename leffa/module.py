@@ -81,6 +81,8 @@ class LeffaModule(L.LightningModule):
         # read files now, so the checkpoint's hyper-parameters hold the architecture itself
         unet_config, vae_config = read_config(unet_config), read_config(vae_config)
         self.save_hyperparameters()
+        # (LightningCLI hands save_hyperparameters the values as written in the YAML: store the mappings)
+        self.hparams.update(unet_config=unet_config, vae_config=vae_config)
         if not 0.0 <= p_drop_ref < 1.0:
             raise ValueError(f"model.p_drop_ref must be in [0, 1), got {p_drop_ref}")
         in_channels = LATENT_CHANNELS + conditioning_channels(conditioning)
