@@ -81,35 +81,53 @@ def measure(fn, device: str, warmup: int, repeat: int) -> dict:
 # ---------------------------------------------------------------- cases (run in a child process)
 
 
+STEP_VARIANTS = {"baseline": dict(use_leffa_loss=False), "leffa_t500": dict(use_leffa_loss=True, theta_timestep=500),
+                 "leffa_t1000": dict(use_leffa_loss=True, theta_timestep=1000)}
+
+
 def case_step(args) -> dict:
+    """Training steps of the tiny model, the variants interleaved step by step in this one process,
+    so that they see the same machine state (timings of separate processes drifted by 30%)."""
     from leffa.module import LeffaModule
 
     sys.path.insert(0, str(ROOT / "tests"))
     from conftest import make_batch
 
-    torch.manual_seed(0)
-    module = LeffaModule(unet_config=ROOT / "configs/model/tiny_unet.yaml", vae_config=ROOT / "configs/model/tiny_vae.yaml",
-                         use_leffa_loss=args.leffa, theta_timestep=args.theta_timestep, p_drop_ref=0.0)
-    module.setup("fit")
-    module.to(args.device).train()
-    optimizer = module.configure_optimizers()
     batch = {k: v.to(args.device) if torch.is_tensor(v) else v
              for k, v in make_batch(args.batch, args.height, args.width).items()}
+    steps, modules = {}, {}
+    for name, options in STEP_VARIANTS.items():
+        torch.manual_seed(0)
+        module = LeffaModule(unet_config=ROOT / "configs/model/tiny_unet.yaml",
+                             vae_config=ROOT / "configs/model/tiny_vae.yaml", p_drop_ref=0.0, **options)
+        module.setup("fit")
+        module.to(args.device).train()
+        optimizer = module.configure_optimizers()
+        modules[name] = module
 
-    def step():
-        # the same draw every step (and in every case), so each step selects the same samples
-        generator = torch.Generator().manual_seed(3)
-        optimizer.zero_grad(set_to_none=True)
-        with torch.autocast(args.device, dtype=torch.bfloat16, enabled=args.bf16):
-            loss = module._common_step(batch, "bench", generator)
-        loss.backward()
-        optimizer.step()
+        def step(module=module, optimizer=optimizer):
+            # the same draw at every step and in every variant: the same samples pass theta_timestep
+            generator = torch.Generator().manual_seed(3)
+            optimizer.zero_grad(set_to_none=True)
+            with torch.autocast(args.device, dtype=torch.bfloat16, enabled=args.bf16):
+                loss = module._common_step(batch, "bench", generator)
+            loss.backward()
+            optimizer.step()
 
-    result = measure(step, args.device, args.warmup, args.repeat)
-    rows = module.bank.capture_rows
-    result["leffa_samples"] = 0 if rows is None else int(rows.numel())
-    result["leffa_layers"] = len(module.bank.captures)
-    return result
+        steps[name] = step
+    results = {name: {"times": [], "peak_bytes": 0} for name in steps}
+    for i in range(args.warmup + args.repeat):
+        for name, step in steps.items():
+            one = measure(step, args.device, warmup=0, repeat=1)
+            if i >= args.warmup:
+                results[name]["times"].append(one["seconds"])
+                results[name]["peak_bytes"] = max(results[name]["peak_bytes"], one["peak_bytes"])
+    for name, result in results.items():
+        result["seconds"] = statistics.median(result.pop("times"))
+        rows = modules[name].bank.capture_rows
+        result["leffa_samples"] = 0 if rows is None else int(rows.numel())
+        result["leffa_layers"] = len(modules[name].bank.captures)
+    return results
 
 
 def _qk(args, n):
@@ -134,13 +152,17 @@ def case_flow(args) -> dict:
     grid = _grid(n)
 
     def fused():
-        attention_flow(q, k, grid).sum().backward()
+        attention_flow(q, k, grid, pad_values=True).sum().backward()
+
+    def fused_2wide():
+        attention_flow(q, k, grid, pad_values=False).sum().backward()
 
     def naive():
         attn = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1]) / 2.0, dim=-1).mean(1)
         (attn @ coordinate_map(*grid, device=q.device)).sum().backward()
 
-    result = measure(fused if args.variant == "fused" else naive, args.device, args.warmup, args.repeat)
+    variants = {"fused": fused, "fused_2wide": fused_2wide, "naive": naive}
+    result = measure(variants[args.variant], args.device, args.warmup, args.repeat)
     if args.device == "cuda" and args.variant == "fused":
         result["backends"] = flow_backends(q, k, grid)
     return result
@@ -219,13 +241,11 @@ def main(argv=None):
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=False)
     p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--repeat", type=int, default=5)
+    p.add_argument("--repeat", type=int, default=9)
     p.add_argument("--heads", type=int, default=8)
     p.add_argument("--head-dim", type=int, default=40, help="SD1.5's first level: 320 channels / 8 heads")
     p.add_argument("--token-counts", type=int, nargs="+", default=[1024, 3072, 6144])
     p.add_argument("--case", choices=sorted(CASES), help=argparse.SUPPRESS)
-    p.add_argument("--leffa", action=argparse.BooleanOptionalAction, default=False, help=argparse.SUPPRESS)
-    p.add_argument("--theta-timestep", type=int, default=500, help=argparse.SUPPRESS)
     p.add_argument("--tokens", type=int, default=1024, help=argparse.SUPPRESS)
     p.add_argument("--variant", default="", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -235,22 +255,24 @@ def main(argv=None):
 
     print(f"device={args.device} threads={torch.get_num_threads()} torch={torch.__version__}")
     print(f"\n1. training step, tiny model, batch {args.batch} at {args.height}x{args.width}"
-          f"{' bf16' if args.bf16 else ''}")
-    base = run_case(args, "step", leffa=False)
-    print(f"  {'baseline (diffusion loss)':34s}{fmt(base)}   1.00x time 1.00x memory")
-    for theta in (500, 1000):
-        res = run_case(args, "step", leffa=True, theta_timestep=theta)
-        print(f"  {f'+ Leffa loss, theta_timestep={theta}':34s}{fmt(res)}   "
-              f"{res['seconds'] / base['seconds']:.2f}x time "
-              f"{res['peak_bytes'] / max(base['peak_bytes'], 1):.2f}x memory   "
-              f"({res['leffa_samples']}/{args.batch} samples, {res['leffa_layers']} layers)")
+          f"{' bf16' if args.bf16 else ''}, variants interleaved, median of {args.repeat}")
+    if args.device == "cpu":
+        print("   (CPU memory: RSS growth during a step; after warm-up the allocator reuses memory, so it is"
+              " a lower bound; on CUDA it is max_memory_allocated)")
+    steps = run_case(args, "step")
+    base = steps["baseline"]
+    labels = {"baseline": "baseline (diffusion loss)", "leffa_t500": "+ Leffa, theta_timestep=500",
+              "leffa_t1000": "+ Leffa, theta_timestep=1000"}
+    for name, res in steps.items():
+        print(f"  {labels[name]:32s}{fmt(res)}   {res['seconds'] / base['seconds']:.3f}x time   "
+              f"({res['leffa_samples']}/{args.batch} samples, {res['leffa_layers']} Leffa layers)")
 
     print(f"\n2. attention_flow, {args.heads} heads, head dim {args.head_dim}, forward + backward")
-    print(f"  {'tokens':>7s} {'fused':>22s} {'naive matrix':>22s}   naive/fused time, memory")
+    print(f"  {'tokens':>7s} {'fused, C padded to d':>24s} {'fused, C 2 wide':>24s} {'naive matrix':>24s}"
+          "   naive/padded: time, memory")
     for n in args.token_counts:
-        fused = run_case(args, "flow", tokens=n, variant="fused")
-        naive = run_case(args, "flow", tokens=n, variant="naive")
-        print(f"  {n:7d} {fmt(fused)} {fmt(naive)}   {naive['seconds'] / fused['seconds']:.2f}x, "
+        fused, wide, naive = (run_case(args, "flow", tokens=n, variant=v) for v in ("fused", "fused_2wide", "naive"))
+        print(f"  {n:7d}   {fmt(fused)}   {fmt(wide)}   {fmt(naive)}   {naive['seconds'] / fused['seconds']:.2f}x, "
               f"{naive['peak_bytes'] / max(fused['peak_bytes'], 1):.2f}x")
         if "backends" in fused:
             print(f"          SDPA kernels: {fused['backends']}")

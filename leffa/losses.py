@@ -34,7 +34,7 @@ def attention_flow(
     temperature: float = 2.0,
     average_heads: bool = True,
     register_key: torch.Tensor | None = None,
-    pad_values: bool | None = None,
+    pad_values: bool = True,
 ) -> torch.Tensor:
     """Eq. 2-3 of the Leffa paper: the flow field ``softmax(Q K^T / sqrt(d) / tau) @ C``.
 
@@ -52,8 +52,11 @@ def attention_flow(
             in the softmax (they absorb attention, as in Darcet et al. 2024) but carry coordinate 0,
             so attention on them pulls the flow towards the centre of the reference and the Leffa
             loss teaches the queries to attend to the reference instead where it matters.
-        pad_values: zero-pad C to the head dimension so that fused GPU kernels (which want equal
-            q/k/v head dims) stay eligible; default: on for CUDA tensors.
+        pad_values: zero-pad C (2 wide) to the head dimension d. Fused SDPA kernels want equal
+            q/k/v head dims; with a 2-wide C, PyTorch falls back to the math path, which
+            materialises the (n_q x n_k) matrix (measured on CPU: 2.6x slower and 5.7x the peak
+            memory at 6144 tokens; see benchmarks/leffa_overhead.py). The zero columns cost
+            d/2 times the value work, which is small next to Q K^T.
     """
     batch, heads, _, d = query.shape
     h, w = ref_size
@@ -64,8 +67,6 @@ def attention_flow(
     if register_key is not None:
         key = torch.cat([key, register_key], dim=2)
         values = torch.cat([values, values.new_zeros(batch, heads, register_key.shape[2], 2)], dim=2)
-    if pad_values is None:
-        pad_values = query.is_cuda
     if pad_values and d > 2:
         values = F.pad(values, (0, d - 2))
     scale = 1.0 / (math.sqrt(d) * temperature)

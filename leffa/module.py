@@ -206,21 +206,27 @@ class LeffaModule(L.LightningModule):
 
         terms = {"diffusion": diffusion_loss(prediction, noise)}
         loss = terms["diffusion"].mean()
-        log = dict(batch_size=b, sync_dist=stage != "train")
+        metrics = {"diffusion": terms["diffusion"].mean()}
         if hp.use_leffa_loss:
             layers = len(self.bank.captures)
             if layers:
                 terms["leffa"] = self.leffa_loss(ref[rows], tgt[rows], mask[rows])
                 # mean over the samples that passed the selection, then Eq. 5
-                loss = loss + hp.lambda_leffa * terms["leffa"].mean()
-                self.log(f"{stage}/leffa", terms["leffa"].mean(), **log)
-            self.log(f"{stage}/leffa_layers", float(layers), **log)
-            self.log(f"{stage}/leffa_samples", float(rows.numel()), **log)
-        self.log(f"{stage}/diffusion", terms["diffusion"].mean(), **log)
-        self.log(f"{stage}/loss", loss, prog_bar=True, **log)
+                metrics["leffa"] = terms["leffa"].mean()
+                loss = loss + hp.lambda_leffa * metrics["leffa"]
+            metrics.update(leffa_layers=float(layers), leffa_samples=float(rows.numel()))
+        metrics["loss"] = loss
+        self._log_metrics(stage, metrics, batch)
+        return loss
+
+    def _log_metrics(self, stage: str, metrics: dict, batch: dict) -> None:
+        if self._trainer is None:  # called outside a Trainer (tests, benchmarks)
+            return
+        b = batch["tgt"].shape[0]
+        for name, value in metrics.items():
+            self.log(f"{stage}/{name}", value, batch_size=b, sync_dist=stage != "train", prog_bar=name == "loss")
         if "skipped" in batch:
             self.log("data/skipped", batch["skipped"].sum().float(), reduce_fx="sum", batch_size=b)
-        return loss
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         return self._common_step(batch, "train", self.noise_generator)
