@@ -2,12 +2,20 @@
 
 ``leffa fit|validate|test|predict --config ...`` is Lightning's CLI over :class:`LeffaModule` and
 :class:`LeffaDataModule`; ``leffa eval ...`` computes the paper's metrics on image folders.
+
+Configs are read in jsonargparse's ``omegaconf`` mode, so a value can name an environment variable
+(``${oc.env:LEFFA_RUNS,runs}``: with a default; ``${oc.env:LEFFA_SD15}``: required). A config file
+may list the files it extends under ``base:``; they are applied first, in order, and the file's
+own values win. Relative paths resolve against the file that holds them.
 """
 
 from __future__ import annotations
 
 import sys
+import warnings
+from pathlib import Path
 
+import yaml
 from lightning.pytorch.cli import LightningCLI
 
 EXTRA_COMMANDS = {
@@ -17,6 +25,41 @@ EXTRA_COMMANDS = {
 
 class LeffaCLI(LightningCLI):
     """LightningCLI with the project's model and data module; the resolved config is saved per run."""
+
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.add_argument("--base", type=list[str] | str | None, default=None,
+                            help="config files this config extends (applied before it, in order)")
+
+
+def expand_bases(argv: list[str]) -> list[str]:
+    """Replace every ``--config FILE`` whose YAML has a ``base:`` key by its bases, then itself."""
+    out, i = [], 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg == "--config" and i + 1 < len(argv):
+            out += [f"--config={p}" for p in _config_chain(Path(argv[i + 1]), ())]
+            i += 2
+            continue
+        if arg.startswith("--config="):
+            out += [f"--config={p}" for p in _config_chain(Path(arg.split("=", 1)[1]), ())]
+        else:
+            out.append(arg)
+        i += 1
+    return out
+
+
+def _config_chain(path: Path, seen: tuple[Path, ...]) -> list[Path]:
+    if not path.is_file():  # leave the error to the parser (it names the file)
+        return [path]
+    resolved = path.resolve()
+    if resolved in seen:
+        raise ValueError(f"config base cycle: {' -> '.join(map(str, seen + (resolved,)))}")
+    content = yaml.safe_load(path.read_text()) or {}
+    bases = content.get("base") if isinstance(content, dict) else None
+    chain = []
+    for base in [bases] if isinstance(bases, str) else bases or []:
+        chain += _config_chain(path.parent / base, seen + (resolved,))
+    return chain + [path]
 
 
 def _run_extra(command: str, argv: list[str]) -> None:
@@ -34,16 +77,25 @@ def cli_main(args: list[str] | None = None) -> None:
     if argv and argv[0] in EXTRA_COMMANDS:
         _run_extra(argv[0], argv[1:])
         return
+    from omegaconf.errors import InterpolationResolutionError
+
     from leffa.data import LeffaDataModule
     from leffa.module import LeffaModule
 
-    LeffaCLI(
-        LeffaModule,
-        LeffaDataModule,
-        save_config_kwargs={"overwrite": True},
-        parser_kwargs={"fit": {"default_env": False}},
-        args=argv,
-    )
+    # the parsed arguments are sys.argv's with config bases expanded, not a second set of arguments
+    warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
+    try:
+        LeffaCLI(
+            LeffaModule,
+            LeffaDataModule,
+            save_config_kwargs={"overwrite": True},
+            parser_kwargs={"parser_mode": "omegaconf"},
+            args=expand_bases(argv),
+        )
+    except InterpolationResolutionError as error:
+        # e.g. a required environment variable of the config is not set: one line, not a traceback
+        message = str(error).splitlines()[0]
+        raise SystemExit(f"error: {message} (config key {getattr(error, 'full_key', '?')})") from None
 
 
 if __name__ == "__main__":

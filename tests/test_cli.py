@@ -65,3 +65,29 @@ def test_console_script_exits_zero_and_bad_values_fail_with_the_key(tmp_path):
     bad = subprocess.run([leffa, "fit", "--config", CONFIG, "--model.tau=warm", "--print_config"],
                          capture_output=True, text=True)
     assert bad.returncode != 0 and "model.tau" in bad.stderr
+
+
+def test_config_bases_env_interpolation_and_missing_variables(tmp_path, monkeypatch):
+    from leffa.cli import expand_bases
+
+    (tmp_path / "model").mkdir()
+    (tmp_path / "base.yaml").write_text(
+        "trainer:\n  max_steps: 3\n  precision: bf16-mixed\n  default_root_dir: ${oc.env:LEFFA_TEST_RUNS,runs}/a\n"
+        "model:\n  lambda_leffa: 0.5\n")
+    (tmp_path / "stage.yaml").write_text("base: base.yaml\ntrainer:\n  max_steps: 7\nmodel:\n  use_leffa_loss: true\n")
+    assert expand_bases(["fit", "--config", str(tmp_path / "stage.yaml")]) == [
+        "fit", f"--config={tmp_path / 'base.yaml'}", f"--config={tmp_path / 'stage.yaml'}"]
+    leffa = Path(sys.executable).parent / "leffa"
+    run = lambda *a, **env: subprocess.run([leffa, "fit", *a, "--print_config"], capture_output=True, text=True,
+                                           env={**__import__("os").environ, **env})
+    out = run("--config", tmp_path / "stage.yaml", LEFFA_TEST_RUNS="/somewhere")
+    assert out.returncode == 0, out.stderr
+    for line in ("max_steps: 7", "precision: bf16-mixed", "lambda_leffa: 0.5", "use_leffa_loss: true",
+                 "default_root_dir: /somewhere/a"):
+        assert line in out.stdout
+    (tmp_path / "needs.yaml").write_text("model:\n  pretrained_model: ${oc.env:LEFFA_TEST_UNSET}\n")
+    missing = run("--config", tmp_path / "needs.yaml")
+    assert missing.returncode != 0 and "LEFFA_TEST_UNSET" in missing.stderr.strip().splitlines()[-1]
+    (tmp_path / "loop.yaml").write_text("base: loop.yaml\n")
+    with pytest.raises(ValueError, match="cycle"):
+        expand_bases(["fit", "--config", str(tmp_path / "loop.yaml")])
