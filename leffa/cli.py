@@ -89,7 +89,7 @@ def cli_main(args: list[str] | None = None) -> None:
             LeffaModule,
             LeffaDataModule,
             save_config_kwargs={"overwrite": True},
-            parser_kwargs={"parser_mode": "omegaconf"},
+            parser_kwargs={"parser_mode": "omegaconf+"},
             args=expand_bases(argv),
         )
     except InterpolationResolutionError as error:

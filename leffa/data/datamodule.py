@@ -8,6 +8,7 @@ from torch.utils.data import DataLoader
 
 from leffa.data.batch import to_model_batch
 from leffa.data.distributed import node_info
+from leffa.data.global_batch import split_global_batch
 from leffa.data.pipeline import eval_pipeline, train_pipeline
 from leffa.data.shards import resolve_sources
 
@@ -43,6 +44,7 @@ class LeffaDataModule(L.LightningDataModule):
         height: int = 512,
         width: int = 384,
         batch_size: int = 4,
+        global_batch_size: int | None = None,
         val_batch_size: int | None = None,
         num_workers: int = 2,
         shuffle_buffer: int = 1000,
@@ -65,7 +67,12 @@ class LeffaDataModule(L.LightningDataModule):
                 source). None: all shards pooled, so each source counts by its shard count.
             height: image height of this stage, in pixels; every key is resized to it.
             width: image width of this stage, in pixels.
-            batch_size: training samples per batch, per device.
+            batch_size: training samples per batch, per device; with ``global_batch_size``, the
+                largest per-device batch that fits in memory.
+            global_batch_size: the optimisation batch over all devices (the paper's number).
+                At start-up the per-device batch and ``trainer.accumulate_grad_batches`` are
+                derived from the world size: per_device * accumulation * world == global, with
+                the fewest accumulation steps; an impossible split is an error showing the sums.
             val_batch_size: samples per batch for validation/test/predict (default: batch_size).
             num_workers: DataLoader worker processes per device (0: load in the main process).
                 Evaluation needs at least world_size * num_workers shards to use every worker.
@@ -85,10 +92,19 @@ class LeffaDataModule(L.LightningDataModule):
         if train_weights is not None:
             _check_weights(train_shards, train_weights)
         self.save_hyperparameters()
+        self.micro_batch_size = batch_size
         self.shards: dict[str, list[list[str]]] = {}
 
     def setup(self, stage: str) -> None:
-        """Resolve the shard lists the Trainer stage needs (errors name the missing pattern)."""
+        """Resolve the shard lists the Trainer stage needs (errors name the missing pattern), and
+        split the global batch over the Trainer's devices."""
+        self.micro_batch_size = self.hparams.batch_size
+        if stage == "fit" and self.hparams.global_batch_size and self.trainer is not None:
+            if self.trainer.accumulate_grad_batches != 1:
+                raise ValueError("set either data.global_batch_size or trainer.accumulate_grad_batches, not both")
+            self.micro_batch_size, accumulation = split_global_batch(
+                self.hparams.global_batch_size, self.trainer.world_size, self.hparams.batch_size)
+            self.trainer.accumulate_grad_batches = accumulation
         needed = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("predict",)}
         if stage not in needed:
             raise ValueError(f"unknown stage {stage!r}; valid: {sorted(needed)}")
@@ -108,7 +124,7 @@ class LeffaDataModule(L.LightningDataModule):
             hp.train_weights,
             height=hp.height,
             width=hp.width,
-            batch_size=hp.batch_size,
+            batch_size=self.micro_batch_size,
             shuffle_buffer=hp.shuffle_buffer,
             hflip=hp.hflip,
             seed=hp.seed,
