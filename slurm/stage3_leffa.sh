@@ -1,0 +1,14 @@
+#!/bin/bash
+# Progressive training, stage 3: the Leffa loss fine-tuning, from stage 2's weights.
+# sbatch slurm/stage3_leffa.sh (from the leffa checkout), or slurm/chain.sh for all three stages.
+#SBATCH --job-name=leffa-stage3
+#SBATCH --nodes=4                # -> trainer.num_nodes (launch.sh passes SLURM_JOB_NUM_NODES)
+#SBATCH --ntasks-per-node=8      # one task per GPU -> trainer.devices (launch.sh passes it)
+#SBATCH --gpus-per-node=8
+#SBATCH --cpus-per-task=8        # data.num_workers (4) + the training process + headroom
+#SBATCH --time=24:00:00
+#SBATCH --signal=USR1@180        # 180 s before the time limit: checkpoint and requeue (Lightning)
+#SBATCH --requeue
+#SBATCH --open-mode=append
+#SBATCH --output=leffa-stage3-%j.out
+exec "${LEFFA_HOME:-$SLURM_SUBMIT_DIR}/slurm/launch.sh" 3
