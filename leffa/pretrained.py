@@ -60,24 +60,24 @@ def component_location(path: str | Path, component: str) -> tuple[Path, str | No
     )
 
 
+def _load_component(cls, component: str, path, config: dict | None):
+    if path is not None:
+        root, sub = component_location(path, component)
+        return cls.from_pretrained(root, subfolder=sub, local_files_only=True)
+    if config is not None:
+        return cls(**config)
+    raise ValueError(f"give the {component} either as a local folder (pretrained path) or as an inline "
+                     f"config ({component}_config)")
+
+
 def load_unet(path: str | Path | None = None, config: dict | None = None) -> UNet2DConditionModel:
     """A UNet from a local folder, or a randomly initialised one from an inline diffusers config."""
-    if path is not None:
-        root, sub = component_location(path, "unet")
-        return UNet2DConditionModel.from_pretrained(root, subfolder=sub, local_files_only=True)
-    if config is not None:
-        return UNet2DConditionModel(**config)
-    raise ValueError("give a UNet either as a local folder (pretrained path) or as an inline config (unet_config)")
+    return _load_component(UNet2DConditionModel, "unet", path, config)
 
 
 def load_vae(path: str | Path | None = None, config: dict | None = None) -> AutoencoderKL:
     """A VAE from a local folder, or a randomly initialised one from an inline diffusers config."""
-    if path is not None:
-        root, sub = component_location(path, "vae")
-        return AutoencoderKL.from_pretrained(root, subfolder=sub, local_files_only=True)
-    if config is not None:
-        return AutoencoderKL(**config)
-    raise ValueError("give the VAE either as a local folder (pretrained path) or as an inline config (vae_config)")
+    return _load_component(AutoencoderKL, "vae", path, config)
 
 
 def load_scheduler(path: str | Path | None = None) -> DDPMScheduler:
