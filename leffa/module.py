@@ -123,6 +123,24 @@ class LeffaModule(L.LightningModule):
         if "noise_generator" in checkpoint:
             self.noise_generator.set_state(checkpoint["noise_generator"])
 
+    def configure_model(self) -> None:
+        """Shard both UNets with FSDP2 (``leffa.parallel``) when the strategy gives a device mesh,
+        i.e. under ``ModelParallelStrategy``; under DDP, ``FSDPStrategy`` (it wraps the model
+        itself) or a single device there is nothing to do. Safe to call more than once."""
+        if self.device_mesh is None:
+            return
+        from leffa.parallel import shard_unets
+
+        mesh = self.device_mesh
+        if "tensor_parallel" in (mesh.mesh_dim_names or ()) and mesh["tensor_parallel"].size() > 1:
+            raise ValueError(f"the UNets have no tensor-parallel plan: use tensor_parallel_size=1, "
+                             f"got {mesh['tensor_parallel'].size()} (mesh {mesh})")
+        # a bf16 Trainer ("bf16-mixed", "bf16-true") also all-gathers and computes in bf16;
+        # the sharded master weights and the gradient reduction stay float32
+        precision = str(self.trainer.precision) if self._trainer is not None else ""
+        param_dtype = torch.bfloat16 if precision.startswith("bf16") else None
+        shard_unets(self.generative_unet, self.reference_unet, mesh["data_parallel"], param_dtype)
+
     def configure_optimizers(self):
         params = [p for p in self.parameters() if p.requires_grad]
         return torch.optim.AdamW(params, lr=self.hparams.learning_rate, weight_decay=self.hparams.weight_decay)
@@ -130,10 +148,16 @@ class LeffaModule(L.LightningModule):
     # ---------------------------------------------------------------- model
 
     @torch.no_grad()
-    def encode(self, image: torch.Tensor, sample: bool = False) -> torch.Tensor:
-        """(B, 3, H, W) in [-1, 1] -> scaled VAE latent (B, 4, H/8, W/8)."""
+    def encode(self, image: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """(B, 3, H, W) in [-1, 1] -> scaled VAE latent (B, 4, H/8, W/8).
+
+        With a generator, a sample of the VAE's posterior drawn from it (the diffusion target, so a
+        run's randomness stays in the module's own generator); without, the posterior mode.
+        """
         dist = self.vae.encode(image.to(self.vae.dtype)).latent_dist
-        latent = dist.sample() if sample else dist.mode()
+        latent = dist.mode()
+        if generator is not None:
+            latent = latent + dist.std * torch.randn(latent.shape, generator=generator).to(latent)
         return latent * self.vae.config.scaling_factor
 
     def run_reference(self, ref_latent: torch.Tensor, timesteps: torch.Tensor) -> None:
@@ -186,7 +210,7 @@ class LeffaModule(L.LightningModule):
         hp = self.hparams
         tgt, ref, mask = batch["tgt"], batch["ref"], batch["mask"]
         b = tgt.shape[0]
-        latents = self.encode(tgt, sample=True)
+        latents = self.encode(tgt, generator)
         ref_latent = self.encode(ref)
         conditioning = build_conditioning(hp.conditioning, batch, self.encode, tuple(latents.shape[-2:]))
 
