@@ -6,12 +6,13 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from leffa.sampling import make_scheduler, sample
 from leffa.viz import sample_grid, save_png
 
-__all__ = ["SampleGrid"]
+__all__ = ["SampleGrid", "ImageWriter"]
 
 
 class SampleGrid(L.Callback):
@@ -46,3 +47,33 @@ class SampleGrid(L.Callback):
         self.last_path = save_png(grid, log_dir / "samples" / f"step_{trainer.global_step:06d}.png")
         if isinstance(trainer.logger, TensorBoardLogger):
             trainer.logger.experiment.add_image("val/samples", grid, trainer.global_step)
+
+
+class ImageWriter(BasePredictionWriter):
+    """Writes ``leffa predict`` results: ``<output_dir>/<sample key>.png`` and ``settings.json``.
+
+    Every rank writes its own samples (keys are unique), so it works under multi-GPU predict.
+
+    Args:
+        output_dir: folder for the images.
+    """
+
+    def __init__(self, output_dir: str = "predictions"):
+        super().__init__(write_interval="batch")
+        self.output_dir = Path(output_dir)
+
+    def on_predict_start(self, trainer, pl_module) -> None:
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        if trainer.is_global_zero:
+            import dataclasses
+            import json
+
+            settings = {"sampling": dataclasses.asdict(pl_module.sampling),
+                        "model": {k: v for k, v in dict(pl_module.hparams).items() if not k.startswith("_")}}
+            (self.output_dir / "settings.json").write_text(json.dumps(settings, indent=2, default=str))
+
+    def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx=0):
+        from torchvision.utils import save_image
+
+        for key, image in zip(prediction["key"], prediction["image"]):
+            save_image(((image.float() + 1) / 2).clamp(0, 1), self.output_dir / f"{key}.png")

@@ -5,6 +5,8 @@ callback (configured on the Trainer), parallelism from the Trainer's strategy.
 
 from __future__ import annotations
 
+import dataclasses
+
 import lightning as L
 import torch
 from jsonargparse.typing import Path_fr
@@ -14,6 +16,7 @@ from leffa.checkpoints import load_weights, read_state_dict
 from leffa.conditioning import build_conditioning, conditioning_channels
 from leffa.losses import attention_flow, diffusion_loss, warp_loss
 from leffa.pretrained import load_scheduler, load_vae, read_config
+from leffa.sampling import SamplingConfig, make_scheduler, sample
 from leffa.unets import build_unet
 
 __all__ = ["LeffaModule"]
@@ -52,6 +55,7 @@ class LeffaModule(L.LightningModule):
         init_from: weights of a previous stage (Lightning checkpoint or safetensors); only the
             weights, never optimizer state. Resuming a stage is the Trainer's ``--ckpt_path``.
         init_from_weights: ``ema`` or ``live`` weights of ``init_from``.
+        sampling: how ``leffa predict`` samples (scheduler, steps, guidance, ...).
     """
 
     def __init__(
@@ -76,6 +80,7 @@ class LeffaModule(L.LightningModule):
         gradient_checkpointing: bool = False,
         init_from: str | None = None,
         init_from_weights: str = "ema",
+        sampling: SamplingConfig | None = None,
     ):
         super().__init__()
         # read files now, so the checkpoint's hyper-parameters hold the architecture itself
@@ -102,6 +107,9 @@ class LeffaModule(L.LightningModule):
         # and reference drops, and its state goes into checkpoints so a resumed run draws what an
         # uninterrupted one would have drawn. Seeded per rank in setup().
         self.noise_generator = torch.Generator()
+        self.sampling = sampling or SamplingConfig()
+        # checkpoints hold plain values only (they are read with weights_only=True)
+        self.hparams.update(sampling=dataclasses.asdict(self.sampling))
         if init_from:
             load_weights(self, read_state_dict(init_from, init_from_weights), optional=("processor.registers",),
                          source=f"model.init_from={init_from}")
@@ -259,6 +267,14 @@ class LeffaModule(L.LightningModule):
         # a fixed draw per batch, so validation losses of different checkpoints are comparable
         generator = torch.Generator().manual_seed(10_000 * self.global_rank + batch_idx)
         return self._common_step(batch, "val", generator)
+
+    def predict_step(self, batch: dict, batch_idx: int) -> dict:
+        """Generate the batch's targets with ``self.sampling``; returns keys and images in [-1, 1]."""
+        cfg = self.sampling
+        generator = torch.Generator().manual_seed(cfg.seed + batch_idx)
+        images = sample(self, batch, make_scheduler(cfg.scheduler, self.scheduler), cfg.num_steps,
+                        cfg.guidance_scale, cfg.guidance_rescale, generator, cfg.reference_timestep, cfg.repaint)
+        return {"key": batch["key"], "image": images}
 
     def test_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         generator = torch.Generator().manual_seed(10_000 * self.global_rank + batch_idx)

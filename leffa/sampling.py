@@ -8,12 +8,14 @@ every step ("reference acceleration", as the released inference code does).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import diffusers
 import torch
 
 from leffa.conditioning import build_conditioning
 
-__all__ = ["make_scheduler", "sample"]
+__all__ = ["SamplingConfig", "make_scheduler", "sample"]
 
 SCHEDULERS = {
     "ddim": "DDIMScheduler",
@@ -23,6 +25,32 @@ SCHEDULERS = {
     "euler_a": "EulerAncestralDiscreteScheduler",
     "unipc": "UniPCMultistepScheduler",
 }
+
+
+@dataclass
+class SamplingConfig:
+    """Settings of ``leffa predict`` (and of sample grids).
+
+    Args:
+        scheduler: diffusers scheduler by name (``ddim``, ``ddpm``, ``dpm++``, ``euler``, ``euler_a``, ``unipc``).
+        num_steps: denoising steps.
+        guidance_scale: classifier-free guidance over the reference (released code: 2.5); 1 turns it off
+            and halves the cost.
+        guidance_rescale: rescale of Lin et al. 2023 (0: off).
+        reference_timestep: run the Reference UNet once at this timestep and reuse it at every step
+            (the released code's acceleration, at the middle timestep: 500); None recomputes it per step.
+        repaint: paste the unmasked region of the person back onto the result.
+        seed: seed of the initial noise; each batch adds its index, so results do not depend on the
+            number of devices only when the batch split is the same.
+    """
+
+    scheduler: str = "ddim"
+    num_steps: int = 50
+    guidance_scale: float = 2.5
+    guidance_rescale: float = 0.0
+    reference_timestep: int | None = 500
+    repaint: bool = True
+    seed: int = 0
 
 
 def make_scheduler(name: str, training_scheduler) -> diffusers.SchedulerMixin:

@@ -91,3 +91,27 @@ def test_config_bases_env_interpolation_and_missing_variables(tmp_path, monkeypa
     (tmp_path / "loop.yaml").write_text("base: loop.yaml\n")
     with pytest.raises(ValueError, match="cycle"):
         expand_bases(["fit", "--config", str(tmp_path / "loop.yaml")])
+
+
+def test_predict_writes_an_image_per_sample_and_the_settings(shards, tmp_path):
+    import json
+
+    from PIL import Image
+
+    cli_main(fit_args(shards, tmp_path / "train", steps=2))
+    ckpt = tmp_path / "train" / "tiny_synthetic" / "version_0" / "checkpoints" / "last.ckpt"
+    out = tmp_path / "predictions"
+    cli_main([
+        "predict", "--config", str(CONFIG), f"--model.init_from={ckpt}",
+        "--model.sampling.num_steps=2", "--model.sampling.guidance_scale=2.0",
+        "--trainer.callbacks+=leffa.callbacks.ImageWriter", f"--trainer.callbacks.output_dir={out}",
+        f"--trainer.default_root_dir={tmp_path}", "--trainer.logger=false",
+        f"--data.predict_shards={shards}", "--data.height=64", "--data.width=48", "--data.num_workers=0",
+        "--data.val_batch_size=3",
+    ])
+    images = sorted(out.glob("*.png"))
+    assert len(images) == 8  # the 8 test samples, each once
+    assert all(p.stem.startswith("synthetic_test_") for p in images)
+    assert Image.open(images[0]).size == (48, 64)
+    settings = json.loads((out / "settings.json").read_text())
+    assert settings["sampling"]["num_steps"] == 2 and settings["sampling"]["guidance_scale"] == 2.0
