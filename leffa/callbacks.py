@@ -12,7 +12,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from leffa.sampling import make_scheduler, sample
 from leffa.viz import sample_grid, save_png
 
-__all__ = ["SampleGrid", "ImageWriter"]
+__all__ = ["SampleGrid", "FlowPictures", "ImageWriter"]
 
 
 class SampleGrid(L.Callback):
@@ -47,6 +47,31 @@ class SampleGrid(L.Callback):
         self.last_path = save_png(grid, log_dir / "samples" / f"step_{trainer.global_step:06d}.png")
         if isinstance(trainer.logger, TensorBoardLogger):
             trainer.logger.experiment.add_image("val/samples", grid, trainer.global_step)
+
+
+class FlowPictures(L.Callback):
+    """At each validation, the attention flow of every Leffa layer on the first validation batch,
+    in TensorBoard (``val/flow/<layer>``) and as PNGs in ``<log_dir>/flows/step_<n>/``.
+
+    Args:
+        num_samples: samples (rows) per picture.
+        timestep: the noise level the UNets see (below theta_timestep, where the loss acts).
+    """
+
+    def __init__(self, num_samples: int = 2, timestep: int = 250):
+        self.num_samples, self.timestep = num_samples, timestep
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
+        if batch_idx != 0 or trainer.sanity_checking or not trainer.is_global_zero:
+            return
+        from leffa.visualize import layer_pictures
+
+        batch = {k: v[: self.num_samples] for k, v in batch.items() if k in ("tgt", "ref", "mask", "densepose")}
+        folder = Path(trainer.log_dir or trainer.default_root_dir) / "flows" / f"step_{trainer.global_step:06d}"
+        for name, picture in layer_pictures(pl_module, batch, self.timestep).items():
+            save_png(picture, folder / f"{name}.png")
+            if isinstance(trainer.logger, TensorBoardLogger):
+                trainer.logger.experiment.add_image(f"val/flow/{name}", picture, trainer.global_step)
 
 
 class ImageWriter(BasePredictionWriter):

@@ -115,3 +115,21 @@ def test_predict_writes_an_image_per_sample_and_the_settings(shards, tmp_path):
     assert Image.open(images[0]).size == (48, 64)
     settings = json.loads((out / "settings.json").read_text())
     assert settings["sampling"]["num_steps"] == 2 and settings["sampling"]["guidance_scale"] == 2.0
+
+
+def test_visualize_writes_a_picture_per_leffa_layer(shards, tmp_path):
+    from PIL import Image
+
+    from leffa.visualize import visualize_main
+
+    cli_main(fit_args(shards, tmp_path / "train", steps=2))
+    run = tmp_path / "train" / "tiny_synthetic" / "version_0"
+    # the FlowPictures callback of the tiny config drew the validation flows too
+    assert len(list((run / "flows" / "step_000002").glob("*.png"))) == 6
+    written = visualize_main(["--ckpt", str(run / "checkpoints" / "last.ckpt"), "--shards", f"{shards}@test",
+                              "--out", str(tmp_path / "pictures"), "--num-samples", "2",
+                              "--height", "64", "--width", "48"])
+    # the tiny UNet at 64x48: token grids 8x6 and 4x3 pass theta_resolution 1/32, 2x2 does not
+    assert len(written) == 6
+    width, height = Image.open(written[0]).size
+    assert (width, height) == (7 * 48 + 8 * 2, 2 * 64 + 3 * 2)  # 7 columns (4 + 3 query points), 2 rows

@@ -1,0 +1,76 @@
+"""What the attention does: each Leffa layer's attention flow (paper Eq. 3) as pictures.
+
+For a batch at a chosen timestep: the flow field as a colour image (x -> red, y -> green, the
+colouring of the synthetic set's DensePose), the reference warped by the flow next to the target
+(the idea of the paper's Fig. 6 and Fig. 8), and the attention of a few query points over the
+reference (mean over heads).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from leffa.conditioning import build_conditioning
+from leffa.losses import attention_flow
+from leffa.viz import to_unit
+
+__all__ = ["flow_to_rgb", "warp", "layer_flows", "query_attention", "flow_figure"]
+
+
+def flow_to_rgb(flow: torch.Tensor) -> torch.Tensor:
+    """(B, h, w, 2) grid_sample coordinates -> (B, 3, h, w) in [0, 1]: R = (x+1)/2, G = (y+1)/2, B = 0.5."""
+    rgb = torch.cat([(flow + 1) / 2, torch.full_like(flow[..., :1], 0.5)], dim=-1)
+    return rgb.permute(0, 3, 1, 2).clamp(0, 1)
+
+
+def warp(ref: torch.Tensor, flow: torch.Tensor) -> torch.Tensor:
+    """Warp ``ref`` (B, 3, H, W) by ``flow`` (B, h, w, 2), upsampled bilinearly to (H, W) as in Eq. 4."""
+    grid = F.interpolate(flow.permute(0, 3, 1, 2), size=ref.shape[-2:], mode="bilinear", align_corners=True)
+    return F.grid_sample(ref, grid.permute(0, 2, 3, 1), mode="bilinear", align_corners=True)
+
+
+@torch.no_grad()
+def layer_flows(module, batch: dict, timestep: int = 250, seed: int = 0) -> dict:
+    """Run both UNets on ``batch`` noised to ``timestep`` and return, per Leffa layer, its capture and
+    head-averaged flow (B, h, w, 2). Layers are those of the module's theta_resolution."""
+    g = torch.Generator().manual_seed(seed)
+    latents = module.encode(batch["tgt"], g)
+    ref_latent = module.encode(batch["ref"])
+    conditioning = build_conditioning(module.hparams.conditioning, batch, module.encode, tuple(latents.shape[-2:]))
+    b = latents.shape[0]
+    t = torch.full((b,), timestep, device=latents.device)
+    noisy = module.scheduler.add_noise(latents, torch.randn(latents.shape, generator=g).to(latents), t)
+    module(noisy, t, conditioning, ref_latent, tuple(batch["tgt"].shape[-2:]), torch.arange(b, device=latents.device))
+    flows = {}
+    for name, cap in module.bank.captures.items():
+        h, w = cap.grid
+        flow = attention_flow(cap.query.float(), cap.key.float(), cap.grid, module.hparams.tau,
+                              register_key=None if cap.register_key is None else cap.register_key.float())
+        flows[name] = {"capture": cap, "flow": flow.view(b, h, w, 2)}
+    return flows
+
+
+def query_attention(capture, points: list[tuple[float, float]], tau: float) -> torch.Tensor:
+    """Attention over the reference grid of query tokens at relative positions ``points`` ((y, x) in
+    [0, 1]), mean over heads: (B, P, h, w). Only P rows of the attention matrix are formed."""
+    h, w = capture.grid
+    rows = [min(int(y * h), h - 1) * w + min(int(x * w), w - 1) for y, x in points]
+    q = capture.query[:, :, rows].float()  # (B, heads, P, d)
+    logits = q @ capture.key.float().transpose(-1, -2) / math.sqrt(q.shape[-1]) / tau
+    return torch.softmax(logits, dim=-1).mean(1).view(q.shape[0], len(points), h, w)
+
+
+def flow_figure(batch: dict, flow: torch.Tensor, attention: torch.Tensor) -> torch.Tensor:
+    """One row per sample: target | reference | flow colour | warped reference | query attentions.
+
+    Returns (B, 4 + P, 3, H, W) tiles in [0, 1] (make_grid them with nrow = 4 + P).
+    """
+    H, W = batch["tgt"].shape[-2:]
+    up = lambda x: F.interpolate(x, size=(H, W), mode="nearest")  # noqa: E731
+    attn = attention / attention.flatten(2).amax(-1).clamp_min(1e-12)[..., None, None]  # each map to [0, 1]
+    tiles = [to_unit(batch["tgt"]), to_unit(batch["ref"]), up(flow_to_rgb(flow)), to_unit(warp(batch["ref"].float(), flow))]
+    tiles += [up(attn[:, p:p + 1]).expand(-1, 3, -1, -1) for p in range(attn.shape[1])]
+    return torch.stack([t.cpu().float() for t in tiles], dim=1)
