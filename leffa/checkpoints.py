@@ -17,7 +17,8 @@ def read_state_dict(path: str | Path, weights: str = "ema") -> dict[str, torch.T
     """The model state dict stored in ``path``.
 
     Args:
-        path: a Lightning ``.ckpt``, a ``torch.save``d state dict, or a ``.safetensors`` file.
+        path: a Lightning ``.ckpt``, a ``torch.save``d state dict (also the authors' released
+            ``virtual_tryon*.pth``), a ``.safetensors`` file, or a folder written by ``leffa.export``.
         weights: ``"ema"``: the checkpoint's ``state_dict``, which holds the EMA weights when
             ``EMAWeightAveraging`` was on (and the live ones otherwise); ``"live"``: the raw
             training weights (``current_model_state``, written by the EMA callback), falling back
@@ -25,7 +26,12 @@ def read_state_dict(path: str | Path, weights: str = "ema") -> dict[str, torch.T
     """
     if weights not in WEIGHTS:
         raise ValueError(f"unknown weights {weights!r}; valid: {', '.join(WEIGHTS)}")
+    from leffa.export import is_export_folder, read_export_state_dict
+    from leffa.released import convert_released_state_dict, is_released_state_dict
+
     path = Path(path).expanduser()
+    if is_export_folder(path):
+        return read_export_state_dict(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     if path.suffix == ".safetensors":
@@ -35,7 +41,9 @@ def read_state_dict(path: str | Path, weights: str = "ema") -> dict[str, torch.T
     checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     if weights == "live" and "current_model_state" in checkpoint:
         return checkpoint["current_model_state"]
-    return checkpoint.get("state_dict", checkpoint)
+    state = checkpoint.get("state_dict", checkpoint)
+    # the authors' released virtual_tryon*.pth: one flat dict of unet.*, unet_encoder.*, vae.*
+    return convert_released_state_dict(state) if is_released_state_dict(state) else state
 
 
 def load_weights(module: nn.Module, state_dict: dict[str, torch.Tensor], optional: tuple[str, ...] = (),
