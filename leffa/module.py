@@ -107,7 +107,7 @@ class LeffaModule(L.LightningModule):
         # and reference drops, and its state goes into checkpoints so a resumed run draws what an
         # uninterrupted one would have drawn. Seeded per rank in setup().
         self.noise_generator = torch.Generator()
-        self.sampling = sampling or SamplingConfig()
+        self.sampling = SamplingConfig(**sampling) if isinstance(sampling, dict) else sampling or SamplingConfig()
         # checkpoints hold plain values only (they are read with weights_only=True)
         self.hparams.update(sampling=dataclasses.asdict(self.sampling))
         if init_from:

@@ -25,12 +25,9 @@ QUERY_POINTS = [(0.35, 0.5), (0.55, 0.35), (0.7, 0.6)]  # (y, x) relative: chest
 def module_from_checkpoint(path: str | Path, weights: str = "ema"):
     """A ``LeffaModule`` rebuilt from a Lightning checkpoint's hyper-parameters and weights."""
     from leffa.module import LeffaModule
-    from leffa.sampling import SamplingConfig
 
     checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     settings = {k: v for k, v in checkpoint.get("hyper_parameters", {}).items() if not k.startswith("_")}
-    if "sampling" in settings:
-        settings["sampling"] = SamplingConfig(**settings["sampling"])
     return LeffaModule(**{**settings, "init_from": str(path), "init_from_weights": weights})
 
 
