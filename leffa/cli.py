@@ -2,7 +2,8 @@
 
 ``leffa fit|validate|test|predict --config ...`` is Lightning's CLI over :class:`LeffaModule` and
 :class:`LeffaDataModule`; ``leffa eval ...`` computes the paper's metrics on image folders; ``leffa visualize ...`` draws
-attention-flow pictures of a checkpoint.
+attention-flow pictures of a checkpoint; ``leffa export ...`` writes a checkpoint as a
+diffusers-style folder.
 
 Configs are read in jsonargparse's ``omegaconf`` mode, so a value can name an environment variable
 (``${oc.env:LEFFA_RUNS,runs}``: with a default; ``${oc.env:LEFFA_SD15}``: required). A config file
@@ -22,6 +23,7 @@ from lightning.pytorch.cli import LightningCLI
 EXTRA_COMMANDS = {
     "eval": "leffa.evaluate:eval_main",
     "visualize": "leffa.visualize:visualize_main",
+    "export": "leffa.export:export_main",
 }
 
 

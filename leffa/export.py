@@ -62,3 +62,19 @@ def load_exported(path: str | Path, **overrides):
 
     load_weights(module, read_export_state_dict(path), source=str(path))
     return module
+
+
+def export_main(argv: list[str] | None = None) -> Path:
+    """``leffa export --ckpt CKPT --out DIR [--weights ema|live]``: a checkpoint as a diffusers-style folder."""
+    import argparse
+
+    from leffa.visualize import module_from_checkpoint
+
+    p = argparse.ArgumentParser(prog="leffa export", description=export_main.__doc__.split(":")[1].strip())
+    p.add_argument("--ckpt", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--weights", default="ema", choices=["ema", "live"])
+    args = p.parse_args(argv)
+    out = export_folder(module_from_checkpoint(args.ckpt, args.weights), args.out)
+    print(f"exported to {out}")
+    return out

@@ -133,3 +133,17 @@ def test_visualize_writes_a_picture_per_leffa_layer(shards, tmp_path):
     assert len(written) == 6
     width, height = Image.open(written[0]).size
     assert (width, height) == (7 * 48 + 8 * 2, 2 * 64 + 3 * 2)  # 7 columns (4 + 3 query points), 2 rows
+
+
+def test_export_command_then_predict_settings_from_the_folder(shards, tmp_path):
+    from leffa.export import export_main, load_exported
+
+    cli_main(fit_args(shards, tmp_path / "train", steps=2))
+    ckpt = tmp_path / "train" / "tiny_synthetic" / "version_0" / "checkpoints" / "last.ckpt"
+    subprocess.run([Path(sys.executable).parent / "leffa", "export", "--ckpt", ckpt, "--out", tmp_path / "x"],
+                   check=True, capture_output=True)
+    module = load_exported(tmp_path / "x")
+    weights = torch.load(ckpt, weights_only=True)["state_dict"]
+    for key in ("generative_unet.conv_in.weight", "reference_unet.conv_out.weight"):
+        torch.testing.assert_close(module.state_dict()[key], weights[key])
+    assert module.hparams.conditioning == "released" and module.hparams.use_leffa_loss is True
