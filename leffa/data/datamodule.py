@@ -6,11 +6,13 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
-from leffa.data.batch import to_model_batch
+from leffa.data.batch import Collate, to_model_batch
 from leffa.data.distributed import node_info
+from leffa.data.folder import FolderPairs
 from leffa.data.global_batch import split_global_batch
 from leffa.data.pipeline import eval_pipeline, train_pipeline
 from leffa.data.shards import resolve_sources
+from leffa.data.skips import SkipCounter
 
 ShardSpec = str | list[str] | None
 
@@ -40,6 +42,7 @@ class LeffaDataModule(L.LightningDataModule):
         val_shards: ShardSpec = None,
         test_shards: ShardSpec = None,
         predict_shards: ShardSpec = None,
+        predict_folder: str | None = None,
         train_weights: list[float] | None = None,
         height: int = 512,
         width: int = 384,
@@ -63,6 +66,8 @@ class LeffaDataModule(L.LightningDataModule):
                 "test"); a list is concatenated. None: no validation.
             test_shards: test shards (default split "test"). None: no test.
             predict_shards: shards to run ``predict`` on (default split "test").
+            predict_folder: instead of shards, a folder of ``person/``, ``reference/``, ``mask/``,
+                ``densepose/`` images (and an optional ``pairs.txt``; see ``leffa.data.folder``).
             train_weights: one mixing weight per ``train_shards`` entry (relative; 0 drops a
                 source). None: all shards pooled, so each source counts by its shard count.
             height: image height of this stage, in pixels; every key is resized to it.
@@ -108,6 +113,8 @@ class LeffaDataModule(L.LightningDataModule):
         needed = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("predict",)}
         if stage not in needed:
             raise ValueError(f"unknown stage {stage!r}; valid: {sorted(needed)}")
+        if stage == "predict" and self.hparams.predict_folder:
+            return
         for name in needed[stage]:
             spec = self.hparams[f"{name}_shards"]
             if spec is None and name != "val":  # no val_shards: fit without validation
@@ -144,6 +151,11 @@ class LeffaDataModule(L.LightningDataModule):
         return self._eval_loader("test")
 
     def predict_dataloader(self) -> DataLoader | list:
+        if self.hparams.predict_folder:
+            # map-style: Lightning's distributed sampler gives each rank its own samples
+            dataset = FolderPairs(self.hparams.predict_folder, self.hparams.height, self.hparams.width)
+            return DataLoader(dataset, batch_size=self.hparams.val_batch_size or self.hparams.batch_size,
+                              num_workers=self.hparams.num_workers, collate_fn=Collate(SkipCounter()))
         return self._eval_loader("predict")
 
     # Helpers
