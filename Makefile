@@ -50,3 +50,20 @@ bench: install
 
 clean:
 	rm -rf $(VENV) *.egg-info
+
+# The packages for the SLURM integration test (tests/test_slurm.py): a one-machine cluster.
+# Skipped with a message where apt-get is missing or we are not root; the test then skips too.
+SLURM_PKGS ?= slurmctld slurmd slurm-client munge iproute2
+
+.PHONY: slurm-deps
+slurm-deps:
+	@if ! command -v apt-get >/dev/null 2>&1; then \
+	  echo "slurm-deps: apt-get not found, skipping (tests/test_slurm.py will skip)"; \
+	elif [ "$$(id -u)" != 0 ]; then \
+	  echo "slurm-deps: not root, skipping (tests/test_slurm.py will skip)"; \
+	elif dpkg -s $(SLURM_PKGS) >/dev/null 2>&1; then \
+	  echo "slurm-deps: $(SLURM_PKGS) already installed"; \
+	else \
+	  export DEBIAN_FRONTEND=noninteractive; \
+	  apt-get install -y -q $(SLURM_PKGS) || { apt-get update -q && apt-get install -y -q $(SLURM_PKGS); }; \
+	fi
