@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 # Torch is pinned here so that pip takes a known build (CUDA wheels on Linux x86_64).
 TORCH  ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: install test demo shards bench clean
+.PHONY: install test demo shards bench replicate clean
 
 # make shards DATASET=vitonhd SRC=/data/VITON-HD OUT=shards/vitonhd [SPLIT=all] [SHARD_SIZE=1000] [WORKERS=2]
 DATASET    ?=
@@ -47,6 +47,11 @@ demo: install
 bench: install
 	$(PY) benchmarks/leffa_overhead.py
 	$(PY) benchmarks/loader_throughput.py
+	$(PY) benchmarks/sampling_speed.py
+
+# The paper's claim at CPU scale on the synthetic set: writes replicate/report.md (about 30 min on 2 cores).
+replicate: install
+	$(PY) replicate/run.py --out replicate
 
 clean:
 	rm -rf $(VENV) *.egg-info
