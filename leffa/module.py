@@ -134,11 +134,18 @@ class LeffaModule(L.LightningModule):
     def configure_model(self) -> None:
         """Shard both UNets with FSDP2 (``leffa.parallel``) when the strategy gives a device mesh,
         i.e. under ``ModelParallelStrategy``; under DDP, ``FSDPStrategy`` (it wraps the model
-        itself) or a single device there is nothing to do. Safe to call more than once."""
+        itself) or a single device there is nothing to do. Safe to call more than once.
+
+        A sharding strategy with ``EMAWeightAveraging`` is an error (see ``refuse_weight_averaging``).
+        Because this hook exists, ``EMAWeightAveraging`` warns at start-up that it "doesn't support
+        sharding model layers" and calls it itself; under DDP or one device nothing is sharded and
+        the warning can be ignored."""
+        from leffa.parallel import refuse_weight_averaging, shard_unets
+
+        if self._trainer is not None:
+            refuse_weight_averaging(self.trainer.strategy, self.trainer.callbacks)
         if self.device_mesh is None:
             return
-        from leffa.parallel import shard_unets
-
         mesh = self.device_mesh
         if "tensor_parallel" in (mesh.mesh_dim_names or ()) and mesh["tensor_parallel"].size() > 1:
             raise ValueError(f"the UNets have no tensor-parallel plan: use tensor_parallel_size=1, "
