@@ -1,0 +1,429 @@
+"""Data-parallel training on CPU with 2 processes (gloo) through the Lightning Trainer: DDP, FSDP2
+(``ModelParallelStrategy`` + ``leffa.parallel``), FSDP1 (``FSDPStrategy`` as configs/strategy/fsdp.yaml
+builds it); sharded checkpoints read back for the next stage.
+
+Each 2-process case runs this file as a script under ``torch.distributed.run``
+(``python -m torch.distributed.run --nproc_per_node=2 tests/test_distributed.py CASE OUT``); the
+ranks write what they saw (per-step losses, generator states, weights) to OUT, and the tests
+recompute the same steps in one process.
+
+The single-process reference: rank r trains on half r of a global batch of 4 and draws its noise,
+timesteps and VAE samples from its own generator (``LeffaModule.setup`` seeds one per rank), so
+the reference runs both halves in one process with the ranks' generator states and averages the
+two losses. With equal halves and every sample selected for the Leffa term (``p_drop_ref=0``,
+``theta_timestep=1000``), that average is the loss of the whole global batch, and its gradient is
+what data parallelism must apply on every rank.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # conftest, also when run as a script
+
+from conftest import TINY_UNET, TINY_VAE, make_batch  # noqa: E402
+from leffa.checkpoints import is_sharded_checkpoint, read_state_dict  # noqa: E402
+from leffa.module import LeffaModule  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+FSDP_CONFIG = ROOT / "configs" / "strategy" / "fsdp.yaml"
+MODEL_KWARGS = dict(use_leffa_loss=True, theta_timestep=1000, p_drop_ref=0.0, num_registers=2, learning_rate=1e-3)
+STEPS = 2
+SGD_LR = 0.1
+WORLD = 2
+
+
+# ---------------------------------------------------------------- shared by the ranks and the tests
+
+def build_module(module_class=LeffaModule) -> LeffaModule:
+    torch.manual_seed(0)  # the same initial weights in every process
+    return module_class(unet_config=dict(TINY_UNET), vae_config=dict(TINY_VAE), **MODEL_KWARGS)
+
+
+class SGDLeffa(LeffaModule):
+    """Plain SGD, so a step is -lr * gradient and the weights show the gradient data parallelism
+    applied (AdamW's first step is about lr * sign(gradient), blind to a wrong scale)."""
+
+    def configure_optimizers(self):
+        return torch.optim.SGD([p for p in self.parameters() if p.requires_grad], lr=SGD_LR)
+
+
+def global_batch(step: int) -> dict:
+    return make_batch(batch_size=2 * WORLD, seed=step)
+
+
+def half(batch: dict, rank: int) -> dict:
+    # rank r gets samples [2r, 2r + 2) of the global batch
+    return {k: v[2 * rank: 2 * rank + 2] for k, v in batch.items()}
+
+
+class RankHalves(torch.utils.data.IterableDataset):
+    """Step s yields this rank's half of ``global_batch(s)``."""
+
+    def __init__(self, rank: int):
+        self.rank = rank
+
+    def __iter__(self):
+        step = 0
+        while True:
+            yield half(global_batch(step), self.rank)
+            step += 1
+
+
+def reference_run(module: LeffaModule, generator_states: list[torch.Tensor], scale: float = 1.0 / WORLD,
+                  contributing: tuple[int, ...] = tuple(range(WORLD))) -> list[list[float]]:
+    """Single process: ``STEPS`` optimizer steps on ``scale * sum`` of the half-batch losses of the
+    ``contributing`` ranks (default: all, scale 1/WORLD: the gradient mean that data parallelism
+    must compute); returns each rank's loss per step."""
+    generators = [torch.Generator().set_state(state) for state in generator_states]
+    optimizer = module.configure_optimizers()
+    module.train()
+    losses = [[] for _ in range(WORLD)]
+    for step in range(STEPS):
+        optimizer.zero_grad()
+        total = 0.0
+        for rank in range(WORLD):
+            loss = module._common_step(half(global_batch(step), rank), "train", generators[rank])
+            losses[rank].append(loss.item())
+            if rank in contributing:
+                total = total + scale * loss
+        total.backward()
+        optimizer.step()
+    return losses
+
+
+# ---------------------------------------------------------------- the 2-process cases (script side)
+
+class Recorder(L.Callback):
+    """Per-step losses and the generator state each rank starts with."""
+
+    def __init__(self):
+        self.losses, self.generator = [], None
+
+    def on_train_start(self, trainer, pl_module):
+        self.generator = pl_module.noise_generator.get_state()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.losses.append(float(outputs["loss"]))
+
+
+def fsdp_strategy_from_config(strategy_class=None):
+    """The strategy exactly as configs/strategy/fsdp.yaml builds it through the CLI's parser."""
+    from jsonargparse import ArgumentParser
+    from lightning.pytorch.strategies import Strategy
+
+    parser = ArgumentParser(parser_mode="omegaconf+")
+    parser.add_argument("--trainer.strategy", type=Strategy | str)
+    strategy = parser.instantiate(parser.parse_path(str(FSDP_CONFIG))).trainer.strategy
+    if strategy_class is not None:
+        strategy.__class__ = strategy_class
+    return strategy
+
+
+def cpu_fsdp_strategy_class():
+    """``FSDPStrategy`` on CPU, for these tests only. Lightning allows it only with CUDA (an
+    exact-type check, which a subclass passes) and hands FSDP the device's index, which a CPU
+    device lacks (FSDP then looks for an accelerator): the subclass hands it the CPU device."""
+    from unittest import mock
+
+    import torch.distributed.fsdp as fsdp
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    class CPUFullyShardedDataParallel(fsdp.FullyShardedDataParallel):
+        def __init__(self, module, device_id=None, **kwargs):
+            super().__init__(module, device_id=torch.device("cpu"), **kwargs)
+
+    class CPUFSDPStrategy(FSDPStrategy):
+        def _setup_model(self, model):
+            with mock.patch.object(fsdp, "FullyShardedDataParallel", CPUFullyShardedDataParallel):
+                return super()._setup_model(model)
+
+    return CPUFSDPStrategy
+
+
+def worker(case: str, out: Path) -> None:
+    """One rank of a 2-process case; writes ``rank<r>.pt`` (and rank 0 ``full.pt``) to ``out``."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+    from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    rank = int(os.environ["RANK"])
+    if case == "ddp":
+        # the Reference UNet's head (conv_norm_out, conv_out, the last block after its
+        # self-attention) gets no gradient: plain DDP stops at the second step
+        strategy = DDPStrategy(find_unused_parameters=True)
+    elif case in ("fsdp2", "fsdp2_bf16"):
+        strategy = ModelParallelStrategy(data_parallel_size=WORLD, tensor_parallel_size=1)
+    elif case == "fsdp1":
+        strategy = fsdp_strategy_from_config(cpu_fsdp_strategy_class())
+    else:
+        raise ValueError(f"unknown case {case!r}; valid: ddp, fsdp2, fsdp2_bf16, fsdp1")
+    module = build_module(SGDLeffa)
+    # the dtype a layer computes in: the parameter it sees during the forward (gathered, cast)
+    compute_dtypes = set()
+    layer = module.generative_unet.down_blocks[0].attentions[0].transformer_blocks[0].attn1.to_q
+    layer.register_forward_hook(lambda m, args, output: compute_dtypes.add(str(m.weight.dtype)))
+    recorder = Recorder()
+    saver = ModelCheckpoint(dirpath=out, filename="last", every_n_train_steps=STEPS)
+    precision = "bf16-mixed" if case.endswith("bf16") else "32-true"
+    trainer = L.Trainer(max_steps=STEPS, accelerator="cpu", devices=WORLD, strategy=strategy, precision=precision,
+                        logger=False, callbacks=[recorder, saver], enable_progress_bar=False,
+                        enable_model_summary=False, default_root_dir=out)
+    loader = torch.utils.data.DataLoader(RankHalves(rank), batch_size=None)
+    trainer.fit(module, train_dataloaders=loader)
+
+    # a collective: every rank takes part, rank 0 writes the full weights
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    full = get_model_state_dict(trainer.strategy.model, options=options) if case != "ddp" else None
+    param = module.generative_unet.conv_in.weight
+    torch.save({
+        "losses": recorder.losses,
+        "generator": recorder.generator,
+        "leffa_layers": float(trainer.callback_metrics["train/leffa_layers"]),
+        # the share of one parameter this rank holds: a DTensor's local shard when sharded (FSDP2)
+        "local_numel": param.to_local().numel() if hasattr(param, "to_local") else param.numel(),
+        "compute_dtypes": sorted(compute_dtypes),
+        "weights": module.state_dict() if case == "ddp" else None,
+    }, out / f"rank{rank}.pt")
+    if rank == 0 and full is not None:
+        torch.save(full, out / "full.pt")
+    # leave together: a rank that exits while the other still uses gloo may abort it
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
+
+
+# ---------------------------------------------------------------- the tests
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # the tiny model runs fastest on one thread, and two threads beside another busy process
+    # can be 100x slower (OpenMP threads waiting for each other); the ranks run with one each
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def run_two_processes(case: str, out: Path) -> Path:
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={WORLD}",
+               __file__, case, str(out)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    done = subprocess.run(command, capture_output=True, text=True, timeout=240, env=env, cwd=ROOT)
+    assert done.returncode == 0, f"{case} failed:\n{done.stdout[-3000:]}\n{done.stderr[-6000:]}"
+    return out
+
+
+@pytest.fixture(scope="module")
+def ddp_run(tmp_path_factory):
+    return run_two_processes("ddp", tmp_path_factory.mktemp("ddp"))
+
+
+@pytest.fixture(scope="module")
+def fsdp2_run(tmp_path_factory):
+    return run_two_processes("fsdp2", tmp_path_factory.mktemp("fsdp2"))
+
+
+@pytest.fixture(scope="module")
+def fsdp2_bf16_run(tmp_path_factory):
+    return run_two_processes("fsdp2_bf16", tmp_path_factory.mktemp("fsdp2_bf16"))
+
+
+@pytest.fixture(scope="module")
+def fsdp1_run(tmp_path_factory):
+    return run_two_processes("fsdp1", tmp_path_factory.mktemp("fsdp1"))
+
+
+def load_ranks(out: Path) -> list[dict]:
+    return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
+
+
+def max_difference(a: dict, b: dict) -> float:
+    return max((a[k] - b[k]).abs().max().item() for k in a if a[k].is_floating_point())
+
+
+def single_process(ranks: list[dict], **wrong) -> tuple[list[list[float]], dict]:
+    """Per-rank losses and final weights of ``reference_run`` with the ranks' generators."""
+    module = build_module(SGDLeffa)
+    module.setup("fit")
+    losses = reference_run(module, [r["generator"] for r in ranks], **wrong)
+    return losses, module.state_dict()
+
+
+def assert_trains_like_one_process(ranks: list[dict], weights: dict, tolerance: float = 1e-5) -> None:
+    losses, expected = single_process(ranks)
+    for rank in range(WORLD):
+        assert len(ranks[rank]["losses"]) == STEPS
+        torch.testing.assert_close(ranks[rank]["losses"], losses[rank], atol=tolerance, rtol=tolerance)
+    assert weights.keys() == expected.keys()
+    assert max_difference(weights, expected) < tolerance
+
+
+def test_ddp_averages_gradients_like_one_process_on_the_global_batch(ddp_run):
+    ranks = load_ranks(ddp_run)
+    # every rank ends with the same weights, and draws its own noise stream
+    assert all(torch.equal(v, ranks[1]["weights"][k]) for k, v in ranks[0]["weights"].items())
+    assert not torch.equal(ranks[0]["generator"], ranks[1]["generator"])
+    assert_trains_like_one_process(ranks, ranks[0]["weights"], tolerance=1e-5)
+    # the comparison can tell: summing instead of averaging, or each rank keeping its own
+    # gradient, would end elsewhere by far more than the tolerance
+    for wrong in (dict(scale=1.0), dict(scale=1.0, contributing=(0,))):
+        assert max_difference(ranks[0]["weights"], single_process(ranks, **wrong)[1]) > 1e-3, wrong
+
+
+def test_fsdp2_shards_the_unets_and_trains_like_one_process(fsdp2_run):
+    ranks = load_ranks(fsdp2_run)
+    full = torch.load(fsdp2_run / "full.pt", weights_only=True)
+    # each rank holds half of a parameter (dim 0 split over the 2 ranks)
+    numel = full["generative_unet.conv_in.weight"].numel()
+    assert [r["local_numel"] for r in ranks] == [numel // WORLD] * WORLD
+    # the bank still links the UNets: all 7 self-attention layers were captured for the Leffa loss
+    assert [r["leffa_layers"] for r in ranks] == [7.0] * WORLD
+    # gradients reach both UNets through the bank and are averaged over the ranks
+    assert_trains_like_one_process(ranks, full)
+    # register tokens (inside the sharded transformer blocks) were trained too
+    initial = build_module().state_dict()
+    registers = [k for k in full if k.endswith("processor.registers")]
+    assert registers and all(not torch.equal(full[k], initial[k]) for k in registers)
+
+
+def test_fsdp2_bf16_computes_in_bf16_and_keeps_float32_weights(fsdp2_bf16_run, fsdp2_run):
+    ranks, exact = load_ranks(fsdp2_bf16_run), load_ranks(fsdp2_run)
+    assert [r["compute_dtypes"] for r in ranks] == [["torch.bfloat16"]] * WORLD
+    assert [r["compute_dtypes"] for r in exact] == [["torch.float32"]] * WORLD
+    full = torch.load(fsdp2_bf16_run / "full.pt", weights_only=True)
+    assert {v.dtype for k, v in full.items() if "unet" in k} == {torch.float32}  # the master weights
+    # bf16 rounding moves the losses a little, not more
+    for bf16, fp32 in zip(ranks, exact):
+        torch.testing.assert_close(bf16["losses"], fp32["losses"], atol=2e-2, rtol=0)
+    assert max_difference(full, build_module().state_dict()) > 1e-3  # it trained
+
+
+def test_fsdp1_from_the_config_trains_like_one_process(fsdp1_run):
+    ranks = load_ranks(fsdp1_run)
+    assert [r["leffa_layers"] for r in ranks] == [7.0] * WORLD
+    assert_trains_like_one_process(ranks, torch.load(fsdp1_run / "full.pt", weights_only=True))
+
+
+@pytest.mark.parametrize("run", ["fsdp2_run", "fsdp2_bf16_run", "fsdp1_run"])
+def test_sharded_checkpoint_folder_initialises_the_next_stage(run, request):
+    out = request.getfixturevalue(run)
+    folder = out / "last.ckpt"
+    # a folder of shards: one file per rank, an index, Lightning's metadata
+    assert is_sharded_checkpoint(folder)
+    assert sorted(p.name for p in folder.glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
+    full = torch.load(out / "full.pt", weights_only=True)
+    state = read_state_dict(folder, "live")
+    assert state.keys() == full.keys()
+    assert all(torch.equal(state[k], full[k]) for k in full)
+    # the next stage: its weights are the trained ones
+    nxt = LeffaModule(unet_config=dict(TINY_UNET), vae_config=dict(TINY_VAE), **MODEL_KWARGS,
+                      init_from=str(folder), init_from_weights="live")
+    assert all(torch.equal(v, full[k]) for k, v in nxt.state_dict().items())
+    # sharded runs have no EMA weights: asking for them says so and reads the live ones
+    with pytest.warns(UserWarning, match="no EMA weights"):
+        assert torch.equal(read_state_dict(folder)["generative_unet.conv_in.weight"],
+                           full["generative_unet.conv_in.weight"])
+
+
+def write_sharded_folder(path: Path, weights: dict, meta: dict) -> None:
+    """A checkpoint folder as Lightning's sharded strategies write it, in one process."""
+    import torch.distributed.checkpoint as dcp
+
+    state = {"state_dict": weights, "optimizer_0": {"state": {"w": {"exp_avg": torch.ones(2, 3)}}}}
+    dcp.save(state, checkpoint_id=path, no_dist=True)
+    torch.save(meta, path / "meta.pt")
+
+
+def test_sharded_folder_weights_ema_and_live(tmp_path):
+    weights = {"w": torch.arange(6.0).view(2, 3)}
+    # a run without EMA (the only kind sharded strategies allow): live weights, "ema" says so
+    write_sharded_folder(tmp_path / "plain", weights, {"global_step": 3})
+    live = read_state_dict(tmp_path / "plain", "live")
+    assert live.keys() == {"w"} and torch.equal(live["w"], weights["w"])  # no optimizer state
+    with pytest.warns(UserWarning, match="no EMA weights"):
+        read_state_dict(tmp_path / "plain", "ema")
+    # EMAWeightAveraging's layout: the average in the sharded tensors, the live weights in meta.pt
+    write_sharded_folder(tmp_path / "ema", weights, {"current_model_state": {}, "averaging_state": {}})
+    assert torch.equal(read_state_dict(tmp_path / "ema", "ema")["w"], weights["w"])
+    with pytest.raises(ValueError, match="rank 0 only"):
+        read_state_dict(tmp_path / "ema", "live")
+
+
+def test_sharded_folder_index_with_foreign_objects_is_refused(tmp_path):
+    import pickle
+
+    write_sharded_folder(tmp_path, {"w": torch.zeros(2)}, {})
+    (tmp_path / ".metadata").write_bytes(pickle.dumps([os.system]))
+    with pytest.raises(pickle.UnpicklingError, match="posix.system"):
+        read_state_dict(tmp_path, "live")
+
+
+def test_fsdp_config_wraps_blocks_but_not_reference_attention():
+    from diffusers.models.attention import BasicTransformerBlock
+    from diffusers.models.resnet import ResnetBlock2D
+
+    from leffa.parallel import fsdp_wrap_policy
+
+    strategy = fsdp_strategy_from_config()
+    assert type(strategy).__name__ == "FSDPStrategy" and strategy._state_dict_type == "sharded"
+    policy = strategy.kwargs["auto_wrap_policy"]
+    assert policy is fsdp_wrap_policy
+    module = build_module()
+    wrapped = lambda unet, kind: {policy(m, False, 0) for m in unet.modules() if isinstance(m, kind)}  # noqa: E731
+    assert wrapped(module.generative_unet, BasicTransformerBlock) == {True}
+    assert wrapped(module.reference_unet, BasicTransformerBlock) == {False}
+    assert wrapped(module.reference_unet, ResnetBlock2D) == {True}
+    assert not policy(module.vae, False, 0)
+
+
+def test_sharding_strategies_refuse_ema_with_a_clear_error(tmp_path):
+    from lightning.pytorch.callbacks import EMAWeightAveraging
+    from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy, ModelParallelStrategy
+
+    from leffa.parallel import refuse_weight_averaging
+
+    refuse_weight_averaging(DDPStrategy(), [EMAWeightAveraging()])  # fine: DDP keeps full weights
+    with pytest.raises(ValueError, match="EMAWeightAveraging cannot run with FSDPStrategy"):
+        refuse_weight_averaging(FSDPStrategy(), [EMAWeightAveraging()])
+    # through the Trainer (one process is enough): the error comes before any sharding
+    trainer = L.Trainer(max_steps=1, accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+                        strategy=ModelParallelStrategy(data_parallel_size=1, tensor_parallel_size=1),
+                        callbacks=[EMAWeightAveraging()], default_root_dir=tmp_path)
+    environment = dict(os.environ)  # the strategy sets MASTER_ADDR/PORT; later tests must not see them
+    try:
+        with pytest.raises(ValueError, match="EMAWeightAveraging cannot run with ModelParallelStrategy"):
+            trainer.fit(build_module(), train_dataloaders=torch.utils.data.DataLoader(RankHalves(0), batch_size=None))
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+        os.environ.clear()
+        os.environ.update(environment)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(),
+                    reason="FSDPStrategy needs a CUDA GPU (Lightning refuses CPU); "
+                           "test_fsdp1_from_the_config_trains_like_fsdp2 runs the same config on CPU")
+def test_fsdp_strategy_from_the_config_on_one_gpu(tmp_path):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    module = build_module()
+    trainer = L.Trainer(max_steps=2, accelerator="gpu", devices=1, precision="bf16-mixed",
+                        strategy=fsdp_strategy_from_config(), logger=False, enable_progress_bar=False,
+                        callbacks=[ModelCheckpoint(dirpath=tmp_path, filename="last", every_n_train_steps=2)],
+                        default_root_dir=tmp_path)
+    trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader(RankHalves(0), batch_size=None))
+    assert trainer.global_step == 2 and torch.isfinite(trainer.callback_metrics["train/loss"])
+    state = read_state_dict(tmp_path / "last.ckpt", "live")
+    initial = build_module().state_dict()
+    assert state.keys() == initial.keys() and max_difference(state, initial) > 1e-4
+
+
+if __name__ == "__main__":
+    worker(sys.argv[1], Path(sys.argv[2]))
