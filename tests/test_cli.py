@@ -147,3 +147,14 @@ def test_export_command_then_predict_settings_from_the_folder(shards, tmp_path):
     for key in ("generative_unet.conv_in.weight", "reference_unet.conv_out.weight"):
         torch.testing.assert_close(module.state_dict()[key], weights[key])
     assert module.hparams.conditioning == "released" and module.hparams.use_leffa_loss is True
+    # leffa predict reads the folder: architecture from it, weights from it
+    out = tmp_path / "predictions"
+    cli_main([
+        "predict", "--config", str(CONFIG), "--model.unet_config=null", "--model.vae_config=null",
+        f"--model.pretrained_model={tmp_path / 'x'}", f"--model.reference_pretrained_model={tmp_path / 'x' / 'reference_unet'}",
+        f"--model.init_from={tmp_path / 'x'}", "--model.sampling.num_steps=2",
+        "--trainer.callbacks+=leffa.callbacks.ImageWriter", f"--trainer.callbacks.output_dir={out}",
+        f"--trainer.default_root_dir={tmp_path}", "--trainer.logger=false",
+        f"--data.predict_shards={shards}", "--data.height=64", "--data.width=48", "--data.num_workers=0",
+    ])
+    assert len(list(out.glob("*.png"))) == 8
