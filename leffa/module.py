@@ -132,29 +132,34 @@ class LeffaModule(L.LightningModule):
             self.noise_generator.set_state(checkpoint["noise_generator"])
 
     def configure_model(self) -> None:
-        """Shard both UNets with FSDP2 (``leffa.parallel``) when the strategy gives a device mesh,
-        i.e. under ``ModelParallelStrategy``; under DDP, ``FSDPStrategy`` (it wraps the model
-        itself) or a single device there is nothing to do. Safe to call more than once.
+        """Prepare for a sharding strategy (``leffa.parallel``); under DDP or one device, nothing.
 
-        A sharding strategy with ``EMAWeightAveraging`` is an error (see ``refuse_weight_averaging``).
+        Under ``ModelParallelStrategy`` (it gives a device mesh) the Reference UNet's head, which no
+        loss reaches, is frozen (so its checkpoints can be resumed) and both UNets are sharded with
+        FSDP2; ``FSDPStrategy`` wraps the model itself. Under either, callbacks that cannot work
+        with a sharded model (``EMAWeightAveraging``, ``SampleGrid``, ``FlowPictures``) are an
+        error. Safe to call more than once.
+
         Because this hook exists, ``EMAWeightAveraging`` warns at start-up that it "doesn't support
         sharding model layers" and calls it itself; under DDP or one device nothing is sharded and
-        the warning can be ignored."""
-        from leffa.parallel import refuse_weight_averaging, shard_unets
+        the warning can be ignored.
+        """
+        from leffa import parallel
 
-        if self._trainer is not None:
-            refuse_weight_averaging(self.trainer.strategy, self.trainer.callbacks)
-        if self.device_mesh is None:
+        if self._trainer is None or not parallel.is_sharding(self.trainer.strategy):
             return
+        parallel.refuse_unshardable_callbacks(self.trainer.strategy, self.trainer.callbacks)
         mesh = self.device_mesh
+        if mesh is None:  # FSDPStrategy: it wraps the model after this hook
+            return
+        parallel.freeze_unused_reference_parameters(self.reference_unet, self.bank)
         if "tensor_parallel" in (mesh.mesh_dim_names or ()) and mesh["tensor_parallel"].size() > 1:
             raise ValueError(f"the UNets have no tensor-parallel plan: use tensor_parallel_size=1, "
                              f"got {mesh['tensor_parallel'].size()} (mesh {mesh})")
         # a bf16 Trainer ("bf16-mixed", "bf16-true") also all-gathers and computes in bf16;
         # the sharded master weights and the gradient reduction stay float32
-        precision = str(self.trainer.precision) if self._trainer is not None else ""
-        param_dtype = torch.bfloat16 if precision.startswith("bf16") else None
-        shard_unets(self.generative_unet, self.reference_unet, mesh["data_parallel"], param_dtype)
+        param_dtype = torch.bfloat16 if str(self.trainer.precision).startswith("bf16") else None
+        parallel.shard_unets(self.generative_unet, self.reference_unet, mesh["data_parallel"], param_dtype)
 
     def configure_optimizers(self):
         params = [p for p in self.parameters() if p.requires_grad]

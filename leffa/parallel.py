@@ -30,10 +30,23 @@ from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
 from leffa.attention import ReferenceRecorder
 
-__all__ = ["SHARDED_BLOCKS", "shard_unets", "is_sharded", "fsdp_wrap_policy", "refuse_weight_averaging"]
+__all__ = [
+    "SHARDED_BLOCKS",
+    "is_sharding",
+    "shard_unets",
+    "is_sharded",
+    "fsdp_wrap_policy",
+    "refuse_unshardable_callbacks",
+    "freeze_unused_reference_parameters",
+]
 
 # the FSDP units inside each UNet: the blocks that hold most of the parameters
 SHARDED_BLOCKS = (BasicTransformerBlock, ResnetBlock2D)
+
+
+def is_sharding(strategy: Strategy) -> bool:
+    """Whether ``strategy`` shards parameters (FSDP1 or FSDP2)."""
+    return isinstance(strategy, (FSDPStrategy, ModelParallelStrategy))
 
 
 def is_sharded(module: nn.Module) -> bool:
@@ -92,20 +105,70 @@ def shard_unets(generative_unet: nn.Module, reference_unet: nn.Module, mesh: Dev
     return units
 
 
-def refuse_weight_averaging(strategy: Strategy, callbacks: list) -> None:
-    """Raise if a sharding strategy meets Lightning's ``WeightAveraging`` (``EMAWeightAveraging``).
+def refuse_unshardable_callbacks(strategy: Strategy, callbacks: list) -> None:
+    """Raise if a sharding strategy meets a callback that cannot work with sharded parameters.
 
-    The callback keeps a full deep copy of the module and updates it parameter by parameter from
-    the live one; sharded parameters allow neither (FSDP2 refuses ``deepcopy``; FSDP1's live
-    parameters are local shards of another shape). Failing here names the fix instead of a
-    traceback from inside ``deepcopy`` or a silently wrong average.
+    * ``WeightAveraging`` (``EMAWeightAveraging``) keeps a full deep copy of the module and
+      updates it parameter by parameter from the live one; sharded parameters allow neither
+      (FSDP2 refuses ``deepcopy``; FSDP1's live parameters are local shards of another shape).
+    * ``SampleGrid`` and ``FlowPictures`` run the model on rank 0 alone; a sharded forward is a
+      collective (every rank all-gathers each block), so rank 0 would wait for the others until
+      the process group times out (30 minutes by default).
+
+    Failing at start-up names the fix instead of a traceback from inside ``deepcopy``, a hang at
+    the first validation, or a silently wrong average.
     """
-    if not isinstance(strategy, (FSDPStrategy, ModelParallelStrategy)):
+    from leffa.callbacks import FlowPictures, SampleGrid
+
+    if not is_sharding(strategy):
         return
-    averaging = [type(c).__name__ for c in callbacks if isinstance(c, WeightAveraging)]
-    if averaging:
-        raise ValueError(
-            f"{', '.join(averaging)} cannot run with {type(strategy).__name__}: it keeps an unsharded copy of "
-            "the model and updates it from the sharded parameters. Remove it from trainer.callbacks, or train "
-            "with DDPStrategy to keep EMA weights."
-        )
+    reasons = {
+        WeightAveraging: "keeps an unsharded copy of the model and updates it from the sharded parameters "
+                         "(train with DDPStrategy to keep EMA weights)",
+        SampleGrid: "runs the sharded model on rank 0 alone and would hang (sample with `leffa predict`)",
+        FlowPictures: "runs the sharded model on rank 0 alone and would hang (draw them with `leffa visualize`)",
+    }
+    problems = [f"{type(c).__name__} {reason}" for c in callbacks for kind, reason in reasons.items()
+                if isinstance(c, kind)]
+    if problems:
+        raise ValueError(f"with {type(strategy).__name__}, remove from trainer.callbacks: " + "; ".join(problems))
+
+
+def freeze_unused_reference_parameters(reference_unet: nn.Module, bank) -> list[str]:
+    """Set ``requires_grad=False`` on the Reference UNet parameters that no recorded self-attention
+    input depends on, and return their names: its head (the last transformer block after its
+    self-attention input, ``proj_out``, ``conv_norm_out``, ``conv_out``), whose output nothing
+    reads, in training or sampling. They never get a gradient, so training is unchanged.
+
+    Why, under ``ModelParallelStrategy``: the optimizer holds no state for such parameters, while
+    its resume (``--ckpt_path``) loads optimizer state for every parameter the optimizer has and
+    fails ("Missing key in checkpoint state_dict: optimizer_0.state.reference_unet....step").
+    Frozen, they leave the optimizer. (FSDPStrategy's resume tolerates the gap; under DDP they stay
+    trainable, so existing checkpoints keep their optimizer layout, and DDP needs
+    ``find_unused_parameters=True`` for them.)
+
+    Found by one forward of the Reference UNet traced on the meta device (no memory, no compute):
+    autograd says which parameters the recorded features depend on.
+    """
+    from torch.func import functional_call
+
+    # (1, C, s, s) with s = 2**levels: every level of the UNet gets at least a 2x2 grid
+    size = 2 ** len(reference_unet.down_blocks)
+    trainable = {n: p for n, p in reference_unet.named_parameters() if p.requires_grad}
+    if not trainable:
+        return []
+    meta = {n: torch.empty_like(p, device="meta").requires_grad_(n in trainable)
+            for n, p in reference_unet.named_parameters()}
+    meta |= {n: torch.empty_like(b, device="meta") for n, b in reference_unet.named_buffers()}
+    sample = torch.zeros(1, reference_unet.config.in_channels, size, size, device="meta")
+    timestep = torch.zeros(1, dtype=torch.long, device="meta")
+    bank.features.clear()
+    with torch.enable_grad():
+        functional_call(reference_unet, meta, (sample, timestep), {"encoder_hidden_states": None})
+        recorded = sum(feature.sum() for feature in bank.features.values())
+        grads = torch.autograd.grad(recorded, [meta[n] for n in trainable], allow_unused=True)
+    bank.features.clear()
+    unused = [n for n, g in zip(trainable, grads) if g is None]
+    for name in unused:
+        trainable[name].requires_grad_(False)
+    return unused
