@@ -152,10 +152,10 @@ class LeffaModule(L.LightningModule):
         mesh = self.device_mesh
         if mesh is None:  # FSDPStrategy: it wraps the model after this hook
             return
-        parallel.freeze_unused_reference_parameters(self.reference_unet, self.bank)
         if "tensor_parallel" in (mesh.mesh_dim_names or ()) and mesh["tensor_parallel"].size() > 1:
             raise ValueError(f"the UNets have no tensor-parallel plan: use tensor_parallel_size=1, "
                              f"got {mesh['tensor_parallel'].size()} (mesh {mesh})")
+        parallel.freeze_unused_reference_parameters(self.reference_unet, self.bank)
         # a bf16 Trainer ("bf16-mixed", "bf16-true") also all-gathers and computes in bf16;
         # the sharded master weights and the gradient reduction stay float32
         param_dtype = torch.bfloat16 if str(self.trainer.precision).startswith("bf16") else None

@@ -1,20 +1,28 @@
-"""Fully sharded data parallelism for the two UNets: FSDP2 (``fully_shard``) and the wrap policy
-of Lightning's ``FSDPStrategy`` (FSDP1).
+"""Fully sharded data parallelism for the two UNets: FSDP2 (``fully_shard``) under Lightning's
+``ModelParallelStrategy``, and the wrap policy of Lightning's ``FSDPStrategy`` (FSDP1).
 
-Applied from outside the model, in ``LeffaModule.configure_model`` under Lightning's
-``ModelParallelStrategy`` (which builds the device mesh and also runs on CPU with gloo); the
-model files stay single-device. Order, as in torchtitan's ``parallelize.py``: every
-``BasicTransformerBlock`` and ``ResnetBlock2D`` becomes its own FSDP unit (its parameters are
-all-gathered just before it runs and freed after), then each UNet as a whole becomes a root unit
-for the parameters left over (``conv_in``, time embedding, projections, ``conv_out``, ...).
+Applied from outside the model, by ``LeffaModule.configure_model``; the model files stay
+single-device. ``ModelParallelStrategy`` builds the device mesh and also runs on CPU (gloo), so the
+sharded code path is tested without a GPU. Units, for both: every ``BasicTransformerBlock`` and
+``ResnetBlock2D`` (their parameters are all-gathered just before they run and freed after), then
+each UNet's remaining parameters (``conv_in``, time embedding, projections, ``conv_out``, ...).
 
 What stays as it is:
-  * the VAE: frozen, used under ``no_grad``, so every rank keeps a full copy;
+  * the VAE: frozen, used under ``no_grad``; FSDP2 leaves a full copy on every rank;
   * the attention processors: ``ConcatAttention`` (and its register tokens) is a submodule of its
-    ``BasicTransformerBlock``, so its parameters are gathered with the block's; it is invoked by
-    the block's forward, never on its own;
-  * the ``ReferenceBank``: it holds activations (plain tensors), not parameters, between the
-    Reference UNet's forward and the Generative UNet's.
+    ``BasicTransformerBlock``, so its parameters are gathered with the block's;
+  * the ``ReferenceBank``: it holds activations (plain tensors), not parameters, from the
+    Reference UNet's forward to the Generative UNet's.
+
+One constraint shapes the units: the bank hands the *input of each self-attention*, a tensor from
+inside a Reference UNet transformer block, to the Generative UNet. The loss reaches such a block's
+``norm1`` through the bank, not through the block's output, while FSDP re-gathers a freed block
+only when the gradient reaches its output (for the last blocks it never does: their output feeds
+only the unused ``conv_out``). So a Reference UNet transformer block keeps its parameters gathered
+from its forward to its backward: FSDP2 with ``reshard_after_forward=False``; FSDP1 by not wrapping
+it (it joins the root unit, which FSDP1 keeps gathered between forward and backward). Otherwise
+the backward fails: "The tensor has a non-zero number of elements, but its data is not allocated
+yet" (FSDP2), "expected to be in states [FORWARD_BACKWARD]" (FSDP1).
 """
 
 from __future__ import annotations
@@ -28,7 +36,7 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
-from leffa.attention import ReferenceRecorder
+from leffa.attention import ReferenceBank, ReferenceRecorder
 
 __all__ = [
     "SHARDED_BLOCKS",
@@ -42,6 +50,9 @@ __all__ = [
 
 # the FSDP units inside each UNet: the blocks that hold most of the parameters
 SHARDED_BLOCKS = (BasicTransformerBlock, ResnetBlock2D)
+
+
+# ---------------------------------------------------------------- units
 
 
 def is_sharding(strategy: Strategy) -> bool:
@@ -62,11 +73,14 @@ def _is_reference_block(module: nn.Module) -> bool:
 def fsdp_wrap_policy(module: nn.Module, recurse: bool, nonwrapped_numel: int) -> bool:
     """``auto_wrap_policy`` for Lightning's ``FSDPStrategy`` (FSDP1, GPU): wrap every
     ``ResnetBlock2D`` and every Generative UNet ``BasicTransformerBlock``; Reference UNet
-    transformer blocks stay in the root unit (see the module docstring). The VAE, frozen, is in
-    the root unit too. Signature of ``torch.distributed.fsdp.wrap.lambda_auto_wrap_policy``."""
+    transformer blocks stay in the root unit (see the module docstring), and so does the frozen
+    VAE. The signature of ``torch.distributed.fsdp.wrap.lambda_auto_wrap_policy``'s callables."""
     if recurse:
         return True  # look inside every module
     return isinstance(module, SHARDED_BLOCKS) and not _is_reference_block(module)
+
+
+# ---------------------------------------------------------------- FSDP2 (ModelParallelStrategy)
 
 
 def shard_unets(generative_unet: nn.Module, reference_unet: nn.Module, mesh: DeviceMesh,
@@ -105,6 +119,9 @@ def shard_unets(generative_unet: nn.Module, reference_unet: nn.Module, mesh: Dev
     return units
 
 
+# ---------------------------------------------------------------- what sharding needs of the rest
+
+
 def refuse_unshardable_callbacks(strategy: Strategy, callbacks: list) -> None:
     """Raise if a sharding strategy meets a callback that cannot work with sharded parameters.
 
@@ -134,7 +151,7 @@ def refuse_unshardable_callbacks(strategy: Strategy, callbacks: list) -> None:
         raise ValueError(f"with {type(strategy).__name__}, remove from trainer.callbacks: " + "; ".join(problems))
 
 
-def freeze_unused_reference_parameters(reference_unet: nn.Module, bank) -> list[str]:
+def freeze_unused_reference_parameters(reference_unet: nn.Module, bank: ReferenceBank) -> list[str]:
     """Set ``requires_grad=False`` on the Reference UNet parameters that no recorded self-attention
     input depends on, and return their names: its head (the last transformer block after its
     self-attention input, ``proj_out``, ``conv_norm_out``, ``conv_out``), whose output nothing
@@ -162,12 +179,20 @@ def freeze_unused_reference_parameters(reference_unet: nn.Module, bank) -> list[
     meta |= {n: torch.empty_like(b, device="meta") for n, b in reference_unet.named_buffers()}
     sample = torch.zeros(1, reference_unet.config.in_channels, size, size, device="meta")
     timestep = torch.zeros(1, dtype=torch.long, device="meta")
+    # gradient checkpointing would recompute blocks in backward with the real parameters; the
+    # dependencies are the same without it
+    checkpointing = reference_unet.is_gradient_checkpointing
+    reference_unet.disable_gradient_checkpointing()
     bank.features.clear()
-    with torch.enable_grad():
-        functional_call(reference_unet, meta, (sample, timestep), {"encoder_hidden_states": None})
-        recorded = sum(feature.sum() for feature in bank.features.values())
-        grads = torch.autograd.grad(recorded, [meta[n] for n in trainable], allow_unused=True)
-    bank.features.clear()
+    try:
+        with torch.enable_grad():
+            functional_call(reference_unet, meta, (sample, timestep), {"encoder_hidden_states": None})
+            recorded = sum(feature.sum() for feature in bank.features.values())
+            grads = torch.autograd.grad(recorded, [meta[n] for n in trainable], allow_unused=True)
+    finally:
+        bank.features.clear()
+        if checkpointing:
+            reference_unet.enable_gradient_checkpointing()
     unused = [n for n, g in zip(trainable, grads) if g is None]
     for name in unused:
         trainable[name].requires_grad_(False)

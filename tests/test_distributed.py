@@ -1,6 +1,7 @@
 """Data-parallel training on CPU with 2 processes (gloo) through the Lightning Trainer: DDP, FSDP2
-(``ModelParallelStrategy`` + ``leffa.parallel``), FSDP1 (``FSDPStrategy`` as configs/strategy/fsdp.yaml
-builds it); sharded checkpoints read back for the next stage.
+(``ModelParallelStrategy`` + ``leffa.parallel``, float32 and bf16), FSDP1 (``FSDPStrategy`` as
+configs/strategy/fsdp.yaml builds it); sharded checkpoints read back for the next stage and
+resumed; what sharding refuses; the strategy configs.
 
 Each 2-process case runs this file as a script under ``torch.distributed.run``
 (``python -m torch.distributed.run --nproc_per_node=2 tests/test_distributed.py CASE OUT``); the
@@ -12,7 +13,8 @@ timesteps and VAE samples from its own generator (``LeffaModule.setup`` seeds on
 the reference runs both halves in one process with the ranks' generator states and averages the
 two losses. With equal halves and every sample selected for the Leffa term (``p_drop_ref=0``,
 ``theta_timestep=1000``), that average is the loss of the whole global batch, and its gradient is
-what data parallelism must apply on every rank.
+what data parallelism must apply on every rank. Training uses plain SGD, so the weights show that
+gradient itself.
 """
 
 from __future__ import annotations
@@ -459,17 +461,21 @@ def test_sharding_strategies_refuse_ema_and_rank_zero_samplers(tmp_path):
         os.environ.update(environment)
 
 
-def test_unused_reference_parameters_are_those_without_gradient():
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_unused_reference_parameters_are_those_without_gradient(checkpointing):
     from leffa.parallel import freeze_unused_reference_parameters
 
-    module = build_module()
+    module = LeffaModule(unet_config=dict(TINY_UNET), vae_config=dict(TINY_VAE), **MODEL_KWARGS,
+                         gradient_checkpointing=checkpointing)
     module.setup("fit")
+    module.train()
     module._common_step(half(global_batch(0), 0), "train", torch.Generator().manual_seed(0)).backward()
     no_gradient = {n for n, p in module.reference_unet.named_parameters() if p.grad is None}
     frozen = freeze_unused_reference_parameters(module.reference_unet, module.bank)
     assert set(frozen) == no_gradient and "conv_out.weight" in no_gradient
     assert all(not p.requires_grad for n, p in module.reference_unet.named_parameters() if n in no_gradient)
     assert not module.bank.features  # the probe leaves nothing behind
+    assert module.reference_unet.is_gradient_checkpointing == checkpointing
     assert freeze_unused_reference_parameters(module.reference_unet, module.bank) == []  # already frozen
 
 
