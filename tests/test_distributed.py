@@ -435,7 +435,19 @@ def test_fsdp_config_wraps_blocks_but_not_reference_attention():
     assert not policy(module.vae, False, 0)
 
 
-def test_sharding_strategies_refuse_ema_and_rank_zero_samplers(tmp_path):
+@pytest.fixture
+def own_process_group():
+    """For a Trainer with a parallel strategy in this process: afterwards, no process group and
+    none of the variables the strategy set (MASTER_ADDR/PORT, ...) for the tests that follow."""
+    environment = dict(os.environ)
+    yield
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    os.environ.clear()
+    os.environ.update(environment)
+
+
+def test_sharding_strategies_refuse_ema_and_rank_zero_samplers(tmp_path, own_process_group):
     from lightning.pytorch.callbacks import EMAWeightAveraging
     from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy, ModelParallelStrategy
 
@@ -450,15 +462,8 @@ def test_sharding_strategies_refuse_ema_and_rank_zero_samplers(tmp_path):
     trainer = L.Trainer(max_steps=1, accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
                         strategy=ModelParallelStrategy(data_parallel_size=1, tensor_parallel_size=1),
                         callbacks=[EMAWeightAveraging()], default_root_dir=tmp_path)
-    environment = dict(os.environ)  # the strategy sets MASTER_ADDR/PORT; later tests must not see them
-    try:
-        with pytest.raises(ValueError, match="ModelParallelStrategy.*EMAWeightAveraging keeps an unsharded copy"):
-            trainer.fit(build_module(), train_dataloaders=torch.utils.data.DataLoader(RankHalves(0), batch_size=None))
-    finally:
-        if torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
-        os.environ.clear()
-        os.environ.update(environment)
+    with pytest.raises(ValueError, match="ModelParallelStrategy.*EMAWeightAveraging keeps an unsharded copy"):
+        trainer.fit(build_module(), train_dataloaders=torch.utils.data.DataLoader(RankHalves(0), batch_size=None))
 
 
 @pytest.mark.parametrize("checkpointing", [False, True])
@@ -496,8 +501,8 @@ def test_strategy_configs_replace_the_stage_callbacks(monkeypatch, capsys):
 
 @pytest.mark.skipif(not torch.cuda.is_available(),
                     reason="FSDPStrategy needs a CUDA GPU (Lightning refuses CPU); "
-                           "test_fsdp1_from_the_config_trains_like_fsdp2 runs the same config on CPU")
-def test_fsdp_strategy_from_the_config_on_one_gpu(tmp_path):
+                           "test_fsdp1_from_the_config_trains_like_one_process runs the same config on CPU")
+def test_fsdp_strategy_from_the_config_on_one_gpu(tmp_path, own_process_group):
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     module = build_module()
