@@ -125,11 +125,21 @@ class LeffaModule(L.LightningModule):
         return self
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["noise_generator"] = self.noise_generator.get_state()
+        # every rank's generator state, (world, n) bytes: Lightning writes rank 0's dict only
+        state = self.noise_generator.get_state()
+        if self._trainer is not None and self.trainer.world_size > 1:
+            state = self.all_gather(state.to(self.device)).cpu()
+        checkpoint["noise_generator"] = state.reshape(-1, state.shape[-1])
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        if "noise_generator" in checkpoint:
-            self.noise_generator.set_state(checkpoint["noise_generator"])
+        states = checkpoint.get("noise_generator")
+        if states is None:
+            return
+        states = states.reshape(-1, states.shape[-1])
+        if self.global_rank < len(states):
+            self.noise_generator.set_state(states[self.global_rank].clone())
+        else:  # more ranks than when saved: a fresh stream of its own for this rank
+            self.noise_generator.manual_seed(torch.initial_seed() + self.global_rank + 1_000_003 * self.global_step)
 
     def configure_model(self) -> None:
         """Prepare for a sharding strategy (``leffa.parallel``); under DDP or one device, nothing.

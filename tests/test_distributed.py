@@ -349,9 +349,6 @@ def test_fsdp2_checkpoint_resumes_with_ckpt_path(fsdp2_resume_run):
     assert ranks[0]["resumed"][0] == pytest.approx(ranks[0]["whole"][STEPS], abs=1e-6)
 
 
-@pytest.mark.xfail(strict=True, reason="a checkpoint holds rank 0's noise_generator state only "
-                   "(LeffaModule.on_save_checkpoint runs on every rank, but Lightning writes rank 0's dict): "
-                   "after a resume every rank draws rank 0's noise stream")
 def test_fsdp2_resume_restores_every_ranks_generator(fsdp2_resume_run):
     ranks = load_ranks(fsdp2_resume_run)
     assert ranks[1]["resumed"][0] == pytest.approx(ranks[1]["whole"][STEPS], abs=1e-6)
