@@ -319,6 +319,9 @@ class SlurmCluster:
             "AccountingStorageType=accounting_storage/none",
             "JobCompType=jobcomp/none",
             "SchedulerType=sched/builtin",
+            # a pass over the pending jobs every 2 s, not 60: a requeued job becomes eligible
+            # (cred_expire) with no event that would start a pass
+            "SchedulerParameters=sched_interval=2",
             "SelectType=select/cons_tres",
             "SelectTypeParameters=CR_Core",
             "ReturnToService=2",
