@@ -43,7 +43,10 @@ class SampleGrid(L.Callback):
         prediction = sample(pl_module, batch, scheduler, self.num_steps, self.guidance_scale,
                             generator=torch.Generator().manual_seed(self.seed))
         grid = sample_grid(batch, prediction)
-        log_dir = Path(trainer.log_dir or trainer.default_root_dir)
+        # not trainer.log_dir: it broadcasts from rank 0, and only rank 0 gets here
+        logger = trainer.logger
+        log_dir = Path(getattr(logger, "log_dir", None) or getattr(logger, "save_dir", None)
+                       or trainer.default_root_dir)
         self.last_path = save_png(grid, log_dir / "samples" / f"step_{trainer.global_step:06d}.png")
         if isinstance(trainer.logger, TensorBoardLogger):
             trainer.logger.experiment.add_image("val/samples", grid, trainer.global_step)
@@ -67,7 +70,11 @@ class FlowPictures(L.Callback):
         from leffa.visualize import layer_pictures
 
         batch = {k: v[: self.num_samples] for k, v in batch.items() if k in ("tgt", "ref", "mask", "densepose")}
-        folder = Path(trainer.log_dir or trainer.default_root_dir) / "flows" / f"step_{trainer.global_step:06d}"
+        # not trainer.log_dir: it broadcasts from rank 0, and only rank 0 gets here
+        logger = trainer.logger
+        log_dir = Path(getattr(logger, "log_dir", None) or getattr(logger, "save_dir", None)
+                       or trainer.default_root_dir)
+        folder = log_dir / "flows" / f"step_{trainer.global_step:06d}"
         for name, picture in layer_pictures(pl_module, batch, self.timestep).items():
             save_png(picture, folder / f"{name}.png")
             if isinstance(trainer.logger, TensorBoardLogger):

@@ -24,8 +24,9 @@ esac
 
 leffa="${LEFFA_BIN:-$PWD/.venv/bin/leffa}"
 # One task per device: the Trainer's num_nodes and devices are the allocation's, so they always match.
-# On SIGUSR1 (--signal in the stage scripts) Lightning saves hpc_ckpt_<n>.ckpt in the stage's
-# default_root_dir and requeues the job; the requeued job resumes from it at the same global step.
+# On SIGUSR1 (--signal in the stage scripts) leffa.requeue.SlurmRequeue (configs/base/train.yaml)
+# saves hpc_ckpt_<n>.ckpt in the stage's default_root_dir at the next step and requeues the job;
+# the requeued job resumes from it (Lightning picks it) at the same global step.
 exec srun --kill-on-bad-exit=1 "$leffa" fit --config "$config" \
   ${LEFFA_EXTRA_CONFIG:+--config "$LEFFA_EXTRA_CONFIG"} \
   --trainer.num_nodes="${SLURM_JOB_NUM_NODES}" \
