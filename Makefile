@@ -44,10 +44,9 @@ demo: install
 	echo "  sample grid       $$(ls $$run/samples/*.png | tail -n 1)"; \
 	echo "  resolved config   $$run/config.yaml"
 
+# Every script in benchmarks/, one table; also written to benchmarks/results.md (a few minutes on 2 cores).
 bench: install
-	$(PY) benchmarks/leffa_overhead.py
-	$(PY) benchmarks/loader_throughput.py
-	$(PY) benchmarks/sampling_speed.py
+	$(PY) benchmarks/run_all.py --out benchmarks/results.md
 
 # The paper's claim at CPU scale on the synthetic set: writes replicate/report.md (about 30 min on 2 cores).
 replicate: install

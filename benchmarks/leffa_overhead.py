@@ -8,8 +8,9 @@
 Each case runs in its own process so that its peak memory is its own (CPU: peak RSS above the RSS
 before the timed work; CUDA: ``max_memory_allocated``). Usage::
 
-    python benchmarks/leffa_overhead.py                     # CPU, small sizes
-    python benchmarks/leffa_overhead.py --device cuda --height 1024 --width 768 --batch 2
+    python benchmarks/leffa_overhead.py                     # CPU, tiny model, small sizes
+    python benchmarks/leffa_overhead.py --device cuda --bf16 --height 1024 --width 768 --batch 2 \\
+        --unet-config configs/model/sd15_unet.yaml --vae-config configs/model/sd15_vae.yaml
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import resource
 import statistics
 import subprocess
@@ -26,6 +28,8 @@ import time
 from pathlib import Path
 
 import torch
+
+from table import add_output_flag, compared, emit, row
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -98,8 +102,8 @@ def case_step(args) -> dict:
     steps, modules = {}, {}
     for name, options in STEP_VARIANTS.items():
         torch.manual_seed(0)
-        module = LeffaModule(unet_config=ROOT / "configs/model/tiny_unet.yaml",
-                             vae_config=ROOT / "configs/model/tiny_vae.yaml", p_drop_ref=0.0, **options)
+        module = LeffaModule(unet_config=args.unet_config, vae_config=args.vae_config, p_drop_ref=0.0,
+                             **options)
         module.setup("fit")
         module.to(args.device).train()
         optimizer = module.configure_optimizers()
@@ -218,24 +222,64 @@ CASES = {"step": case_step, "flow": case_flow, "concat": case_concat}
 
 def run_case(args, case: str, **overrides) -> dict:
     cmd = [sys.executable, __file__, "--case", case]
-    options = {**{k: v for k, v in vars(args).items() if k not in ("case", "token_counts")}, **overrides}
+    options = {**{k: v for k, v in vars(args).items() if k not in ("case", "token_counts", "json")}, **overrides}
     for key, value in options.items():
         flag = "--" + key.replace("_", "-")
         if isinstance(value, bool):
             cmd += [flag] if value else [f"--no-{key.replace('_', '-')}"]
         elif value is not None:
             cmd += [flag, str(value)]
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=ROOT).stdout
+    # A fixed mmap threshold: glibc then maps every large tensor on its own and unmaps it when freed,
+    # so the sampled RSS follows the live tensors (with the default, growing threshold, freed memory
+    # stays in the heap and a later step's peak is invisible).
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(128 * 1024)}
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=ROOT, env=env).stdout
     return json.loads(out.strip().splitlines()[-1])
 
 
-def fmt(result: dict) -> str:
-    return f"{result['seconds'] * 1e3:9.1f} ms {result['peak_bytes'] / 2**20:9.1f} MiB"
+def _row(bench: str, setting: str, variant: str, result: dict) -> dict:
+    return row(bench, setting, variant, result["seconds"] * 1e3, "ms", result["peak_bytes"] / 2**20)
+
+
+STEP_LABELS = {"baseline": "baseline (diffusion loss)", "leffa_t500": "+ Leffa, theta_t 500",
+               "leffa_t1000": "+ Leffa, theta_t 1000"}
+
+
+def rows(args) -> list[dict]:
+    out = []
+    precision = " bf16" if args.bf16 else ""
+    unet = Path(args.unet_config).stem
+    steps = run_case(args, "step")
+    setting = f"{unet}, batch {args.batch}, {args.height}x{args.width}{precision}"
+    step_rows = [_row("Leffa step", setting, STEP_LABELS[name], res) for name, res in steps.items()]
+    for r, res in zip(step_rows[1:], list(steps.values())[1:]):
+        r["variant"] += f" ({res['leffa_samples']}/{args.batch} samples, {res['leffa_layers']} layers)"
+    out += compared(step_rows, STEP_LABELS["baseline"])
+
+    for n in args.token_counts:
+        setting = f"{n} tokens, {args.heads} heads x {args.head_dim}"
+        results = {v: run_case(args, "flow", tokens=n, variant=v) for v in ("fused", "fused_2wide", "naive")}
+        if "backends" in results["fused"]:
+            print(f"SDPA kernels for the flow at {n} tokens: {results['fused']['backends']}", file=sys.stderr)
+        labels = {"fused": "fused, C padded to d", "fused_2wide": "fused, C 2 wide", "naive": "naive matrix"}
+        out += compared([_row("attention flow", setting, labels[v], r) for v, r in results.items()],
+                        labels["fused"])
+
+    for n in args.token_counts:
+        setting = f"{n} tokens, batch 2"
+        ours = _row("concat attention", setting, "generative queries only",
+                    run_case(args, "concat", tokens=n, variant="ours"))
+        literal = _row("concat attention", setting, "concat then slice",
+                       run_case(args, "concat", tokens=n, variant="literal"))
+        out += compared([ours, literal], ours["variant"])
+    return out
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--unet-config", default=str(ROOT / "configs/model/tiny_unet.yaml"))
+    p.add_argument("--vae-config", default=str(ROOT / "configs/model/tiny_vae.yaml"))
     p.add_argument("--height", type=int, default=128)
     p.add_argument("--width", type=int, default=96)
     p.add_argument("--batch", type=int, default=4)
@@ -248,41 +292,12 @@ def main(argv=None):
     p.add_argument("--case", choices=sorted(CASES), help=argparse.SUPPRESS)
     p.add_argument("--tokens", type=int, default=1024, help=argparse.SUPPRESS)
     p.add_argument("--variant", default="", help=argparse.SUPPRESS)
+    add_output_flag(p)
     args = p.parse_args(argv)
     if args.case:
         print(json.dumps(CASES[args.case](args)))
         return
-
-    print(f"device={args.device} threads={torch.get_num_threads()} torch={torch.__version__}")
-    print(f"\n1. training step, tiny model, batch {args.batch} at {args.height}x{args.width}"
-          f"{' bf16' if args.bf16 else ''}, variants interleaved, median of {args.repeat}")
-    if args.device == "cpu":
-        print("   (CPU memory: RSS growth during a step; after warm-up the allocator reuses memory, so it is"
-              " a lower bound; on CUDA it is max_memory_allocated)")
-    steps = run_case(args, "step")
-    base = steps["baseline"]
-    labels = {"baseline": "baseline (diffusion loss)", "leffa_t500": "+ Leffa, theta_timestep=500",
-              "leffa_t1000": "+ Leffa, theta_timestep=1000"}
-    for name, res in steps.items():
-        print(f"  {labels[name]:32s}{fmt(res)}   {res['seconds'] / base['seconds']:.3f}x time   "
-              f"({res['leffa_samples']}/{args.batch} samples, {res['leffa_layers']} Leffa layers)")
-
-    print(f"\n2. attention_flow, {args.heads} heads, head dim {args.head_dim}, forward + backward")
-    print(f"  {'tokens':>7s} {'fused, C padded to d':>24s} {'fused, C 2 wide':>24s} {'naive matrix':>24s}"
-          "   naive/padded: time, memory")
-    for n in args.token_counts:
-        fused, wide, naive = (run_case(args, "flow", tokens=n, variant=v) for v in ("fused", "fused_2wide", "naive"))
-        print(f"  {n:7d}   {fmt(fused)}   {fmt(wide)}   {fmt(naive)}   {naive['seconds'] / fused['seconds']:.2f}x, "
-              f"{naive['peak_bytes'] / max(fused['peak_bytes'], 1):.2f}x")
-        if "backends" in fused:
-            print(f"          SDPA kernels: {fused['backends']}")
-
-    print("\n3. concatenated self-attention, batch 2, forward + backward")
-    for n in args.token_counts:
-        ours = run_case(args, "concat", tokens=n, variant="ours")
-        literal = run_case(args, "concat", tokens=n, variant="literal")
-        print(f"  {n:7d} tokens: generative queries only {fmt(ours)} | concat then slice {fmt(literal)}"
-              f" | literal/ours time {literal['seconds'] / ours['seconds']:.2f}x")
+    emit(rows(args), args.json)
 
 
 if __name__ == "__main__":

@@ -12,17 +12,21 @@ both UNets); an H100 at 40% MFU (~0.4 x 989 TFLOP/s bf16 dense) then trains ~16 
 At 512x384 the cost scales with the pixel count, so ~64 samples/s.
 
     python benchmarks/loader_throughput.py --samples 64 --batches 20
+
+The ratio column is the loader's rate over one GPU's consumption: above 1, the loader keeps up.
 """
 
 import argparse
 import math
 import os
 import statistics
+import sys
 import tempfile
 import time
 
 import numpy as np
 import torch
+from table import add_output_flag, compared, emit, row
 
 from leffa.data import LeffaDataModule
 from leffa.data.synthetic import random_sample, write_split
@@ -67,7 +71,31 @@ def samples_per_second(folder: str, height: int, width: int, workers: int, args)
     return rates
 
 
-def main() -> None:
+def rows(args) -> list[dict]:
+    with tempfile.TemporaryDirectory() as folder:
+        start = time.perf_counter()
+        write_shards(folder, args.samples, args.flow)
+        tars = [f for f in os.listdir(folder) if f.endswith(".tar")]
+        size = sum(os.path.getsize(os.path.join(folder, f)) for f in tars)
+        print(f"loader: wrote {args.samples} samples at {NATIVE[0]}x{NATIVE[1]} in {len(tars)} shards, "
+              f"{size / args.samples / 1e3:.0f} kB/sample, {time.perf_counter() - start:.1f} s", file=sys.stderr)
+        out = []
+        for height, width in ((512, 384), (1024, 768)):
+            need = gpu_rate(height, width)
+            setting = f"{height}x{width}, batch {args.batch_size}{', flow' if args.flow else ''}, {os.cpu_count()} cores"
+            group = [row("loader", setting, "one GPU trains (40% MFU)", need, "samples/s")]
+            for workers in args.workers:
+                rates = samples_per_second(folder, height, width, workers, args)
+                rate = statistics.median(rates)
+                print(f"loader: {height}x{width}, {workers} workers: {rate:.1f} samples/s "
+                      f"(windows {min(rates):.0f}-{max(rates):.0f}); one GPU needs {need:.1f}, so "
+                      f"{math.ceil(need / (rate / max(workers, 1)))} workers per GPU", file=sys.stderr)
+                group.append(row("loader", setting, f"{workers} workers", rate, "samples/s"))
+            out += compared(group, group[0]["variant"])
+    return out
+
+
+def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--samples", type=int, default=64, help="synthetic 1024x768 samples to write")
     parser.add_argument("--batches", type=int, default=20, help="timed batches per configuration")
@@ -77,40 +105,13 @@ def main() -> None:
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--shuffle-buffer", type=int, default=100)
     parser.add_argument("--flow", action="store_true", help="include a 1024x768x2 float16 flow per sample")
-    args = parser.parse_args()
+    add_output_flag(parser)
+    args = parser.parse_args(argv)
     # DataLoader workers run with one torch thread; give num_workers=0 the same so the per-worker
     # figures compare. (Two intra-op threads in the main process of a 2-core machine made the
     # figures erratic, from 16 to 72 samples/s within one run.)
     torch.set_num_threads(1)
-
-    with tempfile.TemporaryDirectory() as folder:
-        start = time.perf_counter()
-        write_shards(folder, args.samples, args.flow)
-        tars = [f for f in os.listdir(folder) if f.endswith(".tar")]
-        size = sum(os.path.getsize(os.path.join(folder, f)) for f in tars)
-        print(
-            f"wrote {args.samples} samples at {NATIVE[0]}x{NATIVE[1]} in {len(tars)} shards,"
-            f" {size / args.samples / 1e3:.0f} kB/sample, {time.perf_counter() - start:.1f} s"
-        )
-        print(
-            f"CPU cores: {os.cpu_count()}; batch {args.batch_size}, hflip on, flow {'on' if args.flow else 'off'};"
-            f" median of {args.repeats} windows of {args.batches} batches (range in brackets)\n"
-        )
-        print(
-            f"{'resolution':>10} {'workers':>7} {'samples/s':>10} {'(min-max)':>13}"
-            f" {'per worker':>10} {'GPU@40%MFU':>10} {'workers/GPU':>11}"
-        )
-        for height, width in ((512, 384), (1024, 768)):
-            need = gpu_rate(height, width)
-            for workers in args.workers:
-                rates = samples_per_second(folder, height, width, workers, args)
-                rate = statistics.median(rates)
-                per_worker = rate / max(workers, 1)
-                spread = f"({min(rates):.0f}-{max(rates):.0f})"
-                print(
-                    f"{height:>5}x{width:<4} {workers:>7} {rate:>10.1f} {spread:>13} {per_worker:>10.1f}"
-                    f" {need:>10.1f} {math.ceil(need / per_worker):>11}"
-                )
+    emit(rows(args), args.json)
 
 
 if __name__ == "__main__":

@@ -43,18 +43,19 @@ RUNS = {
     "leffa_per_head": dict(use_leffa_loss=True, average_heads=False),
     "leffa_no_upsample": dict(use_leffa_loss=True, upsample_flow=False),
     "leffa_all_timesteps": dict(use_leffa_loss=True, theta_timestep=1000),
+    "leffa_lambda_x10": dict(use_leffa_loss=True, lambda_scale=10.0),
 }
 EVAL_TIMESTEPS = [100, 250, 400]  # all below theta_timestep = 500
 
 
-def module_settings(lambda_leffa: float) -> dict:
+def module_settings(lambda_leffa: float, learning_rate: float) -> dict:
     return dict(
         unet_config=ROOT / "configs/model/tiny_unet.yaml",
         vae_config=ROOT / "configs/model/tiny_vae.yaml",
         # "tryon": mask + masked-image latent. The synthetic DensePose colours each pixel by its
         # reference coordinate, i.e. it would hand the model the answer; try-on conditioning does not.
         conditioning="tryon",
-        learning_rate=1e-4,
+        learning_rate=learning_rate,
         lambda_leffa=lambda_leffa,
         p_drop_ref=0.0,
     )
@@ -74,7 +75,7 @@ def train(module: LeffaModule, data: LeffaDataModule, steps: int, seed: int, roo
 def evaluate(module: LeffaModule, batches: list[dict]) -> dict:
     """Mean over samples, timesteps and Leffa layers (and per layer resolution)."""
     module.eval()
-    epe, warp, per_grid = [], [], {}
+    epe, warp, entropy, per_grid = [], [], [], {}
     denoise = []
     for batch in batches:
         gt = batch["flow"]  # (B, H, W, 2), NaN outside the mask
@@ -93,6 +94,7 @@ def evaluate(module: LeffaModule, batches: list[dict]) -> dict:
                 epe.append(err.mean().item())
                 per_grid.setdefault(f"{item['capture'].grid[0]}x{item['capture'].grid[1]}", []).append(err.mean().item())
                 warp.append(warp_loss(flow, batch["ref"], batch["tgt"], batch["mask"]).mean().item())
+                entropy.append(attention_entropy(item["capture"], module.hparams.tau, valid, (H, W)))
             g = torch.Generator().manual_seed(t)
             latents = module.encode(batch["tgt"], g)
             noise = torch.randn(latents.shape, generator=g)
@@ -104,19 +106,53 @@ def evaluate(module: LeffaModule, batches: list[dict]) -> dict:
                           module.encode(batch["ref"]))
             denoise.append(diffusion_loss(pred, noise).mean().item())
     return {"epe_px": statistics.mean(epe), "warp_l2": statistics.mean(warp), "denoise": statistics.mean(denoise),
+            "entropy": statistics.mean(entropy),
             "epe_px_by_grid": {k: statistics.mean(v) for k, v in sorted(per_grid.items())}}
 
 
-def identity_epe(batches: list[dict]) -> float:
-    """EPE of the zero-knowledge guess 'each pixel maps to the same place', for scale."""
+def attention_entropy(capture, tau: float, valid: torch.Tensor, size: tuple[int, int]) -> float:
+    """Entropy of the head-averaged attention of the query tokens inside the mask, over log(keys):
+    1 is uniform attention (the flow then points at the reference centre), 0 one-hot."""
+    q, k = capture.query.float(), capture.key.float()
+    attn = torch.softmax(q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5 / tau, dim=-1).mean(1)  # (B, n, keys)
+    ent = -(attn * attn.clamp_min(1e-12).log()).sum(-1) / torch.log(torch.tensor(float(k.shape[2])))
+    inside = F.interpolate(valid[:, None].float(), size=capture.grid, mode="area").flatten(1) > 0.5
+    return ent[inside].mean().item() if inside.any() else float("nan")
+
+
+def guess_epe(batches: list[dict], guess: str) -> float:
+    """EPE of a flow that knows nothing, for scale: ``identity`` (each pixel maps to the same place)
+    or ``centre`` (every pixel maps to the reference centre: what uniform attention gives)."""
     errs = []
     for batch in batches:
         gt = batch["flow"]
         H, W = gt.shape[1:3]
         ys, xs = torch.meshgrid(torch.linspace(-1, 1, H), torch.linspace(-1, 1, W), indexing="ij")
+        if guess == "centre":
+            xs, ys = torch.zeros_like(xs), torch.zeros_like(ys)
         dx, dy = (xs - gt[..., 0]) * (W - 1) / 2, (ys - gt[..., 1]) * (H - 1) / 2
         errs.append(torch.sqrt(dx ** 2 + dy ** 2)[~torch.isnan(gt[..., 0])].mean().item())
     return statistics.mean(errs)
+
+
+def overfit_check(settings: dict, batch: dict, steps: int, lr: float) -> dict:
+    """Can the Leffa loss alone, on one held-out batch at every timestep, pull the attention flow onto
+    the ground truth? Adam on the Leffa loss only; metrics of that batch before and after."""
+    torch.manual_seed(0)
+    module = LeffaModule(**{**settings, "use_leffa_loss": True, "theta_timestep": 1000})
+    module.setup("fit")
+    optimizer = torch.optim.Adam([p for p in module.parameters() if p.requires_grad], lr=lr)
+    before, losses = evaluate(module, [batch]), []
+    for _ in range(steps):
+        module.train()
+        optimizer.zero_grad(set_to_none=True)
+        module._common_step(batch, "check", torch.Generator().manual_seed(0))
+        loss = module.leffa_loss(batch["ref"], batch["tgt"], batch["mask"]).mean()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    return {"steps": steps, "lr": lr, "leffa_first": losses[0], "leffa_last": losses[-1], "before": before,
+            "after": evaluate(module, [batch])}
 
 
 def pictures(modules: dict[str, LeffaModule], batch: dict, out: Path) -> list[Path]:
@@ -146,14 +182,19 @@ def main(argv=None):
     p.add_argument("--baseline-steps", type=int, default=800)
     p.add_argument("--steps", type=int, default=250, help="steps of each continuation")
     p.add_argument("--lambda-leffa", type=float, default=0.1)
+    p.add_argument("--learning-rate", type=float, default=1e-4)
+    p.add_argument("--runs", nargs="+", choices=list(RUNS), default=list(RUNS), help="continuations to run")
     p.add_argument("--size", type=int, nargs=2, default=[64, 48], metavar=("H", "W"))
     p.add_argument("--train-samples", type=int, default=256)
     p.add_argument("--eval-samples", type=int, default=16)
     p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--check-steps", type=int, default=200, help="steps of the Leffa-only overfit check")
+    p.add_argument("--notes", type=Path, default=ROOT / "replicate/notes.md",
+                   help="hand-written reading of the result, appended to the report when the file exists")
     p.add_argument("--smoke", action="store_true", help="a handful of steps, to check the pipeline")
     args = p.parse_args(argv)
     if args.smoke:
-        args.seeds, args.baseline_steps, args.steps = [0], 3, 2
+        args.seeds, args.baseline_steps, args.steps, args.check_steps = [0], 3, 2, 2
         args.train_samples, args.eval_samples, args.size = 8, 2, [64, 48]
         EVAL_TIMESTEPS[:] = [250]
     out = Path(args.out)
@@ -171,14 +212,16 @@ def main(argv=None):
                                 val_batch_size=args.batch_size, num_workers=0)
     eval_batches = [to_model_batch(b) for b in eval_data.predict_dataloader()]
 
-    settings = module_settings(args.lambda_leffa)
+    settings = module_settings(args.lambda_leffa, args.learning_rate)
     torch.manual_seed(0)
     baseline = LeffaModule(**settings, use_leffa_loss=False)
     seconds = {"baseline": train(baseline, data, args.baseline_steps, 0, out / "work")}
     base_state = {k: v.clone() for k, v in baseline.state_dict().items()}
     results = {"baseline": [evaluate(baseline, eval_batches)]}
     finals = {}
-    for name, options in RUNS.items():
+    for name in args.runs:
+        options = dict(RUNS[name])
+        options["lambda_leffa"] = args.lambda_leffa * options.pop("lambda_scale", 1.0)
         results[name] = []
         for seed in args.seeds:
             module = LeffaModule(**{**settings, **options})
@@ -187,9 +230,14 @@ def main(argv=None):
             results[name].append(evaluate(module, eval_batches))
             finals.setdefault(name, module)
             print(f"{name} seed {seed}: {results[name][-1]}", flush=True)
-    written = pictures({"no_leffa": finals["no_leffa"], "leffa": finals["leffa"]}, eval_batches[0], out / "figures")
-    summary = {"settings": {k: str(v) for k, v in vars(args).items()}, "identity_epe_px": identity_epe(eval_batches),
-               "results": results, "seconds": seconds}
+    shown = {"baseline": baseline, **{name: finals[name] for name in ("no_leffa", "leffa") if name in finals}}
+    written = pictures(shown, eval_batches[0], out / "figures")
+    start = time.perf_counter()
+    check = overfit_check(settings, eval_batches[0], args.check_steps, 1e-3)
+    seconds["overfit_check"] = time.perf_counter() - start
+    summary = {"settings": {k: str(v) for k, v in vars(args).items()},
+               "identity_epe_px": guess_epe(eval_batches, "identity"), "centre_epe_px": guess_epe(eval_batches, "centre"),
+               "results": results, "overfit_check": check, "seconds": seconds}
     (out / "results.json").write_text(json.dumps(summary, indent=2))
     (out / "report.md").write_text(report(summary, args, written, out))
     print(f"wrote {out / 'report.md'}")
@@ -201,43 +249,72 @@ def _cell(values: list[float]) -> str:
     return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
 
 
+def _row(name: str, runs: list[dict], grids: list[str]) -> str:
+    cells = [_cell([r[key] for r in runs]) for key in ("epe_px", "warp_l2", "denoise", "entropy")]
+    cells += [_cell([r["epe_px_by_grid"][g] for r in runs]) for g in grids]
+    return f"| {name} | " + " | ".join(cells) + " |"
+
+
+RUN_NOTES = {
+    "baseline": "the starting point of every row below",
+    "no_leffa": "diffusion loss only",
+    "leffa": "+ Leffa loss (paper settings, lambda as stated)",
+    "leffa_per_head": "Tab. 8: loss per head, no head average",
+    "leffa_no_upsample": "Tab. 8: images downsampled to the flow instead",
+    "leffa_all_timesteps": "Fig. 5: theta_timestep 1000",
+    "leffa_lambda_x10": "Leffa with 10x lambda",
+}
+
+
 def report(summary: dict, args, figures: list[Path], out: Path) -> str:
     res = summary["results"]
+    grids = list(res["baseline"][0]["epe_px_by_grid"])
+    check = summary["overfit_check"]
     lines = [
         "# Leffa on the synthetic set, CPU scale",
         "",
-        "Produced by `make replicate` (`replicate/run.py`); numbers below are from the run that wrote "
-        "`results.json` beside this file.",
+        "Written by `make replicate` (`replicate/run.py`) together with `results.json` (every number, per seed) "
+        "and `figures/`.",
         "",
         f"- Tiny model (`configs/model/tiny_unet.yaml`, `tiny_vae.yaml`; the VAE is random and frozen), "
         f"{args.size[0]}x{args.size[1]} synthetic samples ({args.train_samples} train, {args.eval_samples} held out), "
-        f"batch {args.batch_size}, AdamW lr 1e-4, try-on conditioning.",
-        f"- Baseline: {args.baseline_steps} steps with the diffusion loss only (seed 0). Each row below then "
-        f"continues it for {args.steps} steps with seeds {args.seeds} (mean ± standard deviation over seeds).",
+        f"batch {args.batch_size}, AdamW lr {args.learning_rate:g}, try-on conditioning (the synthetic DensePose "
+        "colours each pixel by its reference coordinate, i.e. it would hand the model the answer).",
+        f"- Baseline: {args.baseline_steps} steps with the diffusion loss only (seed 0). Each continuation then "
+        f"trains {args.steps} more steps from it with seeds {args.seeds} (mean ± standard deviation over seeds).",
         f"- Leffa settings: the paper's tau 2.0, theta_resolution 1/32 and theta_timestep 500; lambda_leffa "
-        f"{args.lambda_leffa} instead of the paper's 1e-3, because the continuation is {args.steps} steps rather "
-        "than 10k: at 1e-3 the Leffa gradient is too small to move the attention within this budget.",
-        f"- Measured on the held-out samples at t in {list(EVAL_TIMESTEPS)}, every Leffa layer (token grids "
-        f"{', '.join(res['baseline'][0]['epe_px_by_grid'])}): EPE = mean end-point error in pixels between the "
-        "head-averaged attention flow (upsampled) and the ground-truth flow inside the mask; warp L2 = Eq. 4; "
-        "denoise = epsilon MSE.",
-        f"- For scale: the identity map (no correspondence at all) has an EPE of {summary['identity_epe_px']:.2f} px.",
+        f"{args.lambda_leffa:g} instead of the paper's 1e-3, because a continuation is {args.steps} steps rather "
+        "than the paper's 10k+.",
+        f"- Measured on the held-out samples at t in {list(EVAL_TIMESTEPS)} (all below theta_timestep), every Leffa "
+        f"layer (token grids {', '.join(grids)}): EPE = mean end-point error in pixels between the head-averaged "
+        "attention flow (bilinearly upsampled) and the ground-truth flow, inside the mask; warp L2 = Eq. 4; "
+        "denoise = epsilon MSE; entropy = entropy of the head-averaged attention of the masked query tokens over "
+        "log(number of keys) (1 = uniform attention, 0 = one-hot).",
+        f"- For scale, flows that know nothing: the identity map has an EPE of {summary['identity_epe_px']:.2f} px; "
+        f"pointing every pixel at the reference centre (what uniform attention gives) {summary['centre_epe_px']:.2f} px.",
         "",
-        "| run | attention-flow EPE (px) | warp L2 | denoising loss |" + "".join(
-            f" EPE {g} |" for g in res["baseline"][0]["epe_px_by_grid"]),
-        "|---|---|---|---|" + "---|" * len(res["baseline"][0]["epe_px_by_grid"]),
+        "| run | attention-flow EPE (px) | warp L2 | denoising loss | attention entropy |"
+        + "".join(f" EPE {g} |" for g in grids) + " what it is |",
+        "|---|---|---|---|---|" + "---|" * len(grids) + "---|",
     ]
-    for name, runs in res.items():
-        grids = runs[0]["epe_px_by_grid"]
-        lines.append(
-            f"| {name} | {_cell([r['epe_px'] for r in runs])} | {_cell([r['warp_l2'] for r in runs])} | "
-            f"{_cell([r['denoise'] for r in runs])} |"
-            + "".join(f" {_cell([r['epe_px_by_grid'][g] for r in runs])} |" for g in grids))
-    lines += ["", "Pictures (finest Leffa layer, t = 250; columns: target, reference, attention-flow colour, "
-              "reference warped by the attention flow, three query-point attentions, ground-truth flow colour, "
-              "reference warped by the ground truth):", ""]
-    lines += [f"![{f.stem}]({f.relative_to(out)})" for f in figures]
-    lines += ["", "Wall time per run (s): " + ", ".join(f"{k} {v:.0f}" for k, v in summary["seconds"].items()), ""]
+    lines += [_row(name, runs, grids) + f" {RUN_NOTES.get(name, '')} |" for name, runs in res.items()]
+    b, a = check["before"], check["after"]
+    lines += [
+        "",
+        f"Leffa-only overfit check (one held-out batch, every timestep, Adam lr {check['lr']:g}, {check['steps']} "
+        f"steps on the Leffa loss alone, from random weights): Leffa loss {check['leffa_first']:.3f} -> "
+        f"{check['leffa_last']:.3f}; warp L2 {b['warp_l2']:.4f} -> {a['warp_l2']:.4f}; attention-flow EPE "
+        f"{b['epe_px']:.2f} -> {a['epe_px']:.2f} px; attention entropy {b['entropy']:.3f} -> {a['entropy']:.3f}.",
+        "",
+        "Pictures (finest Leffa layer, t = 250, the same held-out samples; columns: target, reference, "
+        "attention-flow colour, reference warped by the attention flow, attention of three query points, "
+        "ground-truth flow colour, reference warped by the ground truth):",
+        "",
+    ]
+    lines += [f"**{f.stem.removeprefix('flow_')}**\n\n![{f.stem}]({f.relative_to(out)})\n" for f in figures]
+    lines += ["Wall time (s): " + ", ".join(f"{k} {v:.0f}" for k, v in summary["seconds"].items()), ""]
+    if args.notes and Path(args.notes).is_file():
+        lines += [Path(args.notes).read_text()]
     return "\n".join(lines)
 
 
