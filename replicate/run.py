@@ -71,11 +71,43 @@ def train(module: LeffaModule, data: LeffaDataModule, steps: int, seed: int, roo
     return time.perf_counter() - start
 
 
+def end_point_error(flow: torch.Tensor, gt: torch.Tensor) -> float:
+    """Mean distance in pixels between a token-grid flow (B, h, w, 2), bilinearly upsampled, and the
+    ground truth (B, H, W, 2), over the pixels where the ground truth is defined (not NaN)."""
+    H, W = gt.shape[1:3]
+    up = F.interpolate(flow.permute(0, 3, 1, 2), size=(H, W), mode="bilinear", align_corners=True).permute(0, 2, 3, 1)
+    # normalised -> pixels: x spans W - 1 pixels over [-1, 1], y spans H - 1
+    dx, dy = (up[..., 0] - gt[..., 0]) * (W - 1) / 2, (up[..., 1] - gt[..., 1]) * (H - 1) / 2
+    return torch.sqrt(dx ** 2 + dy ** 2)[~torch.isnan(gt[..., 0])].mean().item()
+
+
+def ground_truth_at_grid(batch: dict, grid: tuple[int, int]) -> torch.Tensor:
+    """The ground-truth flow averaged over each token's pixels inside the mask (the reference centre
+    where a token has none): the best a flow at that token grid can be, (B, h, w, 2)."""
+    gt = batch["flow"].permute(0, 3, 1, 2)
+    valid = (~torch.isnan(gt[:, :1])).float()
+    total = F.interpolate(gt.nan_to_num(0.0) * valid, size=grid, mode="area")
+    count = F.interpolate(valid, size=grid, mode="area")
+    return (total / count.clamp_min(1e-6)).permute(0, 2, 3, 1)
+
+
+def ground_truth_scale(batches: list[dict], grids: list[str]) -> dict:
+    """Per Leffa token grid: EPE and warp L2 (Eq. 4) of the ground truth itself at that grid."""
+    out = {}
+    for name in grids:
+        grid = tuple(int(v) for v in name.split("x"))
+        flows = [(ground_truth_at_grid(b, grid), b) for b in batches]
+        out[name] = {"epe_px": statistics.mean(end_point_error(f, b["flow"]) for f, b in flows),
+                     "warp_l2": statistics.mean(warp_loss(f, b["ref"], b["tgt"], b["mask"]).mean().item()
+                                                for f, b in flows)}
+    return out
+
+
 @torch.no_grad()
 def evaluate(module: LeffaModule, batches: list[dict]) -> dict:
     """Mean over samples, timesteps and Leffa layers (and per layer resolution)."""
     module.eval()
-    epe, warp, entropy, per_grid = [], [], [], {}
+    epe, warp, entropy, spread, per_grid = [], [], [], [], {}
     denoise = []
     for batch in batches:
         gt = batch["flow"]  # (B, H, W, 2), NaN outside the mask
@@ -85,14 +117,10 @@ def evaluate(module: LeffaModule, batches: list[dict]) -> dict:
             flows = layer_flows(module, batch, timestep=t, seed=t)
             for name, item in flows.items():
                 flow = item["flow"]
-                up = F.interpolate(flow.permute(0, 3, 1, 2), size=(H, W), mode="bilinear",
-                                   align_corners=True).permute(0, 2, 3, 1)
-                # normalised -> pixels: x spans W - 1 pixels over [-1, 1], y spans H - 1
-                dx = (up[..., 0] - gt[..., 0]) * (W - 1) / 2
-                dy = (up[..., 1] - gt[..., 1]) * (H - 1) / 2
-                err = torch.sqrt(dx ** 2 + dy ** 2)[valid]
-                epe.append(err.mean().item())
-                per_grid.setdefault(f"{item['capture'].grid[0]}x{item['capture'].grid[1]}", []).append(err.mean().item())
+                err = end_point_error(flow, gt)
+                epe.append(err)
+                spread.append(end_point_error(flow, torch.where(torch.isnan(gt), gt, torch.zeros_like(gt))))
+                per_grid.setdefault(f"{item['capture'].grid[0]}x{item['capture'].grid[1]}", []).append(err)
                 warp.append(warp_loss(flow, batch["ref"], batch["tgt"], batch["mask"]).mean().item())
                 entropy.append(attention_entropy(item["capture"], module.hparams.tau, valid, (H, W)))
             g = torch.Generator().manual_seed(t)
@@ -106,7 +134,7 @@ def evaluate(module: LeffaModule, batches: list[dict]) -> dict:
                           module.encode(batch["ref"]))
             denoise.append(diffusion_loss(pred, noise).mean().item())
     return {"epe_px": statistics.mean(epe), "warp_l2": statistics.mean(warp), "denoise": statistics.mean(denoise),
-            "entropy": statistics.mean(entropy),
+            "entropy": statistics.mean(entropy), "spread_px": statistics.mean(spread),
             "epe_px_by_grid": {k: statistics.mean(v) for k, v in sorted(per_grid.items())}}
 
 
@@ -191,6 +219,8 @@ def main(argv=None):
     p.add_argument("--check-steps", type=int, default=200, help="steps of the Leffa-only overfit check")
     p.add_argument("--notes", type=Path, default=ROOT / "replicate/notes.md",
                    help="hand-written reading of the result, appended to the report when the file exists")
+    p.add_argument("--report-only", action="store_true",
+                   help="rewrite report.md from the results.json already in --out (no training)")
     p.add_argument("--smoke", action="store_true", help="a handful of steps, to check the pipeline")
     args = p.parse_args(argv)
     if args.smoke:
@@ -211,6 +241,9 @@ def main(argv=None):
     eval_data = LeffaDataModule(predict_shards=f"{shards}@test", height=h, width=w,
                                 val_batch_size=args.batch_size, num_workers=0)
     eval_batches = [to_model_batch(b) for b in eval_data.predict_dataloader()]
+    if args.report_only:  # the trained results as they are; the measures of the data and the text anew
+        write_report(json.loads((out / "results.json").read_text()), args, eval_batches, out)
+        return
 
     settings = module_settings(args.lambda_leffa, args.learning_rate)
     torch.manual_seed(0)
@@ -235,11 +268,17 @@ def main(argv=None):
     start = time.perf_counter()
     check = overfit_check(settings, eval_batches[0], args.check_steps, 1e-3)
     seconds["overfit_check"] = time.perf_counter() - start
-    summary = {"settings": {k: str(v) for k, v in vars(args).items()},
-               "identity_epe_px": guess_epe(eval_batches, "identity"), "centre_epe_px": guess_epe(eval_batches, "centre"),
-               "results": results, "overfit_check": check, "seconds": seconds}
+    summary = {"settings": {k: str(v) for k, v in vars(args).items()}, "results": results, "overfit_check": check,
+               "seconds": seconds, "figures": [str(f.relative_to(out)) for f in written]}
+    write_report(summary, args, eval_batches, out)
+
+
+def write_report(summary: dict, args, eval_batches: list[dict], out: Path) -> None:
+    grids = list(summary["results"]["baseline"][0]["epe_px_by_grid"])
+    summary.update(identity_epe_px=guess_epe(eval_batches, "identity"), centre_epe_px=guess_epe(eval_batches, "centre"),
+                   ground_truth_at_grid=ground_truth_scale(eval_batches, grids))
     (out / "results.json").write_text(json.dumps(summary, indent=2))
-    (out / "report.md").write_text(report(summary, args, written, out))
+    (out / "report.md").write_text(report(summary, args, out))
     print(f"wrote {out / 'report.md'}")
 
 
@@ -250,7 +289,7 @@ def _cell(values: list[float]) -> str:
 
 
 def _row(name: str, runs: list[dict], grids: list[str]) -> str:
-    cells = [_cell([r[key] for r in runs]) for key in ("epe_px", "warp_l2", "denoise", "entropy")]
+    cells = [_cell([r[key] for r in runs]) for key in ("epe_px", "warp_l2", "denoise", "entropy", "spread_px")]
     cells += [_cell([r["epe_px_by_grid"][g] for r in runs]) for g in grids]
     return f"| {name} | " + " | ".join(cells) + " |"
 
@@ -266,7 +305,7 @@ RUN_NOTES = {
 }
 
 
-def report(summary: dict, args, figures: list[Path], out: Path) -> str:
+def report(summary: dict, args, out: Path) -> str:
     res = summary["results"]
     grids = list(res["baseline"][0]["epe_px_by_grid"])
     check = summary["overfit_check"]
@@ -289,13 +328,17 @@ def report(summary: dict, args, figures: list[Path], out: Path) -> str:
         f"layer (token grids {', '.join(grids)}): EPE = mean end-point error in pixels between the head-averaged "
         "attention flow (bilinearly upsampled) and the ground-truth flow, inside the mask; warp L2 = Eq. 4; "
         "denoise = epsilon MSE; entropy = entropy of the head-averaged attention of the masked query tokens over "
-        "log(number of keys) (1 = uniform attention, 0 = one-hot).",
+        "log(number of keys) (1 = uniform attention, 0 = one-hot); flow reach = mean distance in pixels of the "
+        f"attention flow from the reference centre (the ground truth's is {summary['centre_epe_px']:.2f} px).",
         f"- For scale, flows that know nothing: the identity map has an EPE of {summary['identity_epe_px']:.2f} px; "
         f"pointing every pixel at the reference centre (what uniform attention gives) {summary['centre_epe_px']:.2f} px.",
+        "- The ground truth itself, averaged over each token's pixels (the best flow a token grid can hold): "
+        + "; ".join(f"{g}: EPE {v['epe_px']:.2f} px, warp L2 {v['warp_l2']:.4f}"
+                    for g, v in summary["ground_truth_at_grid"].items()) + ".",
         "",
-        "| run | attention-flow EPE (px) | warp L2 | denoising loss | attention entropy |"
+        "| run | attention-flow EPE (px) | warp L2 | denoising loss | attention entropy | flow reach (px) |"
         + "".join(f" EPE {g} |" for g in grids) + " what it is |",
-        "|---|---|---|---|---|" + "---|" * len(grids) + "---|",
+        "|---|---|---|---|---|---|" + "---|" * len(grids) + "---|",
     ]
     lines += [_row(name, runs, grids) + f" {RUN_NOTES.get(name, '')} |" for name, runs in res.items()]
     b, a = check["before"], check["after"]
@@ -304,14 +347,15 @@ def report(summary: dict, args, figures: list[Path], out: Path) -> str:
         f"Leffa-only overfit check (one held-out batch, every timestep, Adam lr {check['lr']:g}, {check['steps']} "
         f"steps on the Leffa loss alone, from random weights): Leffa loss {check['leffa_first']:.3f} -> "
         f"{check['leffa_last']:.3f}; warp L2 {b['warp_l2']:.4f} -> {a['warp_l2']:.4f}; attention-flow EPE "
-        f"{b['epe_px']:.2f} -> {a['epe_px']:.2f} px; attention entropy {b['entropy']:.3f} -> {a['entropy']:.3f}.",
+        f"{b['epe_px']:.2f} -> {a['epe_px']:.2f} px; attention entropy {b['entropy']:.3f} -> {a['entropy']:.3f}; flow "
+        f"reach {b['spread_px']:.2f} -> {a['spread_px']:.2f} px.",
         "",
         "Pictures (finest Leffa layer, t = 250, the same held-out samples; columns: target, reference, "
         "attention-flow colour, reference warped by the attention flow, attention of three query points, "
         "ground-truth flow colour, reference warped by the ground truth):",
         "",
     ]
-    lines += [f"**{f.stem.removeprefix('flow_')}**\n\n![{f.stem}]({f.relative_to(out)})\n" for f in figures]
+    lines += [f"**{Path(f).stem.removeprefix('flow_')}**\n\n![{Path(f).stem}]({f})\n" for f in summary["figures"]]
     lines += ["Wall time (s): " + ", ".join(f"{k} {v:.0f}" for k, v in summary["seconds"].items()), ""]
     if args.notes and Path(args.notes).is_file():
         lines += [Path(args.notes).read_text()]
