@@ -25,7 +25,7 @@ def test_replicate_smoke(tmp_path):
     for name in runs:
         result = summary["results"][name][0]
         assert 0 < result["epe_px"] < 100 and result["warp_l2"] > 0 and result["denoise"] > 0
-        assert 0 < result["entropy"] <= 1
+        assert 0 < result["entropy"] <= 1 and result["spread_px"] >= 0
     assert summary["overfit_check"]["steps"] == 2 and "epe_px" in summary["overfit_check"]["after"]
     report = (tmp_path / "report.md").read_text()
     assert all(f"| {name} |" in report for name in runs)
