@@ -90,7 +90,8 @@ def rows(args) -> list[dict]:
                 print(f"loader: {height}x{width}, {workers} workers: {rate:.1f} samples/s "
                       f"(windows {min(rates):.0f}-{max(rates):.0f}); one GPU needs {need:.1f}, so "
                       f"{math.ceil(need / (rate / max(workers, 1)))} workers per GPU", file=sys.stderr)
-                group.append(row("loader", setting, f"{workers} workers", rate, "samples/s"))
+                label = "no workers (main process)" if workers == 0 else f"{workers} worker{'s' * (workers > 1)}"
+                group.append(row("loader", setting, label, rate, "samples/s"))
             out += compared(group, group[0]["variant"])
     return out
 
