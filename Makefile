@@ -1,4 +1,4 @@
-# leffa: make install | test | demo | shards | bench
+# leffa: make install | test | demo | shards | bench | replicate
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
@@ -48,7 +48,7 @@ demo: install
 bench: install
 	$(PY) benchmarks/run_all.py --out benchmarks/results.md
 
-# The paper's claim at CPU scale on the synthetic set: writes replicate/report.md (about 30 min on 2 cores).
+# The paper's claim at CPU scale on the synthetic set: writes replicate/report.md (about 10 min on 2 cores).
 replicate: install
 	$(PY) replicate/run.py --out replicate
 

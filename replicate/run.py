@@ -61,7 +61,8 @@ def module_settings(lambda_leffa: float, learning_rate: float) -> dict:
     )
 
 
-def train(module: LeffaModule, data: LeffaDataModule, steps: int, seed: int, root: Path) -> float:
+def train(module: LeffaModule, data: LeffaDataModule, steps: int, seed: int, root: Path, name: str = "") -> float:
+    print(f"[replicate] {name or 'training'}: {steps} steps, seed {seed}", flush=True)
     L.seed_everything(seed, verbose=False)
     trainer = L.Trainer(max_steps=steps, accelerator="cpu", logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
@@ -248,7 +249,7 @@ def main(argv=None):
     settings = module_settings(args.lambda_leffa, args.learning_rate)
     torch.manual_seed(0)
     baseline = LeffaModule(**settings, use_leffa_loss=False)
-    seconds = {"baseline": train(baseline, data, args.baseline_steps, 0, out / "work")}
+    seconds = {"baseline": train(baseline, data, args.baseline_steps, 0, out / "work", "baseline")}
     base_state = {k: v.clone() for k, v in baseline.state_dict().items()}
     results = {"baseline": [evaluate(baseline, eval_batches)]}
     finals = {}
@@ -259,7 +260,7 @@ def main(argv=None):
         for seed in args.seeds:
             module = LeffaModule(**{**settings, **options})
             module.load_state_dict(base_state)
-            seconds[f"{name}/{seed}"] = train(module, data, args.steps, seed, out / "work")
+            seconds[f"{name}/{seed}"] = train(module, data, args.steps, seed, out / "work", name)
             results[name].append(evaluate(module, eval_batches))
             finals.setdefault(name, module)
             print(f"{name} seed {seed}: {results[name][-1]}", flush=True)
