@@ -17,7 +17,8 @@ from leffa.conditioning import build_conditioning
 from leffa.losses import attention_flow
 from leffa.viz import to_unit
 
-__all__ = ["flow_to_rgb", "warp", "layer_flows", "query_attention", "flow_figure"]
+__all__ = ["flow_to_rgb", "warp", "noised_forward", "capture_flows", "layer_flows", "head_averaged_attention",
+           "query_attention", "flow_figure"]
 
 
 def flow_to_rgb(flow: torch.Tensor) -> torch.Tensor:
@@ -33,24 +34,46 @@ def warp(ref: torch.Tensor, flow: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def layer_flows(module, batch: dict, timestep: int = 250, seed: int = 0) -> dict:
-    """Run both UNets on ``batch`` noised to ``timestep`` and return, per Leffa layer, its capture and
-    head-averaged flow (B, h, w, 2). Layers are those of the module's theta_resolution."""
+def noised_forward(module, batch: dict, timestep: int = 250, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run both UNets on ``batch`` noised to ``timestep`` (noise and VAE sample from ``seed``), with
+    every sample's Leffa layers captured in ``module.bank``; returns (prediction, noise)."""
     g = torch.Generator().manual_seed(seed)
     latents = module.encode(batch["tgt"], g)
     ref_latent = module.encode(batch["ref"])
     conditioning = build_conditioning(module.hparams.conditioning, batch, module.encode, tuple(latents.shape[-2:]))
     b = latents.shape[0]
     t = torch.full((b,), timestep, device=latents.device)
-    noisy = module.scheduler.add_noise(latents, torch.randn(latents.shape, generator=g).to(latents), t)
-    module(noisy, t, conditioning, ref_latent, tuple(batch["tgt"].shape[-2:]), torch.arange(b, device=latents.device))
+    noise = torch.randn(latents.shape, generator=g).to(latents)
+    prediction = module(module.scheduler.add_noise(latents, noise, t), t, conditioning, ref_latent,
+                        tuple(batch["tgt"].shape[-2:]), torch.arange(b, device=latents.device))
+    return prediction, noise
+
+
+@torch.no_grad()
+def capture_flows(module) -> dict:
+    """Per Leffa layer captured by the last forward: its capture and head-averaged flow (B, h, w, 2)."""
     flows = {}
     for name, cap in module.bank.captures.items():
         h, w = cap.grid
         flow = attention_flow(cap.query.float(), cap.key.float(), cap.grid, module.hparams.tau,
                               register_key=None if cap.register_key is None else cap.register_key.float())
-        flows[name] = {"capture": cap, "flow": flow.view(b, h, w, 2)}
+        flows[name] = {"capture": cap, "flow": flow.view(-1, h, w, 2)}
     return flows
+
+
+def layer_flows(module, batch: dict, timestep: int = 250, seed: int = 0) -> dict:
+    """Run both UNets on ``batch`` noised to ``timestep`` and return, per Leffa layer, its capture and
+    head-averaged flow (B, h, w, 2). Layers are those of the module's theta_resolution."""
+    noised_forward(module, batch, timestep, seed)
+    return capture_flows(module)
+
+
+def head_averaged_attention(capture, tau: float, rows: list[int] | None = None) -> torch.Tensor:
+    """``softmax(Q K^T / sqrt(d) / tau)`` over the reference tokens, mean over heads: (B, n, h*w)
+    for the query tokens ``rows`` (all when None). Register keys are left out."""
+    q = capture.query.float() if rows is None else capture.query[:, :, rows].float()
+    logits = q @ capture.key.float().transpose(-1, -2) / math.sqrt(q.shape[-1]) / tau
+    return torch.softmax(logits, dim=-1).mean(1)
 
 
 def query_attention(capture, points: list[tuple[float, float]], tau: float) -> torch.Tensor:
@@ -58,9 +81,7 @@ def query_attention(capture, points: list[tuple[float, float]], tau: float) -> t
     [0, 1]), mean over heads: (B, P, h, w). Only P rows of the attention matrix are formed."""
     h, w = capture.grid
     rows = [min(int(y * h), h - 1) * w + min(int(x * w), w - 1) for y, x in points]
-    q = capture.query[:, :, rows].float()  # (B, heads, P, d)
-    logits = q @ capture.key.float().transpose(-1, -2) / math.sqrt(q.shape[-1]) / tau
-    return torch.softmax(logits, dim=-1).mean(1).view(q.shape[0], len(points), h, w)
+    return head_averaged_attention(capture, tau, rows).view(-1, len(points), h, w)
 
 
 def flow_figure(batch: dict, flow: torch.Tensor, attention: torch.Tensor) -> torch.Tensor:

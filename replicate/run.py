@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import sys
 import time
@@ -23,6 +24,7 @@ from pathlib import Path
 import lightning as L
 import torch
 import torch.nn.functional as F
+from torchvision.utils import make_grid
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -30,10 +32,11 @@ sys.path.insert(0, str(ROOT))
 from data_prep.__main__ import main as data_prep_main  # noqa: E402
 from leffa.data import LeffaDataModule  # noqa: E402
 from leffa.data.batch import to_model_batch  # noqa: E402
-from leffa.flow_viz import flow_figure, layer_flows, query_attention  # noqa: E402
-from leffa.losses import diffusion_loss, warp_loss  # noqa: E402
+from leffa.flow_viz import (capture_flows, flow_figure, flow_to_rgb, head_averaged_attention,  # noqa: E402
+                             layer_flows, noised_forward, query_attention, warp)
+from leffa.losses import coordinate_map, diffusion_loss, warp_loss  # noqa: E402
 from leffa.module import LeffaModule  # noqa: E402
-from leffa.viz import save_png  # noqa: E402
+from leffa.viz import save_png, to_unit  # noqa: E402
 from leffa.visualize import QUERY_POINTS  # noqa: E402
 
 # Continuations of the baseline: name -> module settings (on top of the shared ones below).
@@ -108,43 +111,32 @@ def ground_truth_scale(batches: list[dict], grids: list[str]) -> dict:
 def evaluate(module: LeffaModule, batches: list[dict]) -> dict:
     """Mean over samples, timesteps and Leffa layers (and per layer resolution)."""
     module.eval()
-    epe, warp, entropy, spread, per_grid = [], [], [], [], {}
-    denoise = []
+    epe, warp, entropy, spread, denoise, per_grid = [], [], [], [], [], {}
     for batch in batches:
         gt = batch["flow"]  # (B, H, W, 2), NaN outside the mask
-        H, W = gt.shape[1:3]
+        centre = torch.where(torch.isnan(gt), gt, torch.zeros_like(gt))  # the reference centre, same mask
         valid = ~torch.isnan(gt[..., 0])
         for t in EVAL_TIMESTEPS:
-            flows = layer_flows(module, batch, timestep=t, seed=t)
-            for name, item in flows.items():
+            prediction, noise = noised_forward(module, batch, timestep=t, seed=t)
+            denoise.append(diffusion_loss(prediction, noise).mean().item())
+            for item in capture_flows(module).values():
                 flow = item["flow"]
                 err = end_point_error(flow, gt)
                 epe.append(err)
-                spread.append(end_point_error(flow, torch.where(torch.isnan(gt), gt, torch.zeros_like(gt))))
+                spread.append(end_point_error(flow, centre))
                 per_grid.setdefault(f"{item['capture'].grid[0]}x{item['capture'].grid[1]}", []).append(err)
                 warp.append(warp_loss(flow, batch["ref"], batch["tgt"], batch["mask"]).mean().item())
-                entropy.append(attention_entropy(item["capture"], module.hparams.tau, valid, (H, W)))
-            g = torch.Generator().manual_seed(t)
-            latents = module.encode(batch["tgt"], g)
-            noise = torch.randn(latents.shape, generator=g)
-            timesteps = torch.full((latents.shape[0],), t)
-            from leffa.conditioning import build_conditioning
-
-            cond = build_conditioning(module.hparams.conditioning, batch, module.encode, tuple(latents.shape[-2:]))
-            pred = module(module.scheduler.add_noise(latents, noise, timesteps), timesteps, cond,
-                          module.encode(batch["ref"]))
-            denoise.append(diffusion_loss(pred, noise).mean().item())
+                entropy.append(attention_entropy(item["capture"], module.hparams.tau, valid))
     return {"epe_px": statistics.mean(epe), "warp_l2": statistics.mean(warp), "denoise": statistics.mean(denoise),
             "entropy": statistics.mean(entropy), "spread_px": statistics.mean(spread),
             "epe_px_by_grid": {k: statistics.mean(v) for k, v in sorted(per_grid.items())}}
 
 
-def attention_entropy(capture, tau: float, valid: torch.Tensor, size: tuple[int, int]) -> float:
-    """Entropy of the head-averaged attention of the query tokens inside the mask, over log(keys):
-    1 is uniform attention (the flow then points at the reference centre), 0 one-hot."""
-    q, k = capture.query.float(), capture.key.float()
-    attn = torch.softmax(q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5 / tau, dim=-1).mean(1)  # (B, n, keys)
-    ent = -(attn * attn.clamp_min(1e-12).log()).sum(-1) / torch.log(torch.tensor(float(k.shape[2])))
+def attention_entropy(capture, tau: float, valid: torch.Tensor) -> float:
+    """Entropy of the head-averaged attention of the query tokens inside the mask (``valid``, at image
+    size), over log(keys): 1 is uniform attention (the flow then points at the reference centre), 0 one-hot."""
+    attn = head_averaged_attention(capture, tau)  # (B, n, keys)
+    ent = -(attn * attn.clamp_min(1e-12).log()).sum(-1) / math.log(attn.shape[-1])
     inside = F.interpolate(valid[:, None].float(), size=capture.grid, mode="area").flatten(1) > 0.5
     return ent[inside].mean().item() if inside.any() else float("nan")
 
@@ -156,11 +148,8 @@ def guess_epe(batches: list[dict], guess: str) -> float:
     for batch in batches:
         gt = batch["flow"]
         H, W = gt.shape[1:3]
-        ys, xs = torch.meshgrid(torch.linspace(-1, 1, H), torch.linspace(-1, 1, W), indexing="ij")
-        if guess == "centre":
-            xs, ys = torch.zeros_like(xs), torch.zeros_like(ys)
-        dx, dy = (xs - gt[..., 0]) * (W - 1) / 2, (ys - gt[..., 1]) * (H - 1) / 2
-        errs.append(torch.sqrt(dx ** 2 + dy ** 2)[~torch.isnan(gt[..., 0])].mean().item())
+        flow = coordinate_map(H, W).view(1, H, W, 2).expand_as(gt)
+        errs.append(end_point_error(flow if guess == "identity" else torch.zeros_like(gt), gt))
     return statistics.mean(errs)
 
 
@@ -193,11 +182,7 @@ def pictures(modules: dict[str, LeffaModule], batch: dict, out: Path) -> list[Pa
         item = flows[finest]
         tiles = flow_figure(batch, item["flow"], query_attention(item["capture"], QUERY_POINTS, module.hparams.tau))
         gt = batch["flow"].nan_to_num(0.0)
-        from leffa.flow_viz import flow_to_rgb, warp
-
-        extra = torch.stack([flow_to_rgb(gt), ((warp(batch["ref"], gt) + 1) / 2).clamp(0, 1)], dim=1)
-        from torchvision.utils import make_grid
-
+        extra = torch.stack([flow_to_rgb(gt), to_unit(warp(batch["ref"], gt))], dim=1)
         grid = make_grid(torch.cat([tiles, extra], dim=1).flatten(0, 1), nrow=tiles.shape[1] + 2, padding=2,
                          pad_value=1.0)
         written.append(save_png(grid, out / f"flow_{name}.png"))

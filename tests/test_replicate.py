@@ -52,7 +52,7 @@ def test_attention_entropy_is_one_for_uniform_and_near_zero_for_one_hot_attentio
     b, heads, h, w, d = 1, 2, 3, 4, 8
     valid = torch.ones(b, 2 * h, 2 * w, dtype=torch.bool)
     uniform = SimpleNamespace(query=torch.zeros(b, heads, h * w, d), key=torch.randn(b, heads, h * w, d), grid=(h, w))
-    assert math.isclose(attention_entropy(uniform, 2.0, valid, (2 * h, 2 * w)), 1.0, rel_tol=1e-6)
+    assert math.isclose(attention_entropy(uniform, 2.0, valid), 1.0, rel_tol=1e-6)
     keys = torch.nn.functional.normalize(torch.randn(b, heads, h * w, d), dim=-1)
     sharp = SimpleNamespace(query=keys * 100, key=keys, grid=(h, w))  # each query matches its own key
-    assert attention_entropy(sharp, 2.0, valid, (2 * h, 2 * w)) < 0.05
+    assert attention_entropy(sharp, 2.0, valid) < 0.05
