@@ -2,17 +2,27 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from pathlib import Path
 
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.loggers import TensorBoardLogger
+from torchvision.utils import save_image
 
 from leffa.sampling import make_scheduler, sample
 from leffa.viz import sample_grid, save_png
 
 __all__ = ["SampleGrid", "FlowPictures", "ImageWriter"]
+
+
+def rank_zero_log_dir(trainer) -> Path:
+    """The run's log folder, read without a collective (not ``trainer.log_dir``: it broadcasts from
+    rank 0, and the picture callbacks run on rank 0 alone)."""
+    logger = trainer.logger
+    return Path(getattr(logger, "log_dir", None) or getattr(logger, "save_dir", None) or trainer.default_root_dir)
 
 
 class SampleGrid(L.Callback):
@@ -43,10 +53,7 @@ class SampleGrid(L.Callback):
         prediction = sample(pl_module, batch, scheduler, self.num_steps, self.guidance_scale,
                             generator=torch.Generator().manual_seed(self.seed))
         grid = sample_grid(batch, prediction)
-        # not trainer.log_dir: it broadcasts from rank 0, and only rank 0 gets here
-        logger = trainer.logger
-        log_dir = Path(getattr(logger, "log_dir", None) or getattr(logger, "save_dir", None)
-                       or trainer.default_root_dir)
+        log_dir = rank_zero_log_dir(trainer)
         self.last_path = save_png(grid, log_dir / "samples" / f"step_{trainer.global_step:06d}.png")
         if isinstance(trainer.logger, TensorBoardLogger):
             trainer.logger.experiment.add_image("val/samples", grid, trainer.global_step)
@@ -70,10 +77,7 @@ class FlowPictures(L.Callback):
         from leffa.visualize import layer_pictures
 
         batch = {k: v[: self.num_samples] for k, v in batch.items() if k in ("tgt", "ref", "mask", "densepose")}
-        # not trainer.log_dir: it broadcasts from rank 0, and only rank 0 gets here
-        logger = trainer.logger
-        log_dir = Path(getattr(logger, "log_dir", None) or getattr(logger, "save_dir", None)
-                       or trainer.default_root_dir)
+        log_dir = rank_zero_log_dir(trainer)
         folder = log_dir / "flows" / f"step_{trainer.global_step:06d}"
         for name, picture in layer_pictures(pl_module, batch, self.timestep).items():
             save_png(picture, folder / f"{name}.png")
@@ -97,15 +101,10 @@ class ImageWriter(BasePredictionWriter):
     def on_predict_start(self, trainer, pl_module) -> None:
         self.output_dir.mkdir(parents=True, exist_ok=True)
         if trainer.is_global_zero:
-            import dataclasses
-            import json
-
             settings = {"sampling": dataclasses.asdict(pl_module.sampling),
                         "model": {k: v for k, v in dict(pl_module.hparams).items() if not k.startswith("_")}}
             (self.output_dir / "settings.json").write_text(json.dumps(settings, indent=2, default=str))
 
     def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx=0):
-        from torchvision.utils import save_image
-
         for key, image in zip(prediction["key"], prediction["image"]):
             save_image(((image.float() + 1) / 2).clamp(0, 1), self.output_dir / f"{key}.png")
