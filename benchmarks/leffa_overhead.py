@@ -16,6 +16,7 @@ before the timed work; CUDA: ``max_memory_allocated``). Usage::
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -99,27 +100,26 @@ def case_step(args) -> dict:
 
     batch = {k: v.to(args.device) if torch.is_tensor(v) else v
              for k, v in make_batch(args.batch, args.height, args.width).items()}
-    steps, modules = {}, {}
-    seed = half_selected_seed(args, batch)
+    modules, optimizers = {}, {}
     for name, options in STEP_VARIANTS.items():
         torch.manual_seed(0)
         module = LeffaModule(unet_config=args.unet_config, vae_config=args.vae_config, p_drop_ref=0.0,
                              **options)
         module.setup("fit")
-        module.to(args.device).train()
-        optimizer = module.configure_optimizers()
-        modules[name] = module
+        modules[name] = module.to(args.device).train()
+        optimizers[name] = module.configure_optimizers()
+    # the same draw at every step and in every variant: the same samples pass theta_timestep
+    seed = half_selected_seed(modules["leffa_t500"], batch)
 
-        def step(module=module, optimizer=optimizer):
-            # the same draw at every step and in every variant: the same samples pass theta_timestep
-            generator = torch.Generator().manual_seed(seed)
-            optimizer.zero_grad(set_to_none=True)
-            with torch.autocast(args.device, dtype=torch.bfloat16, enabled=args.bf16):
-                loss = module._common_step(batch, "bench", generator)
-            loss.backward()
-            optimizer.step()
+    def step(module, optimizer):
+        generator = torch.Generator().manual_seed(seed)
+        optimizer.zero_grad(set_to_none=True)
+        with torch.autocast(args.device, dtype=torch.bfloat16, enabled=args.bf16):
+            loss = module._common_step(batch, "bench", generator)
+        loss.backward()
+        optimizer.step()
 
-        steps[name] = step
+    steps = {name: functools.partial(step, modules[name], optimizers[name]) for name in modules}
     results = {name: {"times": [], "peak_bytes": 0} for name in steps}
     for i in range(args.warmup + args.repeat):
         for name, step in steps.items():
@@ -135,19 +135,17 @@ def case_step(args) -> dict:
     return results
 
 
-def half_selected_seed(args, batch: dict) -> int:
-    """The first generator seed whose draw sends half the batch below theta_timestep 500, so the
-    theta_t 500 variant shows the cost of the usual case (the draw order is the module's own)."""
-    from leffa.module import LeffaModule
-
-    probe = LeffaModule(unet_config=args.unet_config, vae_config=args.vae_config, p_drop_ref=0.0,
-                        **STEP_VARIANTS["leffa_t500"]).to(args.device)
+def half_selected_seed(module, batch: dict) -> int:
+    """The first generator seed whose draw sends half the batch below ``module``'s theta_timestep,
+    so that variant shows the cost of the usual case (the draw order is the module's own)."""
+    size = batch["tgt"].shape[0]
     with torch.no_grad():
         for seed in range(100):
-            probe._common_step(batch, "bench", torch.Generator().manual_seed(seed))
-            if probe.bank.capture_rows.numel() == args.batch // 2:
+            module._common_step(batch, "bench", torch.Generator().manual_seed(seed))
+            if module.bank.capture_rows.numel() == size // 2:
                 return seed
-    raise RuntimeError(f"no seed below 100 draws {args.batch // 2} of {args.batch} timesteps below 500")
+    raise RuntimeError(f"no seed below 100 draws {size // 2} of {size} timesteps below "
+                       f"{module.hparams.theta_timestep}")
 
 
 def _qk(args, n):

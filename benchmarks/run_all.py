@@ -75,9 +75,9 @@ def main(argv=None):
     if args.out:
         when = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
         took = ", ".join(f"{s} {t:.0f} s" for s, t in seconds.items())
+        command = " ".join(["python benchmarks/run_all.py", *(sys.argv[1:] if argv is None else argv)])
         args.out.write_text(
-            f"# Benchmarks\n\nMeasured {when} on {machine(args.device)} by `python benchmarks/run_all.py"
-            f"{' ' + ' '.join(argv or sys.argv[1:]) if (argv or sys.argv[1:]) else ''}` ({took}).\n\n"
+            f"# Benchmarks\n\nMeasured {when} on {machine(args.device)} by `{command}` ({took}).\n\n"
             "Ratios compare rows measured side by side in the same run (`vs` names the reference row): "
             "time ratios above 1 are slower than the reference; for the loader, the ratio is samples/s "
             "over what one GPU trains at 40% MFU (above 1 keeps up).\n\n" + table + "\n")

@@ -36,8 +36,8 @@ def compared(rows: list[dict], reference: str) -> list[dict]:
     return rows
 
 
-def _number(value: float | None, fmt: str) -> str:
-    return "" if value is None else format(value, fmt)
+def _ratio(value: float | None) -> str:
+    return "" if value is None else f"{value:.2f}x"
 
 
 def markdown(rows: list[dict]) -> str:
@@ -45,8 +45,7 @@ def markdown(rows: list[dict]) -> str:
     for r in rows:
         memory = "" if r["mem_mib"] is None else f"{r['mem_mib']:.1f} MiB"
         cells = (r["bench"], r["setting"], r["variant"], f"{r['value']:.1f} {r['unit']}", memory, r["vs"],
-                 _number(r["ratio"], ".2f") + ("x" if r["ratio"] is not None else ""),
-                 _number(r["mem_ratio"], ".2f") + ("x" if r["mem_ratio"] is not None else ""))
+                 _ratio(r["ratio"]), _ratio(r["mem_ratio"]))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
