@@ -250,29 +250,21 @@ def run_two_processes(case: str, out: Path) -> Path:
     return out
 
 
-@pytest.fixture(scope="module")
-def ddp_run(tmp_path_factory):
-    return run_two_processes("ddp", tmp_path_factory.mktemp("ddp"))
+def two_process_fixture(case: str):
+    """A module-scoped fixture: the folder of one two-process run of ``case``, shared by its tests."""
+
+    @pytest.fixture(scope="module")
+    def run(tmp_path_factory):
+        return run_two_processes(case, tmp_path_factory.mktemp(case))
+
+    return run
 
 
-@pytest.fixture(scope="module")
-def fsdp2_run(tmp_path_factory):
-    return run_two_processes("fsdp2", tmp_path_factory.mktemp("fsdp2"))
-
-
-@pytest.fixture(scope="module")
-def fsdp2_bf16_run(tmp_path_factory):
-    return run_two_processes("fsdp2_bf16", tmp_path_factory.mktemp("fsdp2_bf16"))
-
-
-@pytest.fixture(scope="module")
-def fsdp2_resume_run(tmp_path_factory):
-    return run_two_processes("fsdp2_resume", tmp_path_factory.mktemp("fsdp2_resume"))
-
-
-@pytest.fixture(scope="module")
-def fsdp1_run(tmp_path_factory):
-    return run_two_processes("fsdp1", tmp_path_factory.mktemp("fsdp1"))
+ddp_run = two_process_fixture("ddp")
+fsdp2_run = two_process_fixture("fsdp2")
+fsdp2_bf16_run = two_process_fixture("fsdp2_bf16")
+fsdp2_resume_run = two_process_fixture("fsdp2_resume")
+fsdp1_run = two_process_fixture("fsdp1")
 
 
 def load_ranks(out: Path) -> list[dict]:
