@@ -18,6 +18,7 @@ from pathlib import Path
 from data_prep.manifest import update_manifest
 from data_prep.pipeline import convert_split
 from data_prep.registry import CONVERTERS, get_converter
+from leffa.errors import user_errors_as_one_line
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -70,7 +71,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        main()
-    except (ValueError, FileNotFoundError) as err:
-        sys.exit(f"error: {err}")
+    user_errors_as_one_line(main, extra=(ValueError, FileNotFoundError))

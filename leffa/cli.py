@@ -20,6 +20,8 @@ from pathlib import Path
 import yaml
 from lightning.pytorch.cli import LightningCLI
 
+from leffa.errors import user_errors_as_one_line
+
 EXTRA_COMMANDS = {
     "eval": "leffa.evaluate:eval_main",
     "visualize": "leffa.visualize:visualize_main",
@@ -75,8 +77,13 @@ def _run_extra(command: str, argv: list[str]) -> None:
 def cli_main(args: list[str] | None = None) -> None:
     """Entry point of the ``leffa`` console script; ``args`` defaults to ``sys.argv[1:]``.
 
-    Returns nothing: the console script exits 0 on success and non-zero on an exception.
+    Returns nothing: the console script exits 0 on success, 2 with one line on a user error
+    (:class:`leffa.errors.UserError`; ``LEFFA_DEBUG=1`` shows its traceback) and non-zero on a bug.
     """
+    user_errors_as_one_line(lambda: _main(args))
+
+
+def _main(args: list[str] | None) -> None:
     argv = list(sys.argv[1:] if args is None else args)
     if argv and argv[0] in EXTRA_COMMANDS:
         _run_extra(argv[0], argv[1:])
