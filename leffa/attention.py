@@ -85,6 +85,24 @@ def _split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
     return x.view(batch, n, heads, inner // heads).transpose(1, 2)
 
 
+def _norm_width(norm: nn.Module) -> int | None:
+    """The width a query/key norm normalises over (LayerNorm, diffusers' RMSNorm), None for others."""
+    shape = getattr(norm, "normalized_shape", None)
+    if shape is None and isinstance(getattr(norm, "dim", None), torch.Size):
+        shape = norm.dim
+    return shape[-1] if shape else None
+
+
+def _heads(attn: Attention, project: nn.Module, x: torch.Tensor, norm: nn.Module | None) -> torch.Tensor:
+    """``project(x)`` split into heads (B, heads, n, d), with the layer's query/key norm applied as
+    diffusers' own processor does: per head, or over all heads (``*_across_heads``) before the split."""
+    y = project(x)
+    if norm is not None and attn.heads > 1 and _norm_width(norm) == y.shape[-1]:
+        return _split_heads(norm(y), attn.heads)
+    y = _split_heads(y, attn.heads)
+    return norm(y) if norm is not None else y
+
+
 def _finish(attn: Attention, out: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
     # (B, heads, n, d) -> (B, n, heads*d), then the layer's output projection and dropout
     batch, heads, n, d = out.shape
@@ -110,7 +128,9 @@ class ReferenceRecorder:
                  attention_mask=None, temb=None, **kwargs) -> torch.Tensor:
         _check_plain_self_attention(attn, hidden_states)
         self.bank.features[self.name] = hidden_states
-        q, k, v = (_split_heads(p(hidden_states), attn.heads) for p in (attn.to_q, attn.to_k, attn.to_v))
+        q = _heads(attn, attn.to_q, hidden_states, attn.norm_q)
+        k = _heads(attn, attn.to_k, hidden_states, attn.norm_k)
+        v = _heads(attn, attn.to_v, hidden_states, None)
         return _finish(attn, F.scaled_dot_product_attention(q, k, v), hidden_states)
 
 
@@ -146,9 +166,9 @@ class ConcatAttention(nn.Module):
             parts.append(self.registers.to(hidden_states.dtype).expand(batch, -1, -1))
         # (B, n + m + R, C): the key/value tokens of the concatenated attention
         context = torch.cat(parts, dim=1)
-        q = _split_heads(attn.to_q(hidden_states), attn.heads)
-        k = _split_heads(attn.to_k(context), attn.heads)
-        v = _split_heads(attn.to_v(context), attn.heads)
+        q = _heads(attn, attn.to_q, hidden_states, attn.norm_q)
+        k = _heads(attn, attn.to_k, context, attn.norm_k)
+        v = _heads(attn, attn.to_v, context, None)
         self._maybe_capture(q, k, n, reference.shape[1])
         return _finish(attn, F.scaled_dot_product_attention(q, k, v), hidden_states)
 

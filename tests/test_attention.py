@@ -9,9 +9,14 @@ from leffa.attention import ConcatAttention, ReferenceBank, ReferenceRecorder, t
 from leffa.unets import build_unet
 
 
-def small_layer(seed=0, dim=32, heads=4):
+def small_layer(seed=0, dim=32, heads=4, qk_norm=None):
     torch.manual_seed(seed)
-    return Attention(query_dim=dim, heads=heads, dim_head=dim // heads, bias=False)
+    attn = Attention(query_dim=dim, heads=heads, kv_heads=heads, dim_head=dim // heads, bias=False,
+                     qk_norm=qk_norm)
+    with torch.no_grad():  # norm weights away from their identity initialisation
+        for p in [*attn.norm_q.parameters(), *attn.norm_k.parameters()] if qk_norm else []:
+            p.add_(torch.randn_like(p) * 0.5)
+    return attn
 
 
 def test_generative_queries_only_equal_literal_concat_then_keep_first_half():
@@ -45,6 +50,43 @@ def test_recorder_records_input_and_runs_plain_self_attention():
     out = ReferenceRecorder(bank, "layer")(attn, x)
     assert bank.features["layer"] is x
     torch.testing.assert_close(out, AttnProcessor2_0()(attn, x), atol=1e-6, rtol=1e-6)
+
+
+def literal_qk_norm_attention(attn, x, context):
+    """Self-attention of ``x`` over ``context`` written out: the layer's norm over each head's
+    query/key (``*_across_heads``: over all heads at once, before the split), then softmax(QK^T/sqrt(d))V."""
+    b, heads = x.shape[0], attn.heads
+
+    def heads_of(y, norm):
+        if norm is not None and "across" in attn.qk_norm_name:
+            y = norm(y)
+        y = y.view(b, y.shape[1], heads, -1).transpose(1, 2)
+        return norm(y) if norm is not None and "across" not in attn.qk_norm_name else y
+
+    q, k = heads_of(attn.to_q(x), attn.norm_q), heads_of(attn.to_k(context), attn.norm_k)
+    v = heads_of(attn.to_v(context), None)
+    weights = torch.softmax(q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5, dim=-1)
+    out = (weights @ v).transpose(1, 2).reshape(b, x.shape[1], -1)
+    return attn.to_out[0](out), q, k
+
+
+@pytest.mark.parametrize("qk_norm", ["layer_norm", "rms_norm", "l2", "layer_norm_across_heads",
+                                     "rms_norm_across_heads"])
+def test_query_key_norms_of_the_layer_are_applied(qk_norm):
+    attn = small_layer(3, qk_norm=qk_norm)
+    attn.qk_norm_name = qk_norm
+    gen, ref = torch.randn(2, 12, 32), torch.randn(2, 12, 32)
+    bank = ReferenceBank(latent_hw=(3, 4), image_hw=(24, 32), theta_resolution=0.0,
+                         capture_rows=torch.tensor([1]))
+    torch.testing.assert_close(ReferenceRecorder(bank, "layer")(attn, ref),
+                               literal_qk_norm_attention(attn, ref, ref)[0], atol=1e-5, rtol=1e-5)
+    ours = ConcatAttention(bank, "layer", 32)(attn, gen)
+    literal, q, k = literal_qk_norm_attention(attn, gen, torch.cat([gen, ref], dim=1))
+    torch.testing.assert_close(ours, literal, atol=1e-5, rtol=1e-5)
+    # the Leffa loss sees the normalised queries and keys the layer attends with
+    capture = bank.captures["layer"]
+    torch.testing.assert_close(capture.query, q[[1]], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(capture.key, k[[1], :, 12:], atol=1e-5, rtol=1e-5)
 
 
 def test_capture_hands_out_queries_and_reference_keys_of_selected_rows():
