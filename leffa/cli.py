@@ -20,7 +20,7 @@ from pathlib import Path
 import yaml
 from lightning.pytorch.cli import LightningCLI
 
-from leffa.errors import user_errors_as_one_line
+from leffa.errors import UserError, user_errors_as_one_line
 
 EXTRA_COMMANDS = {
     "eval": "leffa.evaluate:eval_main",
@@ -59,7 +59,7 @@ def _config_chain(path: Path, seen: tuple[Path, ...]) -> list[Path]:
         return [path]
     resolved = path.resolve()
     if resolved in seen:
-        raise ValueError(f"config base cycle: {' -> '.join(map(str, seen + (resolved,)))}")
+        raise UserError(f"config base cycle: {' -> '.join(map(str, seen + (resolved,)))}")
     content = yaml.safe_load(path.read_text()) or {}
     bases = content.get("base") if isinstance(content, dict) else None
     chain = []
@@ -80,7 +80,7 @@ def cli_main(args: list[str] | None = None) -> None:
     Returns nothing: the console script exits 0 on success, 2 with one line on a user error
     (:class:`leffa.errors.UserError`; ``LEFFA_DEBUG=1`` shows its traceback) and non-zero on a bug.
     """
-    user_errors_as_one_line(lambda: _main(args))
+    user_errors_as_one_line(lambda: _main(args), extra=(FileNotFoundError,))
 
 
 def _main(args: list[str] | None) -> None:

@@ -16,6 +16,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from leffa.errors import UserError
+
 __all__ = ["LAYOUTS", "conditioning_channels", "build_conditioning"]
 
 LAYOUTS: dict[str, tuple[str, ...]] = {
@@ -29,7 +31,7 @@ PART_CHANNELS = {"mask": 1, "masked_image": 4, "densepose_latent": 4, "densepose
 
 def _layout(name: str) -> tuple[str, ...]:
     if name not in LAYOUTS:
-        raise ValueError(f"unknown conditioning {name!r}; valid: {', '.join(LAYOUTS)}")
+        raise UserError(f"model.conditioning: unknown layout {name!r}; valid: {', '.join(LAYOUTS)}")
     return LAYOUTS[name]
 
 

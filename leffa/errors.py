@@ -1,9 +1,9 @@
 """User errors: bad input that a person can fix (a missing file, a wrong key, a bad value).
 
-Raise :class:`UserError` (or a subclass) with one line that names the file or key and says what to
-do. The command-line entry points (``leffa ...``, ``python -m data_prep ...``) print that line and
-exit with status 2; ``LEFFA_DEBUG=1`` shows the traceback too. Anything else is a bug and keeps its
-traceback.
+Raise :class:`UserError` (or :class:`MissingFileError`) with one line that names the file or key
+and says what to do. The command-line entry points (``leffa ...``, ``python -m data_prep ...``)
+print that line (also for a ``FileNotFoundError``, whose message names the path) and exit with
+status 2; ``LEFFA_DEBUG=1`` shows the traceback too. Anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -13,14 +13,18 @@ import sys
 from collections.abc import Callable
 from typing import TypeVar
 
-__all__ = ["UserError", "DEBUG_ENV", "user_errors_as_one_line"]
+__all__ = ["UserError", "MissingFileError", "DEBUG_ENV", "user_errors_as_one_line"]
 
 DEBUG_ENV = "LEFFA_DEBUG"
 T = TypeVar("T")
 
 
-class UserError(Exception):
-    """Bad input from the user; its message is the whole report."""
+class UserError(ValueError):
+    """Bad input from the user (a bad value, key or file); its message is the whole report."""
+
+
+class MissingFileError(UserError, FileNotFoundError):
+    """A file or folder the user named, or that a config names, is not there."""
 
 
 def user_errors_as_one_line(main: Callable[[], T], extra: tuple[type[BaseException], ...] = ()) -> T:

@@ -14,6 +14,7 @@ from jsonargparse.typing import Path_fr
 from leffa.attention import ReferenceBank, attach_reference_attention
 from leffa.checkpoints import load_weights, read_state_dict
 from leffa.conditioning import build_conditioning, conditioning_channels
+from leffa.errors import UserError
 from leffa.losses import attention_flow, diffusion_loss, warp_loss
 from leffa.pretrained import load_scheduler, load_vae, read_config
 from leffa.sampling import SamplingConfig, make_scheduler, sample
@@ -89,7 +90,7 @@ class LeffaModule(L.LightningModule):
         # (LightningCLI hands save_hyperparameters the values as written in the YAML: store the mappings)
         self.hparams.update(unet_config=unet_config, vae_config=vae_config)
         if not 0.0 <= p_drop_ref < 1.0:
-            raise ValueError(f"model.p_drop_ref must be in [0, 1), got {p_drop_ref}")
+            raise UserError(f"model.p_drop_ref must be in [0, 1), got {p_drop_ref}")
         in_channels = LATENT_CHANNELS + conditioning_channels(conditioning)
         self.generative_unet = build_unet(pretrained_model, unet_config, in_channels)
         self.reference_unet = build_unet(reference_pretrained_model or pretrained_model, unet_config, LATENT_CHANNELS)
@@ -163,7 +164,7 @@ class LeffaModule(L.LightningModule):
         if mesh is None:  # FSDPStrategy: it wraps the model after this hook
             return
         if "tensor_parallel" in (mesh.mesh_dim_names or ()) and mesh["tensor_parallel"].size() > 1:
-            raise ValueError(f"the UNets have no tensor-parallel plan: use tensor_parallel_size=1, "
+            raise UserError(f"the UNets have no tensor-parallel plan: use tensor_parallel_size=1, "
                              f"got {mesh['tensor_parallel'].size()} (mesh {mesh})")
         parallel.freeze_unused_reference_parameters(self.reference_unet, self.bank)
         # a bf16 Trainer ("bf16-mixed", "bf16-true") also all-gathers and computes in bf16;

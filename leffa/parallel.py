@@ -37,6 +37,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
 from leffa.attention import ReferenceBank, ReferenceRecorder
+from leffa.errors import UserError
 
 __all__ = [
     "SHARDED_BLOCKS",
@@ -148,7 +149,7 @@ def refuse_unshardable_callbacks(strategy: Strategy, callbacks: list) -> None:
     problems = [f"{type(c).__name__} {reason}" for c in callbacks for kind, reason in reasons.items()
                 if isinstance(c, kind)]
     if problems:
-        raise ValueError(f"with {type(strategy).__name__}, remove from trainer.callbacks: " + "; ".join(problems))
+        raise UserError(f"with {type(strategy).__name__}, remove from trainer.callbacks: " + "; ".join(problems))
 
 
 def freeze_unused_reference_parameters(reference_unet: nn.Module, bank: ReferenceBank) -> list[str]:

@@ -13,6 +13,8 @@ from pathlib import Path
 import yaml
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 
+from leffa.errors import MissingFileError, UserError
+
 __all__ = ["read_config", "component_location", "load_unet", "load_vae", "load_scheduler", "SD15_SCHEDULER"]
 
 # SD1.5's training noise schedule (scheduler/scheduler_config.json of runwayml/stable-diffusion-v1-5).
@@ -37,24 +39,24 @@ def read_config(value: dict | str | os.PathLike | None) -> dict | None:
         return value
     path = Path(os.fspath(value))
     if not path.is_file():
-        raise FileNotFoundError(f"component config file not found: {path}")
+        raise MissingFileError(f"component config file not found: {path}")
     loaded = json.loads(path.read_text()) if path.suffix == ".json" else yaml.safe_load(path.read_text())
     if not isinstance(loaded, dict):
-        raise ValueError(f"{path} must hold a mapping of config keys, got {type(loaded).__name__}")
+        raise UserError(f"{path} must hold a mapping of config keys, got {type(loaded).__name__}")
     return loaded
 
 
 def component_location(path: str | Path, component: str) -> tuple[Path, str | None]:
     """Where a component's ``config.json`` lies: ``<path>/<component>/`` (pipeline folder) or ``<path>/``.
 
-    Raises FileNotFoundError naming the expected files when neither exists.
+    Raises MissingFileError naming the expected files when neither exists.
     """
     root = Path(path).expanduser()
     if (root / component / "config.json").is_file() or (root / component / "scheduler_config.json").is_file():
         return root, component
     if (root / "config.json").is_file() or (root / "scheduler_config.json").is_file():
         return root, None
-    raise FileNotFoundError(
+    raise MissingFileError(
         f"no diffusers {component} at {root}: expected {root / component / 'config.json'} (an SD1.5 or "
         f"SD1.5-inpainting folder saved with diffusers, e.g. stable-diffusion-v1-5/) or {root / 'config.json'}"
     )
@@ -66,7 +68,7 @@ def _load_component(cls, component: str, path, config: dict | None):
         return cls.from_pretrained(root, subfolder=sub, local_files_only=True)
     if config is not None:
         return cls(**config)
-    raise ValueError(f"give the {component} either as a local folder (pretrained path) or as an inline "
+    raise UserError(f"give the {component} either as a local folder (pretrained path) or as an inline "
                      f"config ({component}_config)")
 
 
