@@ -35,7 +35,7 @@ def read_manifest(out_dir: Path) -> dict | None:
         with open(path, encoding="utf-8") as handle:
             manifest = json.load(handle)
     except (OSError, ValueError) as err:  # ValueError: bad JSON or bytes that are not UTF-8
-        raise UserError(f"{path} is not a readable manifest ({err}); fix or remove it, or choose another --out") from err
+        raise UserError(f"{path} is not a readable manifest ({err}); fix or remove it, or use another --out") from err
     if not isinstance(manifest, dict):
         raise UserError(f"{path} is not a readable manifest (not a JSON object); fix or remove it")
     return manifest
