@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -13,17 +14,22 @@ from leffa.errors import UserError
 from leffa.pair_file import read_pair_file
 
 # PIL raises OSError for missing, truncated or unidentified files, SyntaxError for broken PNG
-# chunks and ValueError/EOFError for some malformed headers.
-_PIL_ERRORS = (OSError, SyntaxError, ValueError, EOFError)
+# chunks and ValueError/EOFError for some malformed headers. An image of more pixels than
+# Image.MAX_IMAGE_PIXELS (a possible decompression bomb) raises DecompressionBombError above twice
+# the limit and only warns between once and twice it; the warning is made an error below, so every
+# image over the limit is refused before it is decoded.
+_PIL_ERRORS = (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError, Image.DecompressionBombWarning)
 
 
 def _open_loaded(path: Path) -> Image.Image:
     if not path.is_file():
         raise SampleError(f"missing file {path}")
     try:
-        with Image.open(path) as image:
-            image.load()  # decode now: a truncated file fails here, not later in a worker
-            return image.copy()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                image.load()  # decode now: a truncated file fails here, not later in a worker
+                return image.copy()
     except _PIL_ERRORS as err:
         raise SampleError(f"cannot read image {path}: {err}") from err
 

@@ -126,3 +126,19 @@ def make_vitonhd(root: Path) -> Path:
             (folder / "openpose_json" / f"{stem}_keypoints.json").write_text(json.dumps(openpose_json()))
             save_jpeg(folder / "image-densepose" / f"{stem}.jpg", solid(H, W, (30, 90, 200), seed))
     return root
+
+
+def save_png_bomb(path: Path, width: int, height: int) -> None:
+    """A valid all-black 1-bit PNG of `width` x `height` pixels: a few kB on disk, far more in memory."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    compressor = zlib.compressobj(9)
+    row = bytes(1 + (width + 7) // 8)  # filter type 0, then the packed bits
+    idat = b"".join(compressor.compress(row) for _ in range(height)) + compressor.flush()
+    header = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)  # bit depth 1, greyscale
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", idat) + chunk(b"IEND", b""))

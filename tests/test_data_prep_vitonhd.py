@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from data_prep.__main__ import main
 from data_prep.masks import vitonhd_agnostic_mask
@@ -21,6 +22,7 @@ from raw_datasets import (
     read_manifest,
     read_split,
     save_png,
+    save_png_bomb,
     truncate,
 )
 
@@ -107,6 +109,27 @@ def test_truncated_image_is_skipped_and_reported(raw, tmp_path, caplog):
     assert skipped["key"] == "vitonhd_train_paired_00002_00" and skipped["split"] == "train"
     assert "00002_00.jpg" in skipped["reason"]
     assert "vitonhd_train_paired_00002_00" in caplog.text
+
+
+@pytest.mark.parametrize(
+    "size, workers",
+    [((20000, 20000), 2), ((10000, 9000), 0)],  # over twice PIL's pixel limit (an error), just over it (a warning)
+)
+def test_image_over_the_pixel_limit_is_skipped_like_a_corrupt_file(raw, tmp_path, size, workers):
+    bomb = raw / "train" / "cloth" / "00002_00.jpg"
+    save_png_bomb(bomb, *size)
+    assert bomb.stat().st_size < 100_000 and size[0] * size[1] > Image.MAX_IMAGE_PIXELS
+    out = tmp_path / "shards"
+    manifest = convert(raw, out, "--split", "train", "--workers", str(workers))
+    assert [k for k, _ in read_split(out, "train")] == [
+        "vitonhd_train_paired_00001_00",
+        "vitonhd_train_paired_00003_00",
+    ]
+    entry = manifest["splits"]["train"]
+    assert (entry["num_samples_in"], entry["num_written"], entry["num_skipped"]) == (3, 2, 1)
+    (skipped,) = read_manifest(out)["skipped"]
+    assert skipped["key"] == "vitonhd_train_paired_00002_00"
+    assert str(bomb) in skipped["reason"] and f"{size[0] * size[1]} pixels" in skipped["reason"]
 
 
 def test_repeated_pair_line_is_skipped_as_duplicate(raw, tmp_path):
