@@ -15,10 +15,10 @@ import shlex
 import sys
 from pathlib import Path
 
-from data_prep.manifest import update_manifest
+from data_prep.manifest import check_out_dir, update_manifest
 from data_prep.pipeline import convert_split
 from data_prep.registry import CONVERTERS, get_converter
-from leffa.errors import user_errors_as_one_line
+from leffa.errors import UserError, user_errors_as_one_line
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -55,11 +55,17 @@ def main(argv: list[str] | None = None) -> dict:
         raise ValueError(
             f"need --shard-size >= 1, --workers >= 0, --limit >= 0; got {args.shard_size}, {args.workers}, {args.limit}"
         )
+    if args.out.exists() and not args.out.is_dir():
+        raise UserError(f"--out {args.out} is not a folder")
+    splits = converter.SPLITS if args.split == "all" else (args.split,)
+    # Everything that can refuse the run does so before the first shard is written: the output
+    # folder's manifest and every split's pair files.
+    check_out_dir(args.out, args.dataset, splits)
+    split_specs = {split: converter.list_samples(args, split)[: args.limit] for split in splits}
     command = shlex.join(["python", "-m", "data_prep", *argv])
     source = str(args.src.resolve()) if args.src is not None else None
     manifest = {}
-    for split in converter.SPLITS if args.split == "all" else (args.split,):
-        specs = converter.list_samples(args, split)[: args.limit]
+    for split, specs in split_specs.items():
         report = convert_split(converter, specs, args.out, split, args.shard_size, args.workers)
         manifest = update_manifest(
             args.out, args.dataset, split, report.manifest_entry(), report.skipped, source, command

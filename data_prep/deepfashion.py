@@ -28,8 +28,10 @@ from pathlib import Path
 import numpy as np
 
 from data_prep.keypoints import draw_coco18
-from data_prep.load import load_rgb
+from data_prep.load import check_file_names, load_rgb
 from data_prep.sample import SampleError, build_sample, make_key
+from leffa.errors import UserError
+from leffa.pair_file import quote, read_text_lines
 
 DATASET = "deepfashion"
 SPLITS = ("train", "test")
@@ -97,22 +99,44 @@ def _csv_file(root: Path, kind: str, split: str) -> Path:
     raise FileNotFoundError(f"{root / f'fasion-resize-{kind}-{split}.csv'} not found; {ROOT_HINT}")
 
 
+def _csv_rows(path: Path, delimiter: str, required: tuple[str, ...]) -> list[tuple[int, dict[str, str]]]:
+    """(line number, {column: stripped field}) of the rows after the header; blank lines ignored.
+
+    The header must name the `required` columns; every row must have one field per header
+    column and a value in each required one (these files have no quoted newlines, so a line is a row).
+    """
+    lines = read_text_lines(path)
+    header = [name.strip() for name in next(csv.reader(lines[:1], delimiter=delimiter), [])]
+    if not set(required) <= set(header):
+        got = quote(lines[0] if lines else "")
+        raise UserError(f"{path}:1: expected a header with the columns {delimiter.join(required)}, got {got}")
+    rows = []
+    for number, line in enumerate(lines[1:], start=2):
+        if not line.strip():
+            continue
+        fields = [field.strip() for field in next(csv.reader([line], delimiter=delimiter))]
+        row = dict(zip(header, fields))
+        if len(fields) != len(header) or not all(row[name] for name in required):
+            raise UserError(
+                f"{path}:{number}: expected {len(header)} columns ({delimiter.join(header)}), got {len(fields)}: "
+                f"{quote(line)}"
+            )
+        rows.append((number, row))
+    return rows
+
+
 def read_pairs(path: Path) -> list[tuple[str, str]]:
-    """(from, to) rows of a pairs CSV."""
-    with open(path, encoding="utf-8", newline="") as handle:
-        reader = csv.DictReader(handle)
-        if not reader.fieldnames or not {"from", "to"} <= set(reader.fieldnames):
-            raise ValueError(f"{path}: expected a header with columns from,to, got {reader.fieldnames}")
-        return [(row["from"].strip(), row["to"].strip()) for row in reader]
+    """(from, to) rows of a pairs CSV; each name must be a plain file name."""
+    return [
+        tuple(check_file_names(path, number, [row["from"], row["to"]]))
+        for number, row in _csv_rows(path, ",", ("from", "to"))
+    ]
 
 
 def read_annotations(path: Path) -> dict[str, tuple[str, str]]:
     """name -> raw (keypoints_y, keypoints_x) strings of a `:`-separated annotation CSV."""
-    with open(path, encoding="utf-8", newline="") as handle:
-        rows = list(csv.reader(handle, delimiter=":"))
-    if not rows or [c.strip() for c in rows[0]] != ["name", "keypoints_y", "keypoints_x"]:
-        raise ValueError(f"{path}: expected the header name:keypoints_y:keypoints_x")
-    return {row[0].strip(): (row[1], row[2]) for row in rows[1:] if len(row) == 3}
+    rows = _csv_rows(path, ":", ("name", "keypoints_y", "keypoints_x"))
+    return {row["name"]: (row["keypoints_y"], row["keypoints_x"]) for _, row in rows}
 
 
 def _image_index(root: Path, split: str, images: Path | None) -> tuple[Path | None, dict[str, Path]]:

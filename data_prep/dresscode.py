@@ -33,12 +33,15 @@ from PIL import Image
 from data_prep.load import load_binary_mask, load_json, load_labels, load_rgb, read_pair_lines
 from data_prep.masks import DRESSCODE_CATEGORIES, dresscode_agnostic_mask
 from data_prep.sample import SampleError, build_sample, make_key
+from leffa.errors import UserError
 
 DATASET = "dresscode"
 SPLITS = ("train", "test")
 MASK_SOURCES = ("auto", "file", "rule")
 PAIR_FILES = {"train": (("paired", "train_pairs.txt"),),
               "test": (("paired", "test_pairs_paired.txt"), ("unpaired", "test_pairs_unpaired.txt"))}  # fmt: skip
+PAIR_COLUMNS = ("person", "garment")  # a category folder's pair files
+ROOT_PAIR_COLUMNS = ("person", "garment", "category")  # the root-level ones; category index 0, 1 or 2
 KEYPOINT_FRAME = (384, 512)  # (W, H) of the keypoint coordinates (aimagelab/dress-code#4)
 ROOT_HINT = (
     "a DressCode root must contain upper_body/, lower_body/, dresses/ (each with images/, label_maps/, "
@@ -104,16 +107,17 @@ def _pair_rows(root: Path, split: str, categories: list[str]) -> list[tuple[str,
     rows = []
     if all((root / name).is_file() for _, name in PAIR_FILES[split]):
         for pairing, name in PAIR_FILES[split]:
-            for number, (person, cloth, index) in enumerate(read_pair_lines(root / name, 3, ROOT_HINT), start=1):
+            for number, (person, cloth, index) in read_pair_lines(root / name, ROOT_PAIR_COLUMNS, ROOT_HINT):
                 if index not in ("0", "1", "2"):
-                    raise ValueError(f"{root / name}: pair {number} has category index {index!r}; valid: 0, 1, 2")
+                    raise UserError(f"{root / name}:{number}: category index {index!r}; valid: 0, 1, 2")
                 category = DRESSCODE_CATEGORIES[int(index)]
                 if category in categories:
                     rows.append((pairing, category, person, cloth))
         return rows
     for category in categories:
         for pairing, name in PAIR_FILES[split]:
-            rows += [(pairing, category, p, c) for p, c in read_pair_lines(root / category / name, 2, ROOT_HINT)]
+            lines = read_pair_lines(root / category / name, PAIR_COLUMNS, ROOT_HINT)
+            rows += [(pairing, category, person, cloth) for _, (person, cloth) in lines]
     return rows
 
 

@@ -3,25 +3,33 @@
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
 from data_prep.sample import SampleError
+from leffa.errors import UserError
+from leffa.pair_file import read_pair_file
 
 # PIL raises OSError for missing, truncated or unidentified files, SyntaxError for broken PNG
-# chunks and ValueError/EOFError for some malformed headers.
-_PIL_ERRORS = (OSError, SyntaxError, ValueError, EOFError)
+# chunks and ValueError/EOFError for some malformed headers. An image of more pixels than
+# Image.MAX_IMAGE_PIXELS (a possible decompression bomb) raises DecompressionBombError above twice
+# the limit and only warns between once and twice it; the warning is made an error below, so every
+# image over the limit is refused before it is decoded.
+_PIL_ERRORS = (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError, Image.DecompressionBombWarning)
 
 
 def _open_loaded(path: Path) -> Image.Image:
     if not path.is_file():
         raise SampleError(f"missing file {path}")
     try:
-        with Image.open(path) as image:
-            image.load()  # decode now: a truncated file fails here, not later in a worker
-            return image.copy()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                image.load()  # decode now: a truncated file fails here, not later in a worker
+                return image.copy()
     except _PIL_ERRORS as err:
         raise SampleError(f"cannot read image {path}: {err}") from err
 
@@ -63,20 +71,21 @@ def load_json(path: Path) -> dict:
         raise SampleError(f"cannot read JSON {path}: {err}") from err
 
 
-def read_pair_lines(path: Path, columns: int, root_hint: str) -> list[list[str]]:
-    """Whitespace-separated pair file -> rows of `columns` fields (blank lines ignored).
+def read_pair_lines(path: Path, columns: tuple[str, ...], root_hint: str) -> list[tuple[int, list[str]]]:
+    """(line number, fields) of each non-blank line of a whitespace-separated pair file.
 
-    A missing or malformed pair file is an error for the whole run, not a skipped sample.
+    A missing pair file, a line without exactly one field per name in `columns`, or bytes that
+    are not UTF-8 stop the whole run (naming the file and line) instead of skipping samples.
     """
     if not path.is_file():
         raise FileNotFoundError(f"pair file {path} not found; {root_hint}")
-    rows = []
-    with open(path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            fields = line.split()
-            if not fields:
-                continue
-            if len(fields) != columns:
-                raise ValueError(f"{path}:{number}: expected {columns} columns, got {len(fields)}: {line.strip()!r}")
-            rows.append(fields)
-    return rows
+    return [(number, check_file_names(path, number, fields)) for number, fields in read_pair_file(path, columns)]
+
+
+def check_file_names(path: Path, number: int, names: list[str]) -> list[str]:
+    """`names` from line `number` of `path`, refused (UserError) unless each is a plain file name:
+    names from data files are joined to dataset folders, so none may lead out of them."""
+    for name in names:
+        if name in (".", "..") or Path(name).name != name or "\\" in name:
+            raise UserError(f"{path}:{number}: {name!r} is not a plain file name; pair files name files, not paths")
+    return names

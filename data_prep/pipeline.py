@@ -13,6 +13,7 @@ from types import ModuleType
 
 from tqdm import tqdm
 
+from data_prep.manifest import check_out_dir
 from data_prep.sample import SampleError
 from data_prep.shard_writer import AtomicShardWriter
 
@@ -69,7 +70,11 @@ def convert_split(
     shard_size: int,
     workers: int = 0,
 ) -> SplitReport:
-    """Load, encode and write `specs` (each has `.key`, `.source`, `.pairing`) as `<split>-%06d.tar`."""
+    """Load, encode and write `specs` (each has `.key`, `.source`, `.pairing`) as `<split>-%06d.tar`.
+
+    A folder that holds another dataset's shards is refused (UserError) before anything is written.
+    """
+    check_out_dir(out_dir, converter.DATASET, [split])
     specs = list(specs)
     report = SplitReport(num_samples_in=len(specs))
     report.pairings = sorted({spec.pairing for spec in specs})

@@ -22,6 +22,20 @@ import webdataset as wds
 TAR_OPTIONS = {"encoder": False, "mtime": 0, "format": "PAX_FORMAT"}
 
 
+def shard_pattern(split: str) -> re.Pattern:
+    """Final shard names of one split: `<split>-NNNNNN.tar`."""
+    return re.compile(rf"{re.escape(split)}-\d{{6}}\.tar")
+
+
+def split_shards(out_dir: Path, split: str) -> list[Path]:
+    """Final-named shards of `split` now in `out_dir` (none when the folder does not exist), sorted."""
+    out_dir = Path(out_dir)
+    if not out_dir.is_dir():
+        return []
+    pattern = shard_pattern(split)
+    return sorted(p for p in out_dir.iterdir() if pattern.fullmatch(p.name))
+
+
 def temp_path(final: Path) -> Path:
     """Hidden name under which a shard is written until commit."""
     return final.with_name(f".{final.name}.tmp")
@@ -45,7 +59,7 @@ class AtomicShardWriter:
         self.split = split
         self.shard_size = shard_size
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        self._final_pattern = re.compile(rf"{re.escape(split)}-\d{{6}}\.tar")
+        self._final_pattern = shard_pattern(split)
         self._remove_leftover_temps()
         self._writer: wds.ShardWriter | None = None  # opened on the first sample: no empty shard
         self._stream: BinaryIO | None = None
@@ -117,7 +131,7 @@ class AtomicShardWriter:
 
     def existing_shards(self) -> list[Path]:
         """Final-named shards of this split now in the folder, sorted."""
-        return sorted(p for p in self.out_dir.iterdir() if self._final_pattern.fullmatch(p.name))
+        return split_shards(self.out_dir, self.split)
 
     def _remove_leftover_temps(self) -> None:
         # A killed run (SIGKILL, power loss) cannot clean up; its hidden temporaries go here.

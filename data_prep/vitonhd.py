@@ -34,6 +34,7 @@ SPLITS = ("train", "test")
 MASK_SOURCES = ("auto", "file", "rule")
 PARSE_DIRS = ("image-parse-v3", "image-parse")
 POSE_DIRS = ("openpose_json", "openpose-json")
+PAIR_COLUMNS = ("person", "garment")
 ROOT_HINT = (
     "a VITON-HD root (zalando-hd-resized/) must contain train_pairs.txt, test_pairs.txt and train/, test/ "
     "with image/, cloth/, image-parse-v3/, openpose_json/, image-densepose/ (optional agnostic-mask/)"
@@ -88,7 +89,7 @@ def _pairs(rows: list[list[str]], split: str) -> list[tuple[str, str, str]]:
 def list_samples(args: argparse.Namespace, split: str) -> list[VitonHDSpec]:
     """Sample specs of one split, in pair-file order (cheap: reads only the pair file)."""
     root = Path(args.src)
-    rows = read_pair_lines(_pair_file(root, split), columns=2, root_hint=ROOT_HINT)
+    rows = [fields for _, fields in read_pair_lines(_pair_file(root, split), PAIR_COLUMNS, ROOT_HINT)]
     split_dir = root / split
     for needed in ("image", "cloth", "image-densepose"):
         if not (split_dir / needed).is_dir():

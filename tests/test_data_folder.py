@@ -1,5 +1,7 @@
 """Prediction inputs from a plain folder."""
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -7,6 +9,7 @@ from PIL import Image
 
 from leffa.data import LeffaDataModule
 from leffa.data.batch import to_model_batch
+from leffa.errors import UserError
 
 
 def write_folder(root, ids, pairs=None):
@@ -56,3 +59,20 @@ def test_a_missing_file_names_it(tmp_path):
     (tmp_path / "densepose" / "a.png").unlink()
     with pytest.raises(FileNotFoundError, match="no densepose image for 'a'"):
         batches(tmp_path)
+
+
+def test_malformed_pairs_file_names_file_and_line(tmp_path):
+    write_folder(tmp_path, ["a", "b"])
+    pairs = tmp_path / "pairs.txt"
+    pairs.write_text("a.jpg b.jpg\n\nb.jpg\n")
+    with pytest.raises(UserError, match=rf"^{re.escape(str(pairs))}:3: expected 2 columns \(person reference\)"):
+        batches(tmp_path)
+    pairs.write_bytes(b"a.jpg b.jpg\n\xff\xfe b.jpg\n")
+    with pytest.raises(UserError, match=rf"^{re.escape(str(pairs))}:2: not UTF-8 text"):
+        batches(tmp_path)
+
+
+def test_pairs_file_with_blank_lines_crlf_and_byte_order_mark(tmp_path):
+    write_folder(tmp_path, ["a", "b"])
+    (tmp_path / "pairs.txt").write_bytes("\ufeffa.jpg b.jpg\r\n\r\nb.jpg a.jpg\r\n".encode())
+    assert batches(tmp_path)[0]["key"] == ["a__b", "b__a"]

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from data_prep.__main__ import main
+from leffa.errors import UserError
 from data_prep.deepfashion import category_of, flatten_name
 from raw_datasets import decode, mean_colour, read_split, save_jpeg, save_png, solid
 
@@ -119,3 +121,22 @@ def test_flattening_rule_and_category():
 def test_missing_pairs_file_names_it(tmp_path):
     with pytest.raises(FileNotFoundError, match="fasion-resize-pairs-train.csv"):
         convert(tmp_path, tmp_path / "shards")
+
+
+def test_malformed_csv_rows_name_file_and_line(tmp_path):
+    raw = make_deepfashion(tmp_path / "fashion")
+    out = tmp_path / "shards"
+    pairs = raw / "fasion-resize-pairs-train.csv"
+    rows = pairs.read_text().splitlines()
+    pairs.write_text("\n".join(rows[:2] + [NAMES[0]] + rows[2:]) + "\n")
+    with pytest.raises(UserError, match=rf"^{re.escape(str(pairs))}:3: expected 2 columns \(from,to\), got 1"):
+        convert(raw, out)
+    pairs.write_bytes(("\n".join(rows) + "\n").encode() + b"caf\xe9.jpg,x.jpg\n")
+    with pytest.raises(UserError, match=rf"^{re.escape(str(pairs))}:5: not UTF-8 text"):
+        convert(raw, out)
+    pairs.write_text("\n".join(rows) + "\n")
+    annotations = raw / "fasion-resize-annotation-test.csv"
+    annotations.write_text(annotations.read_text() + "broken line without colons\n")
+    with pytest.raises(UserError, match=rf"^{re.escape(str(annotations))}:\d+: expected 3 columns"):
+        convert(raw, out)
+    assert not out.exists()

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from data_prep.__main__ import main
+from leffa.errors import UserError
 from raw_datasets import decode, mean_colour, read_split, save_jpeg, save_png, solid
 
 H, W = 64, 48  # keypoints are stored in 384x512, i.e. 8x these pixels
@@ -177,3 +179,17 @@ def test_missing_label_map_skips_only_that_sample(raw, tmp_path):
         "dresscode_test_unpaired_dresses_052002_0__052001_1",
     }
     assert all("052002_4.png" in r for r in reasons.values())
+
+
+def test_malformed_root_level_pair_lines_name_file_and_line(raw, tmp_path):
+    out = tmp_path / "shards"
+    (raw / "test_pairs_paired.txt").write_text("048393_0.jpg\t048393_1.jpg\t0\n")
+    (raw / "test_pairs_unpaired.txt").write_text("052001_0.jpg\t052002_1.jpg\t2\n")
+    path = raw / "train_pairs.txt"
+    path.write_text("000001_0.jpg\t000001_1.jpg\t0\n\n022001_0.jpg\t022001_1.jpg\t7\n")
+    with pytest.raises(UserError, match=rf"^{re.escape(str(path))}:3: category index '7'; valid: 0, 1, 2"):
+        convert(raw, out)
+    path.write_text("000001_0.jpg\t000001_1.jpg\t0\n022001_0.jpg\t022001_1.jpg\n")
+    with pytest.raises(UserError, match=rf"^{re.escape(str(path))}:2: expected 3 columns \(person garment category\)"):
+        convert(raw, out)
+    assert not out.exists()

@@ -11,6 +11,7 @@ from data_prep import synthetic
 from data_prep.__main__ import main
 from data_prep.manifest import update_manifest
 from data_prep.shard_writer import AtomicShardWriter
+from leffa.errors import UserError
 from raw_datasets import read_manifest, read_split
 
 
@@ -128,5 +129,5 @@ def test_manifest_merges_splits(tmp_path):
         "test-000002.tar",
     ]
     assert "--split train" in manifest["command"] and manifest["source"] is None and manifest["created"]
-    with pytest.raises(ValueError, match="describes dataset 'synthetic', not 'vitonhd'"):
+    with pytest.raises(UserError, match="describes dataset 'synthetic', not 'vitonhd'"):
         update_manifest(out, "vitonhd", "train", {}, [], "/data", "cmd")

@@ -2,67 +2,31 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from data_prep.__main__ import main
 from data_prep.masks import vitonhd_agnostic_mask
-from raw_datasets import decode, mean_colour, read_manifest, read_split, save_jpeg, save_png, solid, truncate
+from raw_datasets import (
+    TEST_VITONHD as TEST,
+    TRAIN_VITONHD as TRAIN,
+    VITONHD_SIZE,
+    cloth_colour,
+    decode,
+    make_vitonhd,
+    mean_colour,
+    parse_map,
+    read_manifest,
+    read_split,
+    save_png,
+    save_png_bomb,
+    truncate,
+)
 
-H, W = 64, 48
-TRAIN = ("00001_00", "00002_00", "00003_00")
-TEST = (("00010_00", "00011_00"), ("00011_00", "00010_00"))  # person, unpaired garment
-
-
-def cloth_colour(stem: str) -> tuple[int, int, int]:
-    number = int(stem[:5])
-    return (40 + 50 * (number % 4), 200 - 30 * (number % 5), 60 + 45 * (number % 3))
-
-
-def parse_map() -> np.ndarray:
-    """CIHP/LIP labels of a standing person: hair, face, neck, upper clothes, arms, pants, shoes."""
-    labels = np.zeros((H, W), dtype=np.uint8)
-    labels[2:6, 18:31] = 2  # hair
-    labels[6:14, 19:30] = 13  # face
-    labels[14:17, 21:28] = 10  # neck
-    labels[17:38, 13:36] = 5  # upper clothes
-    labels[17:36, 8:13] = 14  # left arm
-    labels[17:36, 36:41] = 15  # right arm
-    labels[38:59, 14:35] = 9  # pants
-    labels[59:63, 14:23] = 18
-    labels[59:63, 26:35] = 19
-    return labels
-
-
-BODY_25 = {1: (24, 16), 2: (14, 18), 3: (10, 27), 4: (10, 35), 5: (34, 18), 6: (38, 27), 7: (38, 35),
-           8: (24, 38), 9: (18, 38), 12: (30, 38)}  # fmt: skip
-
-
-def openpose_json() -> dict:
-    flat = []
-    for index in range(25):
-        x, y = BODY_25.get(index, (0, 0))
-        flat += [x, y, 0.9 if index in BODY_25 else 0.0]
-    return {"version": 1.3, "people": [{"person_id": [-1], "pose_keypoints_2d": flat}]}
-
-
-def make_vitonhd(root: Path) -> Path:
-    (root).mkdir(parents=True, exist_ok=True)
-    (root / "train_pairs.txt").write_text("".join(f"{s}.jpg {s}.jpg\n" for s in TRAIN))
-    (root / "test_pairs.txt").write_text("".join(f"{p}.jpg {c}.jpg\n" for p, c in TEST))
-    for split, stems in (("train", TRAIN), ("test", [p for p, _ in TEST])):
-        for seed, stem in enumerate(stems):
-            folder = root / split
-            save_jpeg(folder / "image" / f"{stem}.jpg", solid(H, W, (120, 110, 100), seed))
-            save_jpeg(folder / "cloth" / f"{stem}.jpg", solid(H, W, cloth_colour(stem), seed))
-            save_png(folder / "image-parse-v3" / f"{stem}.png", parse_map(), mode="P")
-            (folder / "openpose_json").mkdir(exist_ok=True)
-            (folder / "openpose_json" / f"{stem}_keypoints.json").write_text(json.dumps(openpose_json()))
-            save_jpeg(folder / "image-densepose" / f"{stem}.jpg", solid(H, W, (30, 90, 200), seed))
-    return root
+H, W = VITONHD_SIZE
 
 
 @pytest.fixture
@@ -145,6 +109,27 @@ def test_truncated_image_is_skipped_and_reported(raw, tmp_path, caplog):
     assert skipped["key"] == "vitonhd_train_paired_00002_00" and skipped["split"] == "train"
     assert "00002_00.jpg" in skipped["reason"]
     assert "vitonhd_train_paired_00002_00" in caplog.text
+
+
+@pytest.mark.parametrize(
+    "size, workers",
+    [((20000, 20000), 2), ((10000, 9000), 0)],  # over twice PIL's pixel limit (an error), just over it (a warning)
+)
+def test_image_over_the_pixel_limit_is_skipped_like_a_corrupt_file(raw, tmp_path, size, workers):
+    bomb = raw / "train" / "cloth" / "00002_00.jpg"
+    save_png_bomb(bomb, *size)
+    assert bomb.stat().st_size < 100_000 and size[0] * size[1] > Image.MAX_IMAGE_PIXELS
+    out = tmp_path / "shards"
+    manifest = convert(raw, out, "--split", "train", "--workers", str(workers))
+    assert [k for k, _ in read_split(out, "train")] == [
+        "vitonhd_train_paired_00001_00",
+        "vitonhd_train_paired_00003_00",
+    ]
+    entry = manifest["splits"]["train"]
+    assert (entry["num_samples_in"], entry["num_written"], entry["num_skipped"]) == (3, 2, 1)
+    (skipped,) = read_manifest(out)["skipped"]
+    assert skipped["key"] == "vitonhd_train_paired_00002_00"
+    assert str(bomb) in skipped["reason"] and f"{size[0] * size[1]} pixels" in skipped["reason"]
 
 
 def test_repeated_pair_line_is_skipped_as_duplicate(raw, tmp_path):

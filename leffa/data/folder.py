@@ -3,7 +3,8 @@
 Layout: ``person/<id>.<jpg|png>``, ``reference/<id>.*``, ``mask/<id>.png`` (255 = generate; for
 pose transfer all 255), ``densepose/<id>.*``; ``mask`` and ``densepose`` are named like the person.
 Without ``pairs.txt`` each person is paired with the reference of the same id; with it, each line
-``<person id> <reference id>`` is one sample (unpaired try-on), keyed ``<person>__<reference>``.
+``<person id> <reference id>`` is one sample (unpaired try-on), keyed ``<person>__<reference>``
+(UTF-8, two columns; a malformed line is a UserError naming the file and line).
 Samples go through the shard pipeline's own decode and per-key resize stages.
 """
 
@@ -16,6 +17,7 @@ from torch.utils.data import Dataset
 
 from leffa.data.decode import decode_sample
 from leffa.data.transforms import resize_sample
+from leffa.pair_file import read_pair_file
 
 __all__ = ["FolderPairs"]
 
@@ -35,8 +37,8 @@ class FolderPairs(Dataset):
                       for f in FOLDERS}
         pairs_file = self.root / "pairs.txt"
         if pairs_file.is_file():
-            lines = [line.split() for line in pairs_file.read_text().splitlines() if line.strip()]
-            self.pairs = [(Path(a).stem, Path(b).stem) for a, b, *_ in lines]
+            rows = read_pair_file(pairs_file, ("person", "reference"))
+            self.pairs = [(Path(person).stem, Path(reference).stem) for _, (person, reference) in rows]
         else:
             self.pairs = [(stem, stem) for stem in self.files["person"]]
         for person, reference in self.pairs:
