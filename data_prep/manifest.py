@@ -12,8 +12,7 @@ import os
 from datetime import UTC, datetime
 from pathlib import Path
 
-SCHEMA_VERSION = 1
-MANIFEST_NAME = "manifest.json"
+from leffa.schema import MANIFEST_NAME, SCHEMA_VERSION
 
 
 def read_manifest(out_dir: Path) -> dict | None:
