@@ -71,7 +71,8 @@ def test_parsed_fields_are_the_dataset_ids(real_keys):
 
 
 def test_build_key_is_the_converters_format():
-    assert build_key("vitonhd", "test", "unpaired", "00010_00", "00011_00") == "vitonhd_test_unpaired_00010_00__00011_00"
+    key = build_key("vitonhd", "test", "unpaired", "00010_00", "00011_00")
+    assert key == "vitonhd_test_unpaired_00010_00__00011_00"
     assert build_key("dresscode", "train", "paired", "000001_0", category="upper_body") == (
         "dresscode_train_paired_upper_body_000001_0")
     assert build_key("deepfashion", "test", "paired", "a b.c", "d/e") == "deepfashion_test_paired_a_b_c__d_e"
