@@ -46,6 +46,9 @@ LPIPS_BACKBONE_URLS = {
 }
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
 KID_SCALE = 1000.0  # VtonEval and the paper's tables report KID x 1000
+# What PIL raises for a file that is no image, truncated, corrupt or over its pixel limit
+# (UnidentifiedImageError is an OSError); DataLoader workers re-raise them with the same type.
+DECODE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
 
 
 # --------------------------------------------------------------------------- files and pairs
@@ -118,8 +121,23 @@ def image_size(path: Path) -> tuple[int, int]:
     try:
         with Image.open(path) as image:
             return image.size
-    except (OSError, Image.DecompressionBombError) as error:  # UnidentifiedImageError is an OSError
-        raise UserError(f"{path} is not a readable image ({type(error).__name__}); remove or replace it") from None
+    except DECODE_ERRORS as error:
+        raise _unreadable(path, error) from None
+
+
+def _unreadable(path: Path, error: Exception) -> UserError:
+    return UserError(f"{path} is not a readable image ({type(error).__name__}: {error}); remove or replace it")
+
+
+def raise_for_unreadable(files: list[Path], error: Exception) -> None:
+    """After `error` in a decoding loop: a UserError naming the first file that fails to decode,
+    else `error` itself (headers are checked up front; a truncated body only shows when decoded)."""
+    for path in files:
+        try:
+            _read_rgb(path)
+        except DECODE_ERRORS as decode_error:
+            raise _unreadable(path, decode_error) from None
+    raise error
 
 
 def common_size(files: list[Path]) -> tuple[int, int]:
@@ -242,11 +260,14 @@ def extract_features(
     [0, 255] to `model`.
     """
     model = model.to(device).eval()
-    return cleanfid_fid.get_files_features(
-        [str(f) for f in files], model, num_workers=num_workers, batch_size=batch_size,
-        device=torch.device(device), mode="clean", description=description,
-        custom_image_tranform=ResizeTo(size),
-    )
+    try:
+        return cleanfid_fid.get_files_features(
+            [str(f) for f in files], model, num_workers=num_workers, batch_size=batch_size,
+            device=torch.device(device), mode="clean", description=description,
+            custom_image_tranform=ResizeTo(size),
+        )
+    except DECODE_ERRORS as error:
+        raise_for_unreadable(files, error)
 
 
 def fid_kid(
@@ -310,12 +331,15 @@ def ssim_lpips(
     ssim = StructuralSimilarityIndexMeasure(data_range=1.0).to(device)
     lpips_values = []
     loader = DataLoader(PairDataset(pairs), batch_size=batch_size, num_workers=num_workers)
-    for pred, gt in tqdm(loader, desc="SSIM/LPIPS"):
-        pred, gt = pred.to(device), gt.to(device)
-        ssim.update(pred, gt)
-        if lpips_model is not None:
-            # (B, 1, 1, 1) -> (B,); normalize=True maps [0, 1] to [-1, 1]
-            lpips_values.append(lpips_model(pred, gt, normalize=True).flatten().cpu())
+    try:
+        for pred, gt in tqdm(loader, desc="SSIM/LPIPS"):
+            pred, gt = pred.to(device), gt.to(device)
+            ssim.update(pred, gt)
+            if lpips_model is not None:
+                # (B, 1, 1, 1) -> (B,); normalize=True maps [0, 1] to [-1, 1]
+                lpips_values.append(lpips_model(pred, gt, normalize=True).flatten().cpu())
+    except DECODE_ERRORS as error:
+        raise_for_unreadable([path for pair in pairs for path in pair], error)
     out = {"ssim": float(ssim.compute())}
     if lpips_model is not None:
         out["lpips"] = float(torch.cat(lpips_values).mean())

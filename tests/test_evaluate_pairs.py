@@ -164,3 +164,14 @@ def test_cli_empty_folder_and_non_image_png_are_one_line(tmp_path):
         assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
         last = done.stderr.strip().splitlines()[-1]
         assert last.startswith("error: ") and str(tmp_path / bad / "vitonhd_test_paired_00010_00.png") in last
+
+
+def test_truncated_image_is_one_error_naming_it(tmp_path):
+    """The header reads (so the size check passes); the body fails only when decoded."""
+    for i, name in enumerate(["00010_00", "00011_00"]):
+        save(tmp_path / "gt", name, picture(i))
+        save(tmp_path / "pred", f"vitonhd_test_paired_{name}", picture(i))
+    broken = tmp_path / "pred" / "vitonhd_test_paired_00011_00.png"
+    broken.write_bytes(broken.read_bytes()[:200])
+    with pytest.raises(UserError, match=f"{broken}.* not a readable image"):
+        run(tmp_path / "pred", tmp_path / "gt", paired=True)
