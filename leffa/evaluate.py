@@ -68,7 +68,8 @@ def evaluate(
     size = metrics.common_size(pred_files)
     for path in gt_files + (ref_files if fid_ref else []):
         metrics.image_size(path)  # an unreadable file is named now, not deep inside a loop
-    pairs = metrics.match_pairs(pred_files, gt_files, paired=paired) if "ssim" in wanted else None
+    paired_keys_only = protocol == "tryon_paired"
+    pairs = metrics.match_pairs(pred_files, gt_files, paired=paired_keys_only) if "ssim" in wanted else None
     if protocol == "tryon_paired":
         # FID/KID compare with the whole gt folder: a partial prediction set would bias them.
         used = {gt for _, gt in pairs}
