@@ -29,9 +29,10 @@ import numpy as np
 
 from data_prep.keypoints import draw_coco18
 from data_prep.load import check_file_names, load_rgb
-from data_prep.sample import SampleError, build_sample, make_key
+from data_prep.sample import SampleError, build_sample
 from leffa.errors import UserError
 from leffa.pair_file import quote, read_text_lines
+from leffa.schema import build_key
 
 DATASET = "deepfashion"
 SPLITS = ("train", "test")
@@ -174,7 +175,7 @@ def list_samples(args: argparse.Namespace, split: str) -> list[DeepFashionSpec]:
     for ref_name, tgt_name in pairs:
         tgt_stem, ref_stem = Path(tgt_name).stem, Path(ref_name).stem
         specs.append(DeepFashionSpec(
-            key=make_key(DATASET, split, "paired", tgt_stem, ref_stem),
+            key=build_key(DATASET, split, "paired", tgt_stem, ref_stem),
             source=f"{ref_name} -> {tgt_name}", split=split, pairing="paired",
             tgt_name=tgt_name, ref_name=ref_name, tgt_path=path_of(tgt_name), ref_path=path_of(ref_name),
             keypoints=annotations.get(tgt_name),

@@ -32,8 +32,9 @@ from PIL import Image
 
 from data_prep.load import load_binary_mask, load_json, load_labels, load_rgb, read_pair_lines
 from data_prep.masks import DRESSCODE_CATEGORIES, dresscode_agnostic_mask
-from data_prep.sample import SampleError, build_sample, make_key
+from data_prep.sample import SampleError, build_sample
 from leffa.errors import UserError
+from leffa.schema import build_key
 
 DATASET = "dresscode"
 SPLITS = ("train", "test")
@@ -144,7 +145,7 @@ def list_samples(args: argparse.Namespace, split: str) -> list[DressCodeSpec]:
         key_ref = ref_id if pairing == "unpaired" else None
         specs.append(
             DressCodeSpec(
-                key=make_key(DATASET, split, pairing, f"{category}_{tgt_id}", key_ref),
+                key=build_key(DATASET, split, pairing, tgt_id, key_ref, category=category),
                 source=f"{category}/images/{person} + {cloth}",
                 split=split, pairing=pairing, category=category, person=person, cloth=cloth,
                 category_dir=root / category, mask_source=mask_source, densepose_dir=densepose_dir,

@@ -21,9 +21,7 @@ from pathlib import Path
 
 from data_prep.shard_writer import split_shards
 from leffa.errors import UserError
-
-SCHEMA_VERSION = 1
-MANIFEST_NAME = "manifest.json"
+from leffa.schema import MANIFEST_NAME, SCHEMA_VERSION
 
 
 def read_manifest(out_dir: Path) -> dict | None:

@@ -2,38 +2,18 @@
 
 from __future__ import annotations
 
-import re
-
 import numpy as np
 from PIL import Image
 
 from data_prep.encode import jpeg_bytes, json_bytes, npy_bytes, png_bytes
+from leffa.schema import PAIRINGS
 
 TASKS = ("tryon", "pose")
-PAIRINGS = ("paired", "unpaired")
 POSE_SOURCES = ("densepose", "keypoints")
 
 
 class SampleError(Exception):
     """A sample cannot be built from its source files (missing or corrupt); it is skipped."""
-
-
-def sanitize_id(name: str) -> str:
-    """Turn a file stem or path into a key part: '.', '/', '\\' and whitespace become '_'."""
-    return re.sub(r"[./\\\s]", "_", name)
-
-
-def make_key(dataset: str, split: str, pairing: str, tgt_id: str, ref_id: str | None = None) -> str:
-    """`<dataset>_<split>_<pairing>_<tgt>[__<ref>]`, with no dots (webdataset splits names at the first dot).
-
-    The reference id is part of the key whenever the target alone does not name the sample
-    (unpaired try-on, pose transfer), so every pair line gives its own key.
-    """
-    parts = [dataset, split, pairing, sanitize_id(tgt_id)]
-    key = "_".join(parts)
-    if ref_id is not None:
-        key += "__" + sanitize_id(ref_id)
-    return key
 
 
 def build_sample(
@@ -48,7 +28,7 @@ def build_sample(
     """Check one sample against the schema and encode it into the bytes stored in a shard.
 
     Args:
-        key: sample key from `make_key`.
+        key: sample key from `leffa.schema.build_key`.
         tgt: target person, RGB.
         ref: reference (garment or another photo of the person), RGB, any size.
         mask: (H, W) uint8, 255 = region to generate, 0 elsewhere, same size as `tgt`.

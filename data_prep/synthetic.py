@@ -23,8 +23,9 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from data_prep.sample import build_sample, make_key
+from data_prep.sample import build_sample
 from data_prep.synthetic_textures import background, garment_region, reference_texture
+from leffa.schema import build_key
 
 DATASET = "synthetic"
 SPLITS = ("train", "test")
@@ -56,7 +57,7 @@ def list_samples(args: argparse.Namespace, split: str) -> list[SyntheticSpec]:
     if args.count < 0 or args.height < 8 or args.width < 8:
         raise ValueError(f"need --count >= 0 and --height, --width >= 8, got {args.count}, {args.height}, {args.width}")
     return [
-        SyntheticSpec(make_key(DATASET, split, "paired", f"{index:06d}"), f"seed {args.seed} {split} #{index}",
+        SyntheticSpec(build_key(DATASET, split, "paired", f"{index:06d}"), f"seed {args.seed} {split} #{index}",
                       split, "paired", index, args.seed, args.height, args.width)
         for index in range(args.count)
     ]  # fmt: skip

@@ -27,7 +27,8 @@ import numpy as np
 
 from data_prep.load import load_binary_mask, load_json, load_labels, load_rgb, read_pair_lines
 from data_prep.masks import vitonhd_agnostic_mask
-from data_prep.sample import SampleError, build_sample, make_key
+from data_prep.sample import SampleError, build_sample
+from leffa.schema import build_key
 
 DATASET = "vitonhd"
 SPLITS = ("train", "test")
@@ -108,7 +109,7 @@ def list_samples(args: argparse.Namespace, split: str) -> list[VitonHDSpec]:
         tgt_id, ref_id = Path(person).stem, Path(cloth).stem
         specs.append(
             VitonHDSpec(
-                key=make_key(DATASET, split, pairing, tgt_id, ref_id if pairing == "unpaired" else None),
+                key=build_key(DATASET, split, pairing, tgt_id, ref_id if pairing == "unpaired" else None),
                 source=f"{split}/image/{person} + {split}/cloth/{cloth}",
                 split=split, pairing=pairing, person=person, cloth=cloth, split_dir=split_dir,
                 mask_source=mask_source, parse_dir=parse_dir, pose_dir=pose_dir,

@@ -4,8 +4,10 @@
     try-on, unpaired  (default):       FID, KID vs the ground-truth folder
     pose transfer     (--fid-ref DIR): FID vs the training images in DIR; SSIM, LPIPS per pair
 
-Pairs are matched by file stem (see `leffa.metrics.match_pairs`); reference images are
-resized to the prediction's size with LANCZOS when sizes differ, as VtonEval does. KID is
+Predictions are named by sample key (`<key>.png`, as `leffa predict` writes them; grammar in
+`leffa.schema`) or exactly like their ground truth. A key is paired with the ground truth named
+by its target id (`leffa.metrics.match_pairs`); --paired refuses unpaired keys. Reference images
+are resized to the prediction's size with LANCZOS when sizes differ, as VtonEval does. KID is
 reported x 1000 as VtonEval and the paper's tables do.
 """
 
@@ -19,6 +21,7 @@ from pathlib import Path
 import torch
 
 from leffa import metrics
+from leffa.errors import UserError
 
 PROTOCOL_METRICS = {
     "tryon_paired": ("fid", "kid_x1000", "ssim", "lpips"),
@@ -63,13 +66,16 @@ def evaluate(
     pred_files, gt_files = metrics.list_images(pred_dir), metrics.list_images(gt_dir)
     ref_files = metrics.list_images(fid_ref) if fid_ref else gt_files
     size = metrics.common_size(pred_files)
-    pairs = metrics.match_pairs(pred_files, gt_files) if "ssim" in wanted else None
+    for path in gt_files + (ref_files if fid_ref else []):
+        metrics.image_size(path)  # an unreadable file is named now, not deep inside a loop
+    paired_keys_only = protocol == "tryon_paired"
+    pairs = metrics.match_pairs(pred_files, gt_files, paired=paired_keys_only) if "ssim" in wanted else None
     if protocol == "tryon_paired":
         # FID/KID compare with the whole gt folder: a partial prediction set would bias them.
         used = {gt for _, gt in pairs}
         unused = [p.name for p in gt_files if p not in used]
         if unused:
-            raise FileNotFoundError(
+            raise UserError(
                 f"{len(unused)} ground-truth images in {gt_dir} have no prediction: "
                 + ", ".join(unused[:5]) + (", ..." if len(unused) > 5 else "")
             )

@@ -29,6 +29,9 @@ from torchmetrics.image import StructuralSimilarityIndexMeasure
 from torchvision.transforms.functional import to_tensor
 from tqdm import tqdm
 
+from leffa.errors import UserError
+from leffa.schema import SampleKey
+
 INCEPTION_ENV = "LEFFA_INCEPTION_WEIGHTS"
 INCEPTION_FILE = "inception-2015-12-05.pt"
 INCEPTION_URL = (
@@ -43,6 +46,9 @@ LPIPS_BACKBONE_URLS = {
 }
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
 KID_SCALE = 1000.0  # VtonEval and the paper's tables report KID x 1000
+# What PIL raises for a file that is no image, truncated, corrupt or over its pixel limit
+# (UnidentifiedImageError is an OSError); DataLoader workers re-raise them with the same type.
+DECODE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
 
 
 # --------------------------------------------------------------------------- files and pairs
@@ -52,47 +58,86 @@ def list_images(folder: str | Path) -> list[Path]:
     """Sorted image files directly inside `folder` (flat, like the VtonEval folders)."""
     folder = Path(folder)
     if not folder.is_dir():
-        raise FileNotFoundError(f"image folder not found: {folder}")
+        raise UserError(f"image folder not found: {folder}")
     files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
     if not files:
-        raise FileNotFoundError(f"no images ({', '.join(sorted(IMAGE_EXTENSIONS))}) in {folder}")
+        raise UserError(f"no images ({', '.join(sorted(IMAGE_EXTENSIONS))}) in {folder}")
     return files
 
 
-def _stem_suffixes(stem: str) -> list[str]:
-    """`a_b_c` -> [`a_b_c`, `b_c`, `c`]: the stem, then with leading `_` fields dropped."""
-    parts = stem.split("_")
-    return ["_".join(parts[i:]) for i in range(len(parts))]
+def match_pairs(
+    pred_files: list[Path], gt_files: list[Path], paired: bool = False
+) -> list[tuple[Path, Path]]:
+    """Pair each prediction with the ground truth of its target.
 
-
-def match_pairs(pred_files: list[Path], gt_files: list[Path]) -> list[tuple[Path, Path]]:
-    """Pair each prediction with the ground truth of the same stem.
-
-    A prediction named by sample key (`<dataset>_<split>_<id>`) also matches a ground truth
-    named by dataset id (`<id>`): the longest `_`-suffix of the prediction stem that is a
-    ground-truth stem wins. A prediction without counterpart is an error naming a few.
+    A prediction named exactly like a ground-truth file (same stem) is that file's prediction.
+    Any other is named by its sample key (`leffa predict` writes `<key>.png`; the grammar is
+    `leffa.schema`) and is paired with the ground truth named by the key's target id: the
+    person for try-on, the target pose for pose transfer, never the reference. With `paired`
+    (the paired try-on protocol) unpaired keys are refused. A prediction without ground truth,
+    or whose name is neither a ground-truth stem nor a key, is an error naming it.
     """
     gt_by_stem = {p.stem: p for p in gt_files}
-    pairs, missing = [], []
+    pairs, missing, unpaired = [], [], []
     for pred in pred_files:
-        gt = next((gt_by_stem[s] for s in _stem_suffixes(pred.stem) if s in gt_by_stem), None)
+        key = _prediction_key(pred, gt_by_stem)
+        if paired and key is not None and key.pairing == "unpaired":
+            unpaired.append(pred.name)
+            continue
+        gt = gt_by_stem.get(pred.stem) or (gt_by_stem.get(key.target) if key is not None else None)
         if gt is None:
             missing.append(pred.name)
         else:
             pairs.append((pred, gt))
+    if unpaired:
+        raise UserError(
+            f"--paired: {len(unpaired)} of {len(pred_files)} predictions in {pred_files[0].parent} are "
+            f"unpaired samples (e.g. {unpaired[0]}); evaluate them without --paired, or keep only "
+            "the keys whose pairing is 'paired'"
+        )
     if missing:
-        raise FileNotFoundError(
-            f"{len(missing)} of {len(pred_files)} predictions have no ground truth of the same "
-            f"stem in {gt_files[0].parent}: {', '.join(missing[:5])}"
+        raise UserError(
+            f"{len(missing)} of {len(pred_files)} predictions have no ground truth named by their "
+            f"target id in {gt_files[0].parent}: {', '.join(missing[:5])}"
             + (", ..." if len(missing) > 5 else "")
         )
     return pairs
 
 
+def _prediction_key(pred: Path, gt_by_stem: dict[str, Path]) -> SampleKey | None:
+    """The sample key a prediction is named by; None for a plain ground-truth stem that is no key."""
+    try:
+        return SampleKey.parse_any(pred.stem)
+    except UserError as error:
+        if pred.stem in gt_by_stem:
+            return None
+        raise UserError(
+            f"prediction {pred} is named neither like a ground-truth image nor by a sample key: {error}"
+        ) from None
+
+
 def image_size(path: Path) -> tuple[int, int]:
-    """(width, height) read from the file header."""
-    with Image.open(path) as image:
-        return image.size
+    """(width, height) read from the file header; an unreadable file is an error naming it."""
+    try:
+        with Image.open(path) as image:
+            return image.size
+    except DECODE_ERRORS as error:
+        raise _unreadable(path, error) from None
+
+
+def _unreadable(path: Path, error: Exception) -> UserError:
+    return UserError(f"{path} is not a readable image ({type(error).__name__}: {error}); remove or replace it")
+
+
+def raise_for_unreadable(files: list[Path], error: Exception) -> None:
+    """After `error` in a decoding loop: a UserError naming the first file that fails to decode,
+    else `error` itself (headers are checked up front; a truncated body only shows when decoded)."""
+    for path in files:
+        try:
+            _read_rgb(path)
+        except DECODE_ERRORS as decode_error:
+            raise _unreadable(path, decode_error) from None
+    raise error
 
 
 def common_size(files: list[Path]) -> tuple[int, int]:
@@ -101,7 +146,7 @@ def common_size(files: list[Path]) -> tuple[int, int]:
     for path in files[1:]:
         other = image_size(path)
         if other != size:
-            raise ValueError(
+            raise UserError(
                 f"predictions must share one size: {files[0].name} is {size[0]}x{size[1]}, "
                 f"{path.name} is {other[0]}x{other[1]}"
             )
@@ -139,14 +184,14 @@ def load_inception(path: str | Path | None = None, device: str = "cpu") -> torch
         f"or set {INCEPTION_ENV}=PATH"
     )
     if not path:
-        raise FileNotFoundError(f"no Inception weights for FID/KID given: {hint}")
+        raise UserError(f"no Inception weights for FID/KID given: {hint}")
     path = Path(path)
     if path.is_dir():
         path = path / INCEPTION_FILE
     if not path.is_file():
-        raise FileNotFoundError(f"Inception weights for FID/KID not found at {path}: {hint}")
+        raise UserError(f"Inception weights for FID/KID not found at {path}: {hint}")
     if path.name != INCEPTION_FILE:
-        raise ValueError(f"clean-fid loads Inception by the name {INCEPTION_FILE}; rename {path}")
+        raise UserError(f"clean-fid loads Inception by the name {INCEPTION_FILE}; rename {path}")
     with warnings.catch_warnings():  # torch.jit.load is deprecated, but it is clean-fid's format
         warnings.simplefilter("ignore", FutureWarning)
         model = InceptionV3W(str(path.parent), download=False, resize_inside=False)
@@ -172,9 +217,9 @@ def load_lpips(
         f"--lpips-backbone PATH or set {LPIPS_ENV}=PATH"
     )
     if not backbone:
-        raise FileNotFoundError(f"no LPIPS {net} backbone weights given: {hint}")
+        raise UserError(f"no LPIPS {net} backbone weights given: {hint}")
     if str(backbone) != "random" and not Path(backbone).is_file():
-        raise FileNotFoundError(f"LPIPS {net} backbone weights not found at {backbone}: {hint}")
+        raise UserError(f"LPIPS {net} backbone weights not found at {backbone}: {hint}")
 
     with warnings.catch_warnings():  # lpips passes torchvision's deprecated `pretrained=False`
         warnings.simplefilter("ignore", UserWarning)
@@ -191,7 +236,7 @@ def load_lpips(
         names = {name: "features." + name.split(".", 1)[1] for name in model.net.state_dict()}
         absent = [key for key in names.values() if key not in state]
         if absent:
-            raise KeyError(f"{backbone} is not a torchvision {net} state dict: no key {absent[0]!r}")
+            raise UserError(f"{backbone} is not a torchvision {net} state dict: no key {absent[0]!r}")
         model.net.load_state_dict({name: state[key] for name, key in names.items()})
     return model.requires_grad_(False).to(device).eval()
 
@@ -215,11 +260,14 @@ def extract_features(
     [0, 255] to `model`.
     """
     model = model.to(device).eval()
-    return cleanfid_fid.get_files_features(
-        [str(f) for f in files], model, num_workers=num_workers, batch_size=batch_size,
-        device=torch.device(device), mode="clean", description=description,
-        custom_image_tranform=ResizeTo(size),
-    )
+    try:
+        return cleanfid_fid.get_files_features(
+            [str(f) for f in files], model, num_workers=num_workers, batch_size=batch_size,
+            device=torch.device(device), mode="clean", description=description,
+            custom_image_tranform=ResizeTo(size),
+        )
+    except DECODE_ERRORS as error:
+        raise_for_unreadable(files, error)
 
 
 def fid_kid(
@@ -283,12 +331,15 @@ def ssim_lpips(
     ssim = StructuralSimilarityIndexMeasure(data_range=1.0).to(device)
     lpips_values = []
     loader = DataLoader(PairDataset(pairs), batch_size=batch_size, num_workers=num_workers)
-    for pred, gt in tqdm(loader, desc="SSIM/LPIPS"):
-        pred, gt = pred.to(device), gt.to(device)
-        ssim.update(pred, gt)
-        if lpips_model is not None:
-            # (B, 1, 1, 1) -> (B,); normalize=True maps [0, 1] to [-1, 1]
-            lpips_values.append(lpips_model(pred, gt, normalize=True).flatten().cpu())
+    try:
+        for pred, gt in tqdm(loader, desc="SSIM/LPIPS"):
+            pred, gt = pred.to(device), gt.to(device)
+            ssim.update(pred, gt)
+            if lpips_model is not None:
+                # (B, 1, 1, 1) -> (B,); normalize=True maps [0, 1] to [-1, 1]
+                lpips_values.append(lpips_model(pred, gt, normalize=True).flatten().cpu())
+    except DECODE_ERRORS as error:
+        raise_for_unreadable([path for pair in pairs for path in pair], error)
     out = {"ssim": float(ssim.compute())}
     if lpips_model is not None:
         out["lpips"] = float(torch.cat(lpips_values).mean())

@@ -24,6 +24,7 @@ from torchmetrics.functional.image import structural_similarity_index_measure
 
 from leffa import evaluate as ev
 from leffa import metrics
+from leffa.errors import UserError
 
 N_IMAGES, WIDTH, HEIGHT = 12, 64, 48
 
@@ -93,7 +94,7 @@ def write(folder, images, names):
 
 
 IDS = [f"{i:05d}_00" for i in range(N_IMAGES)]
-KEYS = [f"vitonhd_test_{i}" for i in IDS]  # predictions named by sample key
+KEYS = [f"vitonhd_test_paired_{i}" for i in IDS]  # predictions named by sample key (leffa.schema)
 
 
 @pytest.fixture
@@ -238,24 +239,24 @@ def test_ssim_and_lpips_equal_direct_computation(folders, tmp_path):
 
 def test_missing_counterpart_is_clear_error(folders):
     (folders["gt"] / f"{IDS[3]}.png").unlink()
-    with pytest.raises(FileNotFoundError, match=f"1 of 12 predictions have no ground truth.*{KEYS[3]}"):
+    with pytest.raises(UserError, match=f"1 of 12 predictions have no ground truth.*{KEYS[3]}"):
         run(folders["same"], folders["gt"], paired=True)
     (folders["same"] / f"{KEYS[3]}.png").unlink()
     (folders["same"] / f"{KEYS[5]}.png").unlink()  # paired try-on: every gt needs a prediction
-    with pytest.raises(FileNotFoundError, match=f"1 ground-truth images .* no prediction: {IDS[5]}"):
+    with pytest.raises(UserError, match=f"1 ground-truth images .* no prediction: {IDS[5]}"):
         run(folders["same"], folders["gt"], paired=True)
 
 
 def test_missing_weights_name_the_file_and_variable(folders, tmp_path, monkeypatch):
-    with pytest.raises(FileNotFoundError, match=f"no Inception weights.*{metrics.INCEPTION_ENV}"):
+    with pytest.raises(UserError, match=f"no Inception weights.*{metrics.INCEPTION_ENV}"):
         ev.evaluate(folders["same"], folders["gt"])
     monkeypatch.setenv(metrics.INCEPTION_ENV, str(tmp_path / "nowhere" / metrics.INCEPTION_FILE))
-    with pytest.raises(FileNotFoundError, match=f"not found at .*nowhere.*{metrics.INCEPTION_ENV}"):
+    with pytest.raises(UserError, match=f"not found at .*nowhere.*{metrics.INCEPTION_ENV}"):
         ev.evaluate(folders["same"], folders["gt"])
-    with pytest.raises(FileNotFoundError, match=f"alexnet-owt.*{metrics.LPIPS_ENV}"):
+    with pytest.raises(UserError, match=f"alexnet-owt.*{metrics.LPIPS_ENV}"):
         metrics.load_lpips("alex", None)
     monkeypatch.setenv(metrics.LPIPS_ENV, str(tmp_path / "vgg.pth"))
-    with pytest.raises(FileNotFoundError, match="vgg.pth.*vgg16-397923af"):
+    with pytest.raises(UserError, match="vgg.pth.*vgg16-397923af"):
         metrics.load_lpips("vgg")
 
 

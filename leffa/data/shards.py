@@ -19,8 +19,8 @@ from collections.abc import Sequence
 
 import braceexpand
 
-MANIFEST_NAME = "manifest.json"
-SCHEMA_VERSION = 1
+from leffa.schema import MANIFEST_NAME, SCHEMA_VERSION
+
 SPLIT_SEPARATOR = "@"
 _GLOB_CHARS = ("*", "?", "[")
 
