@@ -40,4 +40,4 @@ def check_sources(name: str, sources: list[list[str]], hflip: bool = False) -> N
             except ValueError:
                 continue
             if isinstance(meta, dict) and meta.get("pose_source") in SIDED_POSE_SOURCES:
-                raise BadDataConfig(sided_pose_refusal(meta["pose_source"], f"'{local[0]}'"))
+                raise BadDataConfig(sided_pose_refusal(meta["pose_source"], f"shard '{local[0]}'"))

@@ -37,9 +37,9 @@ SIDED_POSE_SOURCES = ("densepose", "keypoints")
 
 
 def sided_pose_refusal(pose_source: str, where: str) -> str:
-    """The one-line refusal of ``data.hflip`` for samples whose pose image has sides."""
+    """The one-line refusal of ``data.hflip`` for ``where`` (a sample or a shard) whose pose image has sides."""
     return (
-        f"data.hflip: the samples of {where} carry a {pose_source} pose image (json pose_source"
+        f"data.hflip: {where} carries a {pose_source} pose image (json pose_source"
         f" '{pose_source}') whose left and right sides a mirror would not swap; set data.hflip: false"
     )
 
