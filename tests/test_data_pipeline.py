@@ -6,6 +6,7 @@ import io
 import itertools
 import os
 import tarfile
+import warnings
 from collections import Counter
 
 import numpy as np
@@ -15,6 +16,7 @@ import webdataset as wds
 
 from leffa.data import LeffaDataModule, to_model_batch
 from leffa.data.synthetic import encode_sample, random_sample, write_split
+from leffa.errors import UserError
 
 H0, W0 = 40, 30  # native size in the shards
 H, W = 32, 24  # the stage's resolution
@@ -126,11 +128,13 @@ def test_training_skips_corrupt_and_fails_when_nothing_is_readable(tmp_path):
     batches = _batches(dm.train_dataloader(), 6)  # 30 good samples: 6 passes over the shard
     assert not bad & set(_keys(batches))
     assert sum(b["skipped"].item() for b in batches) >= 5 * 3  # 3 skips per pass
-    # A source with no readable sample raises instead of looping forever.
+    # A source with no readable sample raises instead of looping forever (every member is
+    # there, so setup's first-sample check passes; the bytes are junk).
     with tarfile.open(tmp_path / "junk-000000.tar", "w") as tar:
-        info = tarfile.TarInfo("junk_train_0000.tgt.jpg")
-        info.size = 4
-        tar.addfile(info, io.BytesIO(b"\xff\xd8\xff\x00"))
+        for member in ("tgt.jpg", "ref.jpg", "mask.png", "densepose.png", "json"):
+            info = tarfile.TarInfo(f"junk_train_0000.{member}")
+            info.size = 4
+            tar.addfile(info, io.BytesIO(b"\xff\xd8\xff\x00"))
     dm = LeffaDataModule(train_shards=str(tmp_path / "junk-*.tar"), height=H, width=W, num_workers=0, shuffle_buffer=0)
     dm.setup("fit")
     with pytest.raises(RuntimeError, match="corrupt samples in a row"):
@@ -151,19 +155,20 @@ def test_eval_sees_every_sample_once_across_two_ranks_with_two_workers(shards, m
     everything = per_rank[0] + per_rank[1]
     assert len(everything) == len(set(everything)) == 32
     assert set(everything) == {f"syn_test_{i:04d}" for i in range(32)}
-    # shards i % 2 == rank: rank 0 reads test-000000, -000002, ... (samples 0-3, 8-11, ...)
-    assert set(per_rank[0]) == {f"syn_test_{i:04d}" for i in range(32) if (i // 4) % 2 == 0}
+    # split by sample into contiguous halves: rank 0 reads samples 0-15, rank 1 16-31
+    assert set(per_rank[0]) == {f"syn_test_{i:04d}" for i in range(16)}
 
 
-def test_eval_warns_when_workers_outnumber_shards_and_refuses_empty_ranks(shards, monkeypatch):
+def test_eval_serves_more_workers_than_shards_and_refuses_fewer_samples_than_ranks(shards, monkeypatch):
     monkeypatch.setenv("RANK", "0")
     monkeypatch.setenv("WORLD_SIZE", "2")
-    dm = LeffaDataModule(val_shards=os.path.join(shards, "test-00000[0-2].tar"), num_workers=2)
+    dm = LeffaDataModule(val_shards=os.path.join(shards, "test-00000[0-2].tar"), height=H, width=W, num_workers=2)
     dm.setup("validate")
-    with pytest.warns(UserWarning, match=r"3 shard\(s\) < 2 ranks x 2 workers"):
-        dm.val_dataloader()
-    monkeypatch.setenv("WORLD_SIZE", "4")
-    with pytest.raises(ValueError, match=r"3 shard\(s\) for 4 ranks"):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # 3 shards for 2 ranks x 2 workers: nothing to warn about
+        assert _keys(_batches(dm.val_dataloader())) == [f"syn_test_{i:04d}" for i in range(6)]
+    monkeypatch.setenv("WORLD_SIZE", "16")
+    with pytest.raises(UserError, match=r"data.val_shards: 12 samples .* 16 ranks"):
         dm.val_dataloader()
 
 

@@ -1,18 +1,20 @@
 """LeffaDataModule: streams WebDataset shards into batches of the batch contract (batch.py)."""
 
-import warnings
-
 import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
 from leffa.data.batch import Collate, to_model_batch
 from leffa.data.distributed import node_info
+from leffa.errors import UserError
+from leffa.data.eval_split import batches_per_rank
 from leffa.data.folder import FolderPairs
 from leffa.data.global_batch import split_global_batch
-from leffa.data.pipeline import eval_pipeline, train_pipeline
+from leffa.data.pipeline import ExactlyOnce, eval_pipeline, train_pipeline
+from leffa.data.preflight import check_sources
 from leffa.data.shards import resolve_sources
 from leffa.data.skips import SkipCounter
+from leffa.data.tar_samples import count_samples, is_local
 
 ShardSpec = str | list[str] | None
 
@@ -31,9 +33,10 @@ class LeffaDataModule(L.LightningDataModule):
     Training is an endless stream of resampled shards: there are no epochs, so give the
     Trainer ``max_steps`` and an integer ``val_check_interval`` (steps; with
     ``check_val_every_n_epoch: null``). Validation, test and predict read every sample
-    exactly once across all ranks and workers; their last batch may be short, and ranks may
-    get different numbers of batches, so nothing in a validation step may be a collective
-    (log with ``sync_dist`` per epoch only, the default there).
+    exactly once across all ranks and workers, split by sample (``eval_split``): ranks hold
+    within one sample of each other and make the same number of batches, some of them short,
+    whatever the number of shards. Streamed shards (``pipe:``, URLs) cannot be counted
+    beforehand: they are split by shard, and ranks may then get different numbers of batches.
     """
 
     def __init__(
@@ -80,46 +83,51 @@ class LeffaDataModule(L.LightningDataModule):
                 the fewest accumulation steps; an impossible split is an error showing the sums.
             val_batch_size: samples per batch for validation/test/predict (default: batch_size).
             num_workers: DataLoader worker processes per device (0: load in the main process).
-                Evaluation needs at least world_size * num_workers shards to use every worker.
+                Evaluation splits local shards by sample, so any number of shards serves
+                every rank and worker.
             shuffle_buffer: training samples held per worker to shuffle across shards. They are
                 held encoded: ~0.25 MB each for 1024x768 images, ~3.4 MB with a float16 flow, so
                 1000 costs ~0.25 GB (3.4 GB with flow) per worker. 0 or 1: samples come in shard
                 order (shards are still drawn at random).
             hflip: mirror each training sample with probability 0.5 (all keys together; the
-                flow is mirrored with its x component negated).
+                flow is mirrored with its x component negated). Refused for samples whose json
+                ``pose_source`` is "densepose" or "keypoints" (every data_prep converter's): their
+                pose images have sides that a mirror does not swap.
             seed: base seed of the training stream (shard draws, shuffle, flips); each rank and
                 worker derives its own from it and from the step training starts at.
         """
         super().__init__()
         _check_positive(height=height, width=width, batch_size=batch_size, val_batch_size=val_batch_size or 1)
         if num_workers < 0 or shuffle_buffer < 0:
-            raise ValueError(f"num_workers ({num_workers}) and shuffle_buffer ({shuffle_buffer}) must be >= 0")
+            raise UserError(f"num_workers ({num_workers}) and shuffle_buffer ({shuffle_buffer}) must be >= 0")
         if train_weights is not None:
             _check_weights(train_shards, train_weights)
         self.save_hyperparameters()
         self.micro_batch_size = batch_size
         self.shards: dict[str, list[list[str]]] = {}
+        self.counts: dict[str, list[int] | None] = {}
 
     def setup(self, stage: str) -> None:
-        """Resolve the shard lists the Trainer stage needs (errors name the missing pattern), and
-        split the global batch over the Trainer's devices."""
+        """Resolve the shard lists the Trainer stage needs (errors name the missing pattern), check
+        the first sample of each source, and split the global batch over the Trainer's devices.
+        Every refusal is one line (``UserError``, ``MissingFileError``)."""
         self.micro_batch_size = self.hparams.batch_size
         if stage == "fit" and self.hparams.global_batch_size and self.trainer is not None:
             if self.trainer.accumulate_grad_batches != 1:
-                raise ValueError("set either data.global_batch_size or trainer.accumulate_grad_batches, not both")
+                raise UserError("set either data.global_batch_size or trainer.accumulate_grad_batches, not both")
             self.micro_batch_size, accumulation = split_global_batch(
                 self.hparams.global_batch_size, self.trainer.world_size, self.hparams.batch_size)
             self.trainer.accumulate_grad_batches = accumulation
         needed = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("predict",)}
         if stage not in needed:
-            raise ValueError(f"unknown stage {stage!r}; valid: {sorted(needed)}")
+            raise UserError(f"unknown stage {stage!r}; valid: {sorted(needed)}")
         if stage == "predict" and self.hparams.predict_folder:
             return
         for name in needed[stage]:
             spec = self.hparams[f"{name}_shards"]
             if spec is None and name != "val":  # no val_shards: fit without validation
-                raise ValueError(f"Trainer stage {stage!r} needs data.{name}_shards")
-            self.shards[name] = resolve_sources(spec, DEFAULT_SPLITS[name])
+                raise UserError(f"Trainer stage {stage!r} needs data.{name}_shards")
+            self._sources(name)
 
     def train_dataloader(self) -> DataLoader:
         """Endless batches of ``batch_size`` (see class docstring)."""
@@ -161,9 +169,18 @@ class LeffaDataModule(L.LightningDataModule):
     # Helpers
 
     def _sources(self, name: str) -> list[list[str]]:
-        if name not in self.shards:  # dataloader requested outside a Trainer
-            self.shards[name] = resolve_sources(self.hparams[f"{name}_shards"], DEFAULT_SPLITS[name])
+        """Resolved, checked shard lists of ``name`` (once; also when called outside a Trainer)."""
+        if name not in self.shards:
+            sources = resolve_sources(self.hparams[f"{name}_shards"], DEFAULT_SPLITS[name])
+            check_sources(name, sources, hflip=self.hparams.hflip and name == "train")
+            self.shards[name] = sources
         return self.shards[name]
+
+    def _counts(self, name: str, shards: list[str]) -> list[int] | None:
+        """Samples per shard of ``name`` (once), or None when a shard is streamed, not a local file."""
+        if name not in self.counts:
+            self.counts[name] = [count_samples(s) for s in shards] if all(map(is_local, shards)) else None
+        return self.counts[name]
 
     def _eval_loader(self, name: str) -> DataLoader | list:
         """One exactly-once pass; ``[]`` (no batches) when ``<name>_shards`` is None."""
@@ -172,26 +189,20 @@ class LeffaDataModule(L.LightningDataModule):
             return []
         hp = self.hparams
         rank, world_size = node_info()
-        if len(shards) < world_size:
-            raise ValueError(
-                f"{name}_shards: {len(shards)} shard(s) for {world_size} ranks; each rank needs at least one"
-                f" (write smaller shards, or evaluate on fewer devices)"
-            )
-        workers = max(hp.num_workers, 1)
-        if len(shards) < world_size * workers:
-            warnings.warn(
-                f"{name}_shards: {len(shards)} shard(s) < {world_size} ranks x {workers} workers;"
-                f" some workers will have nothing to read",
-                stacklevel=2,
-            )
-        dataset = eval_pipeline(
-            shards,
-            height=hp.height,
-            width=hp.width,
-            batch_size=hp.val_batch_size or hp.batch_size,
-            rank=rank,
-            world_size=world_size,
-        )
+        batch_size = hp.val_batch_size or hp.batch_size
+        counts = self._counts(name, shards)
+        if counts is not None:
+            batches_per_rank(sum(counts), world_size, batch_size, f"{name}_shards")  # refuse here, not in a worker
+            dataset = ExactlyOnce(shards, counts, height=hp.height, width=hp.width, batch_size=batch_size,
+                                  rank=rank, world_size=world_size)
+        else:
+            if len(shards) < world_size:
+                raise UserError(
+                    f"data.{name}_shards: {len(shards)} streamed shard(s) for {world_size} ranks; each rank needs"
+                    f" at least one (use local shard files, which are split by sample, or fewer devices)"
+                )
+            dataset = eval_pipeline(shards, height=hp.height, width=hp.width, batch_size=batch_size,
+                                    rank=rank, world_size=world_size)
         return self._loader(dataset)
 
     def _loader(self, dataset) -> DataLoader:
@@ -203,12 +214,12 @@ class LeffaDataModule(L.LightningDataModule):
 def _check_positive(**values: int) -> None:
     bad = {k: v for k, v in values.items() if v < 1}
     if bad:
-        raise ValueError(f"must be >= 1: {bad}")
+        raise UserError(f"must be >= 1: {bad}")
 
 
 def _check_weights(train_shards: ShardSpec, weights: list[float]) -> None:
     n_sources = 0 if train_shards is None else 1 if isinstance(train_shards, str) else len(train_shards)
     if len(weights) != n_sources:
-        raise ValueError(f"train_weights has {len(weights)} entries but train_shards has {n_sources} source(s)")
+        raise UserError(f"train_weights has {len(weights)} entries but train_shards has {n_sources} source(s)")
     if any(w < 0 for w in weights) or sum(weights) <= 0:
-        raise ValueError(f"train_weights must be >= 0 with a positive sum, got {weights}")
+        raise UserError(f"train_weights must be >= 0 with a positive sum, got {weights}")

@@ -11,14 +11,17 @@ then takes ``batch_size=None``.
 import random
 from collections.abc import Iterable, Iterator, Sequence
 from functools import partial
+from itertools import chain, islice
 
 import webdataset as wds
 from torch.utils.data import IterableDataset
 
 from leffa.data.batch import Collate
 from leffa.data.decode import decode_sample
-from leffa.data.distributed import split_by_rank_then_worker, stream_seed
+from leffa.data.distributed import split_by_rank_then_worker, stream_seed, worker_info
+from leffa.data.eval_split import rank_plan
 from leffa.data.skips import SkipCounter, skip_corrupt
+from leffa.data.tar_samples import read_samples
 from leffa.data.transforms import random_hflip, resize_sample
 
 
@@ -113,14 +116,52 @@ def train_pipeline(
     return wds.DataPipeline(*stages)
 
 
+class ExactlyOnce(IterableDataset):
+    """One pass over local ``shards`` split by sample (``eval_split``): no resampling, shuffle or flip.
+
+    Each (rank, worker) reads its planned sample range by seeking in the tars and makes its
+    planned batches, so every sample is read exactly once over all ranks and workers and every
+    rank yields the same number of batches. A corrupt sample makes its batch one shorter; a
+    batch whose samples are all corrupt is dropped. A batch is collated once the worker has
+    decoded the next one (or reached its end), so ``skipped`` counts every skip of the worker,
+    a batch's own and those up to the next batch with a readable sample.
+    """
+
+    def __init__(self, shards: list[str], counts: list[int], *, height: int, width: int, batch_size: int,
+                 rank: int, world_size: int):
+        self.shards, self.counts = shards, counts
+        self.height, self.width, self.batch_size = height, width, batch_size
+        self.rank, self.world_size = rank, world_size
+
+    def __iter__(self) -> Iterator[dict]:
+        worker, num_workers = worker_info()
+        pieces, sizes = rank_plan(self.counts, self.rank, self.world_size, worker, num_workers, self.batch_size)
+        counter = SkipCounter()
+        collate = Collate(counter)
+        raw = chain.from_iterable(read_samples(self.shards[i], start, stop, counter.handler) for i, start, stop in pieces)
+        decode_resize = _decode_resize(self.height, self.width, counter)
+        held = None  # one batch held back, so skips after the last good sample still reach a batch
+        for size in sizes:
+            samples = islice(raw, size)
+            for stage in decode_resize:
+                samples = stage(samples)
+            samples = list(samples)
+            if samples:
+                if held:
+                    yield collate(held)
+                held = samples
+        if held:
+            yield collate(held)
+
+
 def eval_pipeline(
     shards: list[str], *, height: int, width: int, batch_size: int, rank: int, world_size: int
 ) -> wds.DataPipeline:
-    """One pass over ``shards``: no resampling, no shuffle, no flip; the last batch may be short.
+    """One pass over streamed ``shards`` (``pipe:`` or URLs, which cannot be counted beforehand).
 
     Shards are split by rank, then by worker (``split_by_rank_then_worker``), so every sample
-    is seen exactly once across all ranks and workers. Skips that happen after a worker's
-    last batch are logged but reach no batch.
+    is seen exactly once across all ranks and workers, but ranks may get different numbers of
+    batches. Skips that happen after a worker's last batch are logged but reach no batch.
     """
     counter = SkipCounter()
     return wds.DataPipeline(

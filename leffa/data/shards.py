@@ -19,6 +19,7 @@ from collections.abc import Sequence
 
 import braceexpand
 
+from leffa.errors import MissingFileError, UserError
 from leffa.schema import MANIFEST_NAME, SCHEMA_VERSION
 
 SPLIT_SEPARATOR = "@"
@@ -33,12 +34,13 @@ def resolve_shards(spec: str, default_splits: Sequence[str] = ("train",)) -> lis
         default_splits: manifest splits to try, in order, when ``spec`` names none.
 
     Raises:
-        FileNotFoundError: a named file is missing or a pattern matches nothing (the message
-            names the pattern).
-        ValueError: the manifest is unreadable, of another schema version, or lacks the split.
+        MissingFileError: a named file is missing or a pattern matches nothing (the message
+            names the pattern); a ``UserError`` and a ``FileNotFoundError``.
+        UserError: the manifest is unreadable, of another schema version, or lacks the
+            split; a ``UserError`` and a ``ValueError``.
     """
     if not isinstance(spec, str) or not spec:
-        raise ValueError(f"a shard specification must be a non-empty string, got {spec!r}")
+        raise UserError(f"a shard specification must be a non-empty string, got {spec!r}")
     if spec.startswith("pipe:") or "://" in spec:
         return list(braceexpand.braceexpand(spec))
 
@@ -46,19 +48,19 @@ def resolve_shards(spec: str, default_splits: Sequence[str] = ("train",)) -> lis
     if os.path.isdir(path) or path.endswith(".json"):
         return _from_manifest(path, [split] if split else list(default_splits), spec)
     if split:
-        raise FileNotFoundError(f"{spec!r}: '{path}' is neither a folder nor a manifest file")
+        raise MissingFileError(f"{spec!r}: '{path}' is neither a folder nor a manifest file")
 
     shards = []
     for pattern in braceexpand.braceexpand(spec):
         if any(c in pattern for c in _GLOB_CHARS):
             matches = sorted(glob.glob(pattern))
             if not matches:
-                raise FileNotFoundError(f"shard pattern {spec!r}: no file matches '{pattern}'")
+                raise MissingFileError(f"shard pattern {spec!r}: no file matches '{pattern}'")
             shards.extend(matches)
         elif os.path.isfile(pattern):
             shards.append(pattern)
         else:
-            raise FileNotFoundError(f"shard pattern {spec!r}: file '{pattern}' does not exist")
+            raise MissingFileError(f"shard pattern {spec!r}: file '{pattern}' does not exist")
     return shards
 
 
@@ -85,7 +87,7 @@ def _from_manifest(path: str, splits: list[str], spec: str) -> list[str]:
     """Shards of the first of ``splits`` present in the manifest at ``path`` (file or folder)."""
     manifest_path = os.path.join(path, MANIFEST_NAME) if os.path.isdir(path) else path
     if not os.path.isfile(manifest_path):
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"shard specification {spec!r}: no manifest at '{manifest_path}'"
             f" (give a manifest, its folder, a brace pattern or a glob such as '{path}/*.tar')"
         )
@@ -93,27 +95,27 @@ def _from_manifest(path: str, splits: list[str], spec: str) -> list[str]:
         with open(manifest_path) as f:
             manifest = json.load(f)
     except (OSError, ValueError) as exn:
-        raise ValueError(f"cannot read manifest '{manifest_path}': {exn}") from exn
+        raise UserError(f"cannot read manifest '{manifest_path}': {exn}") from exn
     version = manifest.get("schema_version")
     if version != SCHEMA_VERSION:
-        raise ValueError(
+        raise UserError(
             f"manifest '{manifest_path}' has schema_version {version!r}; this reader knows {SCHEMA_VERSION}"
         )
     available = manifest.get("splits", {})
     split = next((s for s in splits if s in available), None)
     if split is None:
-        raise ValueError(
+        raise UserError(
             f"manifest '{manifest_path}' has no split {' or '.join(map(repr, splits))};"
             f" valid splits: {sorted(available)} (pick one with '{path}{SPLIT_SEPARATOR}<split>')"
         )
     entries = available[split].get("shards", [])
     if not entries:
-        raise ValueError(f"manifest '{manifest_path}': split '{split}' lists no shards")
+        raise UserError(f"manifest '{manifest_path}': split '{split}' lists no shards")
     folder = os.path.dirname(manifest_path)
     shards = [os.path.join(folder, entry["name"]) for entry in entries]
     missing = [s for s in shards if not os.path.isfile(s)]
     if missing:
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"manifest '{manifest_path}' (split '{split}') lists {len(missing)} missing shard(s),"
             f" first: '{missing[0]}'"
         )

@@ -26,8 +26,22 @@ import torch
 from PIL import Image
 
 from leffa.data.distributed import stream_seed
+from leffa.errors import UserError
 
 IMAGE_KEYS = ("tgt", "ref", "densepose")
+# Pose images whose colours say which side of the body a pixel is on: DensePose renders (part
+# labels, and U/V inside a part, left and right parts distinct) and keypoint renders (limbs and
+# joints coloured by side). Mirroring the pixels would need those labels swapped and U/V mapped
+# by DensePose's symmetry tables (or the keypoints redrawn), which the shards do not allow.
+SIDED_POSE_SOURCES = ("densepose", "keypoints")
+
+
+def sided_pose_refusal(pose_source: str, where: str) -> str:
+    """The one-line refusal of ``data.hflip`` for ``where`` (a sample or a shard) whose pose image has sides."""
+    return (
+        f"data.hflip: {where} carries a {pose_source} pose image (json pose_source"
+        f" '{pose_source}') whose left and right sides a mirror would not swap; set data.hflip: false"
+    )
 
 
 def nearest_indices(size_in: int, size_out: int) -> np.ndarray:
@@ -68,6 +82,8 @@ def resize_sample(sample: dict, height: int, width: int) -> dict:
 def hflip_sample(sample: dict) -> dict:
     """Mirror one resized sample left-right, every spatial key together.
 
+    Only valid for samples whose pose image has no sides: ``random_hflip`` refuses the others.
+
     The target and the reference are both mirrored. A target pixel that looked up reference
     coordinate (x, y) now sits at the mirrored column and must look up the mirrored reference
     point, which is (-x, y) in normalised coordinates (align_corners=True maps column j to
@@ -89,9 +105,17 @@ def hflip_sample(sample: dict) -> dict:
 def random_hflip(
     samples: Iterable[dict], p: float, seed: int, rank: int, start_step: int = 0
 ) -> Iterator[dict]:
-    """Pipeline stage: ``hflip_sample`` with probability ``p``, from a per-worker seeded RNG."""
+    """Pipeline stage: ``hflip_sample`` with probability ``p``, from a per-worker seeded RNG.
+
+    Raises:
+        UserError: a sample's json declares a pose image with sides (``SIDED_POSE_SOURCES``);
+            ``LeffaDataModule.setup`` already refuses a source whose first sample does.
+    """
     rng = random.Random(f"hflip-{stream_seed(seed, rank, start_step)}")
     for sample in samples:
+        pose_source = sample.get("meta", {}).get("pose_source")
+        if pose_source in SIDED_POSE_SOURCES:
+            raise UserError(sided_pose_refusal(pose_source, f"sample '{sample.get('key')}'"))
         yield hflip_sample(sample) if rng.random() < p else sample
 
 
