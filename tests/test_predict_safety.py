@@ -86,7 +86,7 @@ def test_hostile_keys_are_refused_named_once_and_nothing_leaves_the_output_folde
     after = {k: v for k, v in _tree(work).items() if not k.startswith("out")}
     assert after == before  # nothing outside the output folder was written, moved or changed
     assert not victim.with_suffix(".png").exists() and not (tmp_path / "escape.png").exists()
-    refusals = [str(w.message) for w in warned if "refused" in str(w.message)]
+    refusals = [str(w.message) for w in warned if "ImageWriter refused" in str(w.message)]
     assert len(refusals) == 1 and "4 samples" in refusals[0]
     assert all(repr(key) in refusals[0] for key in hostile)
 
@@ -150,3 +150,14 @@ def test_a_samples_image_does_not_depend_on_batch_size_or_order(test_shard, tmp_
             # the same noise; the 8-bit rounding of tiny float differences may move a value by one
             assert np.abs(one - _pixels(tmp_path / run / f"{key}.png")).max() <= 1, (key, run)
         assert np.abs(one - _pixels(tmp_path / "seed1" / f"{key}.png")).max() > 8  # the seed still matters
+
+
+def test_the_last_guard_refuses_a_path_that_resolves_outside_the_output_folder(tmp_path):
+    from leffa.callbacks import ImageWriter
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "link.png").symlink_to(tmp_path / "victim.png")  # a safe key whose file leads elsewhere
+    writer = ImageWriter(str(out))
+    assert writer.image_path("link") is None and "outside" in writer.refused["link"]
+    assert writer.image_path("fine") == out.resolve() / "fine.png"
