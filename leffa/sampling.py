@@ -134,7 +134,8 @@ def sample(
             raise ValueError(f"{len(generator)} generators for a batch of {b} samples; give one per sample")
     # diffusers' randn_tensor draws a sample's slice from its own generator when given a list, as
     # the stochastic schedulers' step() does with the same list
-    x = randn_tensor((b, ref_latent.shape[1], *latent_hw), generator=generator, device=torch.device("cpu")).to(device, ref_latent.dtype)
+    x = randn_tensor((b, ref_latent.shape[1], *latent_hw), generator=generator, device=torch.device("cpu"))
+    x = x.to(device, ref_latent.dtype)
     x = x * scheduler.init_noise_sigma
     if reference_timestep is not None:
         module.run_reference(ref_latent, torch.full((ref_latent.shape[0],), reference_timestep, device=device))
