@@ -4,18 +4,26 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import uuid
+from collections.abc import Callable
 from pathlib import Path
+from typing import IO
 
 import lightning as L
 import torch
+import torch.distributed as dist
 from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_warn
 from torchvision.utils import save_image
 
 from leffa.sampling import make_scheduler, sample
 from leffa.viz import sample_grid, save_png
 
-__all__ = ["SampleGrid", "FlowPictures", "ImageWriter"]
+__all__ = ["SampleGrid", "FlowPictures", "ImageWriter", "unsafe_key_reason", "write_atomically"]
+
+MAX_KEY_BYTES = 200  # a key plus ".png" stays well inside the 255-byte file-name limit
 
 
 def rank_zero_log_dir(trainer) -> Path:
@@ -85,10 +93,53 @@ class FlowPictures(L.Callback):
                 trainer.logger.experiment.add_image(f"val/flow/{name}", picture, trainer.global_step)
 
 
+def unsafe_key_reason(key: str) -> str | None:
+    """Why a sample key (a string from a data file) cannot name a file, or None when it can.
+
+    A safe key is one non-empty path component that does not start with ``.`` (so not ``.`` or
+    ``..``, nor a hidden or temporary file), holds no ``/``, ``\\`` or NUL, and is at most
+    ``MAX_KEY_BYTES`` bytes long as a file name.
+    """
+    if not isinstance(key, str) or not key:
+        return "empty"
+    if "\0" in key:
+        return "holds a NUL character"
+    if "/" in key or "\\" in key:
+        return "holds a path separator"
+    if key.startswith("."):
+        return "starts with '.'"
+    try:
+        size = len(os.fsencode(key))
+    except UnicodeEncodeError:
+        return "is not encodable as a file name"
+    if size > MAX_KEY_BYTES:
+        return f"is longer than {MAX_KEY_BYTES} bytes"
+    return None
+
+
+def write_atomically(path: Path, write: Callable[[IO[bytes]], None]) -> None:
+    """Write a file through a temporary name in its own folder, flushed to disk, then renamed over
+    ``path``: a reader (or a crash) sees the old file or the whole new one, never a part."""
+    temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        with open(temporary, "xb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+
+
 class ImageWriter(BasePredictionWriter):
     """Writes ``leffa predict`` results: ``<output_dir>/<sample key>.png`` and ``settings.json``.
 
     Every rank writes its own samples (keys are unique), so it works under multi-GPU predict.
+    Keys come from data files, so a key that is not a safe file name (see
+    :func:`unsafe_key_reason`: ``../x``, an absolute path, ``sub/dir/key``, ...) is not written:
+    such samples are counted and named in one warning at the end of predict. As a last guard,
+    every file's resolved path must lie directly in ``output_dir``. Files are written atomically.
 
     Args:
         output_dir: folder for the images.
@@ -97,14 +148,44 @@ class ImageWriter(BasePredictionWriter):
     def __init__(self, output_dir: str = "predictions"):
         super().__init__(write_interval="batch")
         self.output_dir = Path(output_dir)
+        self.refused: dict[str, str] = {}
 
     def on_predict_start(self, trainer, pl_module) -> None:
+        self.refused = {}
         self.output_dir.mkdir(parents=True, exist_ok=True)
         if trainer.is_global_zero:
             settings = {"sampling": dataclasses.asdict(pl_module.sampling),
                         "model": {k: v for k, v in dict(pl_module.hparams).items() if not k.startswith("_")}}
-            (self.output_dir / "settings.json").write_text(json.dumps(settings, indent=2, default=str))
+            text = json.dumps(settings, indent=2, default=str).encode()
+            write_atomically(self.output_dir / "settings.json", lambda f: f.write(text))
 
     def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx=0):
         for key, image in zip(prediction["key"], prediction["image"]):
-            save_image(((image.float() + 1) / 2).clamp(0, 1), self.output_dir / f"{key}.png")
+            path = self.image_path(key)
+            if path is None:
+                continue
+            pixels = ((image.float() + 1) / 2).clamp(0, 1)
+            write_atomically(path, lambda f: save_image(pixels, f, format="png"))
+
+    def image_path(self, key: str) -> Path | None:
+        """Where the image of ``key`` goes; None (and the key recorded as refused) for an unsafe key."""
+        reason = unsafe_key_reason(key)
+        if reason is None:
+            root = self.output_dir.resolve()
+            path = root / f"{key}.png"
+            if path.resolve().parent == root:
+                return path
+            reason = "resolves outside the output folder"
+        self.refused[key] = reason
+        return None
+
+    def on_predict_end(self, trainer, pl_module) -> None:
+        refused = self.refused
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            gathered: list[dict[str, str] | None] = [None] * dist.get_world_size()
+            dist.all_gather_object(gathered, refused)
+            refused = {key: reason for part in gathered for key, reason in (part or {}).items()}
+        if refused:
+            named = ", ".join(f"{key!r} ({reason})" for key, reason in refused.items())
+            rank_zero_warn(f"ImageWriter refused {len(refused)} samples whose keys are not safe file names;"
+                           f" nothing of them was written to {self.output_dir}: {named}")

@@ -18,8 +18,9 @@ import warnings
 from pathlib import Path
 
 import yaml
-from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 
+from leffa.callbacks import ImageWriter, write_atomically
 from leffa.errors import UserError, user_errors_as_one_line
 
 EXTRA_COMMANDS = {
@@ -27,6 +28,41 @@ EXTRA_COMMANDS = {
     "visualize": "leffa.visualize:visualize_main",
     "export": "leffa.export:export_main",
 }
+
+
+class RunConfigSaver(SaveConfigCallback):
+    """Saves the resolved config as ``config.yaml`` in the run's own folder, never over a file.
+
+    The run's folder: for predict, each ``ImageWriter``'s output folder (beside the images); for
+    fit, validate and test, the logger's folder (``version_N``), or for fit without a logger its
+    ``default_root_dir``. Validate and test without a logger save nothing (they have no folder of
+    their own). If that folder already holds a ``config.yaml`` (an earlier run's, or the user's),
+    the run stops with one line before it writes anything.
+    """
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        if self.already_saved:
+            return
+        for folder in self.run_folders(trainer, stage):
+            path = folder / self.config_filename
+            exists = trainer.strategy.broadcast(path.exists() if trainer.is_global_zero else False)
+            if exists:
+                raise UserError(f"{path} already exists (an earlier run's or yours) and is not overwritten;"
+                                f" choose another folder for this run's outputs or move that file away")
+            if trainer.is_global_zero:
+                folder.mkdir(parents=True, exist_ok=True)
+                text = self.parser.dump(self.config, skip_none=False).encode()
+                write_atomically(path, lambda f: f.write(text))
+        self.already_saved = True
+
+    @staticmethod
+    def run_folders(trainer, stage: str) -> list[Path]:
+        """The folders this run owns and saves its config in (see the class docstring)."""
+        if stage == "predict":
+            return [Path(c.output_dir) for c in trainer.callbacks if isinstance(c, ImageWriter)]
+        if trainer.logger is None and stage != "fit":
+            return []
+        return [Path(trainer.log_dir)]  # trainer.log_dir broadcasts rank 0's folder
 
 
 class LeffaCLI(LightningCLI):
@@ -99,7 +135,7 @@ def _main(args: list[str] | None) -> None:
         LeffaCLI(
             LeffaModule,
             LeffaDataModule,
-            save_config_kwargs={"overwrite": True},
+            save_config_callback=RunConfigSaver,
             parser_kwargs={"parser_mode": "omegaconf+"},
             args=expand_bases(argv),
         )

@@ -17,7 +17,7 @@ from leffa.conditioning import build_conditioning, conditioning_channels
 from leffa.errors import UserError
 from leffa.losses import attention_flow, diffusion_loss, warp_loss
 from leffa.pretrained import load_scheduler, load_vae, read_config
-from leffa.sampling import SamplingConfig, make_scheduler, sample
+from leffa.sampling import SamplingConfig, key_generators, make_scheduler, sample
 from leffa.unets import build_unet
 
 __all__ = ["LeffaModule"]
@@ -292,9 +292,13 @@ class LeffaModule(L.LightningModule):
         return self._common_step(batch, "val", generator)
 
     def predict_step(self, batch: dict, batch_idx: int) -> dict:
-        """Generate the batch's targets with ``self.sampling``; returns keys and images in [-1, 1]."""
+        """Generate the batch's targets with ``self.sampling``; returns keys and images in [-1, 1].
+
+        Each sample's noise comes from a generator seeded by its key and ``sampling.seed``, so its
+        image does not depend on the batch size, the order of the samples or the number of ranks.
+        """
         cfg = self.sampling
-        generator = torch.Generator().manual_seed(cfg.seed + batch_idx)
+        generator = key_generators(batch["key"], cfg.seed)
         images = sample(self, batch, make_scheduler(cfg.scheduler, self.scheduler), cfg.num_steps,
                         cfg.guidance_scale, cfg.guidance_rescale, generator, cfg.reference_timestep, cfg.repaint)
         return {"key": batch["key"], "image": images}

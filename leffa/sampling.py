@@ -8,14 +8,18 @@ every step ("reference acceleration", as the released inference code does).
 
 from __future__ import annotations
 
+import hashlib
+import inspect
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import diffusers
 import torch
+from diffusers.utils.torch_utils import randn_tensor
 
 from leffa.conditioning import build_conditioning
 
-__all__ = ["SamplingConfig", "make_scheduler", "sample"]
+__all__ = ["SamplingConfig", "make_scheduler", "key_generators", "sample"]
 
 SCHEDULERS = {
     "ddim": "DDIMScheduler",
@@ -40,8 +44,9 @@ class SamplingConfig:
         reference_timestep: run the Reference UNet once at this timestep and reuse it at every step
             (the released code's acceleration, at the middle timestep: 500); None recomputes it per step.
         repaint: paste the unmasked region of the person back onto the result.
-        seed: seed of the initial noise; each batch adds its index, so results do not depend on the
-            number of devices only when the batch split is the same.
+        seed: added to each sample's own seed, which comes from its key (see :func:`key_generators`),
+            so a sample's image depends on its key and this seed, not on the batch size, the order
+            or the number of devices.
     """
 
     scheduler: str = "ddim"
@@ -58,6 +63,16 @@ def make_scheduler(name: str, training_scheduler) -> diffusers.SchedulerMixin:
     if name not in SCHEDULERS:
         raise ValueError(f"unknown scheduler {name!r}; valid: {', '.join(SCHEDULERS)}")
     return getattr(diffusers, SCHEDULERS[name]).from_config(training_scheduler.config)
+
+
+def key_generators(keys: Sequence[str], seed: int = 0) -> list[torch.Generator]:
+    """One CPU generator per sample, seeded from its key: the first 8 bytes of the key's SHA-256
+    plus ``seed`` (modulo 2**64). The same key and seed give the same noise in any batch."""
+    generators = []
+    for key in keys:
+        key_seed = int.from_bytes(hashlib.sha256(key.encode("utf-8", "surrogatepass")).digest()[:8], "little")
+        generators.append(torch.Generator().manual_seed((key_seed + seed) % 2**64))
+    return generators
 
 
 def rescale_noise_cfg(eps_guided: torch.Tensor, eps_cond: torch.Tensor, rescale: float) -> torch.Tensor:
@@ -77,7 +92,7 @@ def sample(
     num_steps: int = 50,
     guidance_scale: float = 2.5,
     guidance_rescale: float = 0.0,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | Sequence[torch.Generator] | None = None,
     reference_timestep: int | None = None,
     repaint: bool = False,
 ) -> torch.Tensor:
@@ -91,7 +106,9 @@ def sample(
         num_steps: number of denoising steps.
         guidance_scale: CFG scale over the reference; 1 runs the conditional branch only.
         guidance_rescale: the rescale of Lin et al. 2023 (Sec. 3.4 of arXiv 2305.08891), 0 = off.
-        generator: CPU generator for the initial noise and stochastic schedulers.
+        generator: CPU generator for the initial noise and the steps of stochastic schedulers; or
+            one generator per sample (see :func:`key_generators`), each drawing all of its sample's
+            noise, so that a sample's result does not depend on the batch it is in.
         reference_timestep: run the Reference UNet once at this timestep and reuse its features;
             None recomputes them at every step with that step's timestep.
         repaint: paste the unmasked region of the source person back onto the result.
@@ -108,8 +125,17 @@ def sample(
         conditioning = torch.cat([conditioning, conditioning])
 
     module.bank.latent_hw, module.bank.image_hw, module.bank.capture_rows = latent_hw, None, None
+    # deterministic schedulers (UniPC) take no generator
+    step_kwargs = {"generator": generator} if "generator" in inspect.signature(scheduler.step).parameters else {}
     scheduler.set_timesteps(num_steps, device=device)
-    x = torch.randn((b, ref_latent.shape[1], *latent_hw), generator=generator).to(device, ref_latent.dtype)
+    if generator is not None and not isinstance(generator, torch.Generator):
+        generator = list(generator)
+        if len(generator) != b:
+            raise ValueError(f"{len(generator)} generators for a batch of {b} samples; give one per sample")
+    # diffusers' randn_tensor draws a sample's slice from its own generator when given a list, as
+    # the stochastic schedulers' step() does with the same list
+    x = randn_tensor((b, ref_latent.shape[1], *latent_hw), generator=generator, device=torch.device("cpu"))
+    x = x.to(device, ref_latent.dtype)
     x = x * scheduler.init_noise_sigma
     if reference_timestep is not None:
         module.run_reference(ref_latent, torch.full((ref_latent.shape[0],), reference_timestep, device=device))
@@ -125,7 +151,7 @@ def sample(
             eps = eps_uncond + guidance_scale * (eps_cond - eps_uncond)
             if guidance_rescale > 0:
                 eps = rescale_noise_cfg(eps, eps_cond, guidance_rescale)
-        x = scheduler.step(eps, t, x, generator=generator).prev_sample
+        x = scheduler.step(eps, t, x, **step_kwargs).prev_sample
 
     image = module.vae.decode(x / module.vae.config.scaling_factor).sample.clamp(-1, 1)
     if repaint:

@@ -87,3 +87,33 @@ def test_guidance_rescale_matches_the_papers_formula():
     for i in range(2):  # rescale 1: the guided prediction with the conditional one's std
         torch.testing.assert_close(full[i].std(), cond[i].std())
     torch.testing.assert_close(rescale_noise_cfg(guided, cond, 0.0), guided)
+
+
+@pytest.mark.parametrize("scheduler", ["ddim", "ddpm", "euler_a", "dpm++", "unipc"])
+def test_per_sample_generators_give_each_sample_the_same_image_in_any_batch(module, scheduler):
+    from leffa.sampling import key_generators
+
+    batch = make_batch(batch_size=3)
+    keys = ["a", "b", "c"]
+
+    def generate(indices):
+        part = {k: v[indices] for k, v in batch.items() if k != "key"}
+        sampler = make_scheduler(scheduler, module.scheduler)
+        return sample(module, part, sampler, num_steps=2, guidance_scale=2.0,
+                      generator=key_generators([keys[i] for i in indices], seed=7))
+
+    together = generate([0, 1, 2])
+    reordered = generate([2, 0, 1])
+    for i in range(3):
+        alone = generate([i])[0]
+        torch.testing.assert_close(together[i], alone, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(reordered[[1, 2, 0][i]], alone, atol=1e-5, rtol=1e-5)
+
+
+def test_key_generators_depend_on_the_key_and_the_seed():
+    from leffa.sampling import key_generators
+
+    draw = lambda keys, seed: [torch.randn(4, generator=g) for g in key_generators(keys, seed)]
+    (a0,), (a0_again,), (b0,), (a1,) = draw(["a"], 0), draw(["a"], 0), draw(["b"], 0), draw(["a"], 1)
+    torch.testing.assert_close(a0, a0_again)
+    assert not torch.allclose(a0, b0) and not torch.allclose(a0, a1)
