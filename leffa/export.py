@@ -33,7 +33,7 @@ def export_folder(module, out_dir: str | Path) -> Path:
     """
     out = Path(out_dir)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise UserError(f"--out {out} already exists and is not empty; give a new folder")
+        raise UserError(f"{out} already exists and is not empty; export into a new folder")
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = out.parent / f".{out.name}.partial-{uuid.uuid4().hex[:12]}"
     staging.mkdir()

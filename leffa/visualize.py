@@ -38,7 +38,8 @@ def layer_pictures(module, batch: dict, timestep: int = 250) -> dict[str, torch.
 
 def visualize_main(argv: list[str] | None = None) -> list[Path]:
     p = argparse.ArgumentParser(prog="leffa visualize", description=__doc__.splitlines()[0])
-    p.add_argument("--ckpt", required=True, help="a Lightning checkpoint of LeffaModule, a sharded checkpoint folder or an export folder")
+    p.add_argument("--ckpt", required=True,
+                   help="a Lightning checkpoint of LeffaModule, a sharded checkpoint folder or an export")
     p.add_argument("--shards", required=True, help="shards to take samples from (folder[@split], glob, braces)")
     p.add_argument("--out", default="pictures")
     p.add_argument("--num-samples", type=int, default=4)

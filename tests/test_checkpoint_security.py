@@ -202,7 +202,7 @@ def test_ckpt_path_file_is_read_weights_only_whatever_the_environment(tmp_path, 
 def test_shard_index_naming_a_file_outside_its_folder_is_refused(trained, tmp_path):
     from leffa.checkpoints import _read_shard_index
 
-    module, _, sharded = trained
+    module, _, _ = trained
     folder = write_sharded_folder(tmp_path / "sharded", module)
     index = _read_shard_index(folder)
     for info in index.storage_data.values():
