@@ -1,19 +1,85 @@
-"""Reading model weights from a previous stage: Lightning checkpoints (live or EMA weights), sharded
-checkpoint folders (``torch.distributed.checkpoint``) or safetensors files. Only tensors are ever
-loaded (``weights_only=True`` / safetensors / an allow-list unpickler for the shard index)."""
+"""Reading a trained model from every checkpoint form: Lightning checkpoints (live or EMA weights),
+sharded checkpoint folders (``torch.distributed.checkpoint``), folders written by ``leffa export``,
+the authors' released ``.pth`` files and safetensors files.
+
+Only tensors and plain values are ever loaded: ``torch.load(weights_only=True)``, safetensors, and
+for the shard index an unpickler that allows an explicit list of (module, name) pairs. Every
+problem with a user's file (missing, truncated, refused, of the wrong kind) is a one-line
+:class:`~leffa.errors.UserError` naming the path.
+"""
 
 from __future__ import annotations
 
+import json
 import pickle
+import re
 import warnings
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
 from torch import nn
 
-__all__ = ["read_state_dict", "load_weights", "is_sharded_checkpoint", "read_sharded_state_dict"]
+from leffa.errors import MissingFileError, UserError
+from leffa.released import convert_released_state_dict, is_released_state_dict
+
+__all__ = [
+    "read_state_dict", "read_settings", "load_module", "load_weights",
+    "load_checkpoint_file", "check_checkpoint", "guard_checkpoint_loading", "is_export_folder",
+    "read_export_state_dict", "is_sharded_checkpoint", "read_sharded_state_dict", "EXPORT_COMPONENTS",
+    "EXPORT_SETTINGS",
+]
 
 WEIGHTS = ("ema", "live")
+# a folder written by ``leffa export``: one diffusers folder per component, plus the module's settings
+EXPORT_COMPONENTS = {"unet": "generative_unet", "reference_unet": "reference_unet", "vae": "vae"}
+EXPORT_SETTINGS = "leffa.json"
+WEIGHTS_ONLY_HINT = ("it holds weights only, no model settings: give it as model.init_from together with a "
+                     "config (leffa predict --config ... --model.init_from PATH)")
+
+
+# ---------------------------------------------------------------- reading plain checkpoint files
+
+def load_checkpoint_file(path: str | Path, mmap: bool = False) -> dict:
+    """``torch.load(path, weights_only=True)`` on the CPU; a refused, truncated or foreign file is a
+    :class:`UserError` naming it. ``mmap=True`` reads only the pickle, not the tensor data."""
+    path = Path(path)
+    if not path.is_file():
+        raise MissingFileError(f"checkpoint not found: {path}")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap and _is_zip(path))
+    except pickle.UnpicklingError as error:
+        refused = re.search(r"GLOBAL ([\w.]+)", str(error))
+        if refused or "Weights only load failed" in str(error):
+            what = f" ({refused.group(1)})" if refused else ""
+            raise UserError(f"{path}: refusing to load a checkpoint that holds code or objects other than "
+                                  f"tensors and plain values{what}") from error
+        raise UserError(f"{path}: cannot read this checkpoint ({_first_line(error)}); is the file complete?") \
+            from error
+    except (RuntimeError, EOFError, OSError, ValueError) as error:
+        raise UserError(f"{path}: cannot read this checkpoint ({_first_line(error)}); is the file complete?") \
+            from error
+    if not isinstance(checkpoint, dict):
+        raise UserError(f"{path}: not a checkpoint (it holds a {type(checkpoint).__name__}, not a dict)")
+    return checkpoint
+
+
+def _is_zip(path: Path) -> bool:
+    with open(path, "rb") as file:
+        return file.read(4) == b"PK\x03\x04"
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+# ---------------------------------------------------------------- every form
+
+def is_export_folder(path: str | Path) -> bool:
+    """Whether ``path`` is a folder written by ``leffa export`` (it holds ``leffa.json``)."""
+    return (Path(path) / EXPORT_SETTINGS).is_file()
 
 
 def read_state_dict(path: str | Path, weights: str = "ema") -> dict[str, torch.Tensor]:
@@ -21,7 +87,7 @@ def read_state_dict(path: str | Path, weights: str = "ema") -> dict[str, torch.T
 
     Args:
         path: a Lightning ``.ckpt``, a ``torch.save``d state dict (also the authors' released
-            ``virtual_tryon*.pth``), a ``.safetensors`` file, a folder written by ``leffa.export``,
+            ``virtual_tryon*.pth``), a ``.safetensors`` file, a folder written by ``leffa export``,
             or a sharded checkpoint folder (``ModelParallelStrategy``, or ``FSDPStrategy`` with
             ``state_dict_type: sharded``; see :func:`read_sharded_state_dict`).
         weights: ``"ema"``: the checkpoint's ``state_dict``, which holds the EMA weights when
@@ -30,27 +96,60 @@ def read_state_dict(path: str | Path, weights: str = "ema") -> dict[str, torch.T
             to ``state_dict`` when the run had no EMA.
     """
     if weights not in WEIGHTS:
-        raise ValueError(f"unknown weights {weights!r}; valid: {', '.join(WEIGHTS)}")
-    from leffa.export import is_export_folder, read_export_state_dict
-    from leffa.released import convert_released_state_dict, is_released_state_dict
-
-    path = Path(path).expanduser()
+        raise UserError(f"unknown weights {weights!r}; valid: {', '.join(WEIGHTS)}")
+    path = _existing(path)
     if is_export_folder(path):
         return read_export_state_dict(path)
     if is_sharded_checkpoint(path):
         return read_sharded_state_dict(path, weights)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
+    _refuse_other_folder(path)
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path))
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        return _read_safetensors(path)
+    checkpoint = load_checkpoint_file(path)
     if weights == "live" and "current_model_state" in checkpoint:
         return checkpoint["current_model_state"]
     state = checkpoint.get("state_dict", checkpoint)
     # the authors' released virtual_tryon*.pth: one flat dict of unet.*, unet_encoder.*, vae.*
     return convert_released_state_dict(state) if is_released_state_dict(state) else state
+
+
+def read_settings(path: str | Path) -> dict:
+    """The ``LeffaModule`` settings a checkpoint was trained with: a Lightning checkpoint's
+    ``hyper_parameters``, a sharded folder's (in its ``meta.pt``), an export folder's ``leffa.json``
+    (with the folder itself as the pretrained model). Weights-only forms (released ``.pth``,
+    safetensors) have none: a :class:`UserError` says to use ``model.init_from``."""
+    path = _existing(path)
+    if is_export_folder(path):
+        try:
+            settings = json.loads((path / EXPORT_SETTINGS).read_text())
+        except (UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise UserError(f"{path / EXPORT_SETTINGS}: not valid JSON ({error})") from error
+        if not isinstance(settings, dict):
+            raise UserError(f"{path / EXPORT_SETTINGS}: expected a mapping of settings")
+        settings.update(pretrained_model=str(path), reference_pretrained_model=str(path / "reference_unet"),
+                        unet_config=None, vae_config=None)
+    elif is_sharded_checkpoint(path):
+        _read_shard_index(path)
+        meta = path / LIGHTNING_META
+        settings = load_checkpoint_file(meta, mmap=True).get("hyper_parameters") if meta.is_file() else None
+    else:
+        _refuse_other_folder(path)
+        if path.suffix == ".safetensors":
+            raise UserError(f"{path}: {WEIGHTS_ONLY_HINT}")
+        settings = load_checkpoint_file(path, mmap=True).get("hyper_parameters")
+    if not isinstance(settings, dict):
+        raise UserError(f"{path}: {WEIGHTS_ONLY_HINT}")
+    return {k: v for k, v in settings.items() if not k.startswith("_")}
+
+
+def load_module(path: str | Path, weights: str = "ema", **overrides):
+    """A ``LeffaModule`` rebuilt from a checkpoint that carries its settings (Lightning ``.ckpt``,
+    sharded folder, export folder) with its ``weights`` (``ema`` or ``live``); ``overrides``
+    change settings (e.g. ``use_leffa_loss``)."""
+    from leffa.module import LeffaModule  # leffa.module reads its init_from through this file
+
+    settings = read_settings(path)
+    return LeffaModule(**{**settings, "init_from": str(path), "init_from_weights": weights, **overrides})
 
 
 def load_weights(module: nn.Module, state_dict: dict[str, torch.Tensor], optional: tuple[str, ...] = (),
@@ -60,17 +159,93 @@ def load_weights(module: nn.Module, state_dict: dict[str, torch.Tensor], optiona
     own = module.state_dict()
     for name, tensor in state_dict.items():
         if name in own and own[name].shape != tensor.shape:
-            raise ValueError(
+            raise UserError(
                 f"{source}: {name} has shape {tuple(tensor.shape)} but the model wants {tuple(own[name].shape)} "
                 "(was it trained with another conditioning layout or model size?)"
             )
     missing, unexpected = module.load_state_dict(state_dict, strict=False)
     missing = [k for k in missing if not any(o in k for o in optional)]
     if missing or unexpected:
-        raise ValueError(
+        raise UserError(
             f"{source} does not match the model: missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
             f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}"
         )
+
+
+def _existing(path: str | Path) -> Path:
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise MissingFileError(f"checkpoint not found: {path}")
+    return path
+
+
+def _refuse_other_folder(path: Path) -> None:
+    if path.is_dir():
+        raise UserError(f"{path}: a folder that is neither a sharded checkpoint (no {SHARD_INDEX}) nor a "
+                              f"leffa export (no {EXPORT_SETTINGS}); give a checkpoint file or such a folder")
+
+
+def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError) as error:
+        raise UserError(f"{path}: cannot read this safetensors file ({_first_line(error)})") from error
+
+
+def read_export_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """The module state dict of an exported folder (all three components, registers included)."""
+    state = {}
+    for folder, attribute in EXPORT_COMPONENTS.items():
+        files = sorted((Path(path) / folder).glob("*.safetensors"))
+        if not files:
+            raise MissingFileError(f"no safetensors weights in {Path(path) / folder}")
+        for file in files:
+            state.update({f"{attribute}.{k}": v for k, v in _read_safetensors(file).items()})
+    return state
+
+
+# ---------------------------------------------------------------- resuming through the Trainer
+
+def check_checkpoint(path: str | Path) -> None:
+    """Check what the Trainer's ``ckpt_path`` is about to load: it exists, and it reads as tensors and
+    plain values (a checkpoint file with ``weights_only=True``; a sharded folder's index with the
+    allow-list reader, its ``meta.pt`` with ``weights_only=True``). Anything else is a one-line
+    :class:`UserError` naming the path; nothing in the file is run."""
+    if "://" in str(path):  # a remote checkpoint: Lightning reads it, with weights_only=True (see below)
+        return
+    if str(path) in ("best", "last", "hpc") or str(path).startswith("registry:"):
+        return  # the Trainer resolves these names to a file, which the strategy checks (see below)
+    path = _existing(path)
+    if is_sharded_checkpoint(path):
+        _read_shard_index(path)
+        if (path / LIGHTNING_META).is_file():
+            load_checkpoint_file(path / LIGHTNING_META, mmap=True)
+        return
+    if is_export_folder(path):
+        raise UserError(f"{path}: an export folder holds weights only and cannot resume a run; give it as "
+                              "model.init_from")
+    _refuse_other_folder(path)
+    load_checkpoint_file(path, mmap=True)
+
+
+def guard_checkpoint_loading(strategy) -> None:
+    """Make ``strategy.load_checkpoint`` (where every ``ckpt_path`` of fit, validate, test and predict
+    is read) run :func:`check_checkpoint` first and read with ``weights_only=True``.
+
+    Why on the strategy: sharded strategies hand the folder to ``torch.distributed.checkpoint``,
+    which unpickles its index with ``pickle.load`` and bypasses the Trainer's ``CheckpointIO``;
+    the strategy is the one place every form passes through. Idempotent.
+    """
+    load = strategy.load_checkpoint
+    if getattr(load, "checks_checkpoints", False):
+        return
+
+    def checked_load(checkpoint_path, weights_only=None):
+        check_checkpoint(checkpoint_path)
+        return load(checkpoint_path, weights_only=True)
+
+    checked_load.checks_checkpoints = True
+    strategy.load_checkpoint = checked_load
 
 
 # ---------------------------------------------------------------- sharded checkpoint folders
@@ -81,30 +256,71 @@ def load_weights(module: nn.Module, state_dict: dict[str, torch.Tensor], optiona
 # under one top-level key: "state_dict" (ModelParallelStrategy) or "model" (FSDPStrategy).
 MODEL_GROUPS = ("state_dict", "model")
 LIGHTNING_META = "meta.pt"
+SHARD_INDEX = ".metadata"
 
 
 def is_sharded_checkpoint(path: str | Path) -> bool:
     """Whether ``path`` is a DCP checkpoint folder (it holds a ``.metadata`` index)."""
-    return (Path(path) / ".metadata").is_file()
+    return (Path(path) / SHARD_INDEX).is_file()
 
 
-class _ShardIndexUnpickler(pickle.Unpickler):
-    """Reads DCP's ``.metadata`` (a plain pickle) allowing only the classes of the index itself."""
+class _ShardIndexUnpickler(pickle._Unpickler):
+    """Reads DCP's ``.metadata`` (a plain pickle) allowing only the (module, name) pairs its index is
+    made of, each given explicitly: no other name of those modules, no dotted name (pickle would
+    resolve ``"os.system"`` as an attribute path), and no ``BUILD`` onto a class (it would set
+    class attributes). The pure-Python unpickler, so that ``BUILD`` can be checked."""
 
-    MODULES = ("torch.distributed.checkpoint.metadata", "torch.distributed.checkpoint.filesystem")
-    NAMES = {("torch", "Size"), ("torch.serialization", "_get_layout"), ("collections", "OrderedDict"),
-             ("pathlib", "PosixPath"), ("pathlib", "WindowsPath"), ("pathlib", "PurePosixPath")}
+    ALLOWED = {
+        *(("torch.distributed.checkpoint.metadata", name) for name in (
+            "Metadata", "TensorStorageMetadata", "TensorProperties", "ChunkStorageMetadata",
+            "BytesStorageMetadata", "MetadataIndex", "StorageMeta", "_MEM_FORMAT_ENCODING")),
+        ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+        ("torch", "Size"),
+        ("torch.serialization", "_get_layout"),
+        ("collections", "OrderedDict"),
+        ("pathlib", "PosixPath"), ("pathlib", "PurePosixPath"), ("pathlib", "WindowsPath"),
+        ("pathlib", "PureWindowsPath"),
+        *(("torch", name) for name, value in vars(torch).items() if isinstance(value, torch.dtype)),
+    }
 
     def find_class(self, module: str, name: str):
-        dtype = getattr(torch, name, None) if module == "torch" else None
-        if module in self.MODULES or (module, name) in self.NAMES or isinstance(dtype, torch.dtype):
-            return super().find_class(module, name)
-        raise pickle.UnpicklingError(f"unexpected {module}.{name} in a checkpoint index; refusing to load it")
+        if "." in name or (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"refusing {module}.{name}")
+        return super().find_class(module, name)
+
+    def load_build(self):
+        if isinstance(self.stack[-2], type):
+            raise pickle.UnpicklingError(f"refusing to set attributes of the class {self.stack[-2].__name__}")
+        super().load_build()
+
+    dispatch = {**pickle._Unpickler.dispatch, pickle.BUILD[0]: load_build}
 
 
 def _read_shard_index(path: Path):
-    with open(path / ".metadata", "rb") as file:
-        return _ShardIndexUnpickler(file).load()
+    """The DCP index of a sharded folder, read with the allow-list unpickler and checked: it is an
+    index, and every shard file it names is a plain file name inside ``path``."""
+    from torch.distributed.checkpoint.metadata import Metadata
+
+    index_file = path / SHARD_INDEX
+    try:
+        with open(index_file, "rb") as file:
+            index = _ShardIndexUnpickler(file, fix_imports=False).load()
+    except pickle.UnpicklingError as error:
+        if str(error).startswith("refusing"):
+            raise UserError(f"{index_file}: {error} in a checkpoint index (it could run code); not loading "
+                                  "this folder") from error
+        raise UserError(f"{index_file}: cannot read this checkpoint index ({_first_line(error)}); "
+                              "is the folder complete?") from error
+    except Exception as error:  # a truncated or foreign pickle fails in many ways, all of them the file's
+        raise UserError(f"{index_file}: cannot read this checkpoint index ({type(error).__name__}: "
+                              f"{_first_line(error)}); is the folder complete?") from error
+    if not isinstance(index, Metadata) or not isinstance(index.state_dict_metadata, dict):
+        raise UserError(f"{index_file}: not a checkpoint index (it holds a {type(index).__name__})")
+    for info in (index.storage_data or {}).values():
+        name = getattr(info, "relative_path", None)
+        if not isinstance(name, str) or Path(name).name != name or name in ("", ".", "..") or "\\" in name:
+            raise UserError(f"{index_file}: names the shard file {name!r}, which is not a file of this folder")
+    return index
 
 
 def read_sharded_state_dict(path: str | Path, weights: str = "ema") -> dict[str, torch.Tensor]:
@@ -129,14 +345,14 @@ def read_sharded_state_dict(path: str | Path, weights: str = "ema") -> dict[str,
     groups = {key.split(".", 1)[0] for key in index.state_dict_metadata}
     group = next((g for g in MODEL_GROUPS if g in groups), None)
     if group is None:
-        raise ValueError(f"{path}: a sharded checkpoint without model weights (top-level keys {sorted(groups)}, "
-                         f"expected one of {', '.join(MODEL_GROUPS)})")
+        raise UserError(f"{path}: a sharded checkpoint without model weights (top-level keys {sorted(groups)}, "
+                              f"expected one of {', '.join(MODEL_GROUPS)})")
     meta_keys = set()
     if (path / LIGHTNING_META).is_file():
-        meta_keys = set(torch.load(path / LIGHTNING_META, map_location="cpu", weights_only=True))
+        meta_keys = set(load_checkpoint_file(path / LIGHTNING_META, mmap=True))
     if "current_model_state" in meta_keys and weights == "live":
-        raise ValueError(f"{path}: the live weights of this EMA checkpoint were saved by rank 0 only (one shard); "
-                         "use weights='ema'")
+        raise UserError(f"{path}: the live weights of this EMA checkpoint were saved by rank 0 only (one "
+                              "shard); use weights='ema'")
     if "current_model_state" not in meta_keys and weights == "ema":
         warnings.warn(f"{path} holds no EMA weights (EMAWeightAveraging does not run with sharded strategies); "
                       "reading the live weights", stacklevel=3)

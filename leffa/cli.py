@@ -21,6 +21,7 @@ import yaml
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 
 from leffa.callbacks import ImageWriter, write_atomically
+from leffa.checkpoints import check_checkpoint
 from leffa.errors import UserError, user_errors_as_one_line
 
 EXTRA_COMMANDS = {
@@ -71,6 +72,13 @@ class LeffaCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_argument("--base", type=list[str] | str | None, default=None,
                             help="config files this config extends (applied before it, in order)")
+
+    def parse_arguments(self, parser, args) -> None:
+        super().parse_arguments(parser, args)
+        # LightningCLI reads a ckpt_path's hyper-parameters right after parsing: check the checkpoint first
+        subcommand = self.config.get("subcommand")
+        if subcommand and self.config[subcommand].get("ckpt_path"):
+            check_checkpoint(self.config[subcommand].ckpt_path)
 
 
 def expand_bases(argv: list[str]) -> list[str]:

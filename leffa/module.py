@@ -12,7 +12,7 @@ import torch
 from jsonargparse.typing import Path_fr
 
 from leffa.attention import ReferenceBank, attach_reference_attention
-from leffa.checkpoints import load_weights, read_state_dict
+from leffa.checkpoints import guard_checkpoint_loading, load_weights, read_state_dict
 from leffa.conditioning import build_conditioning, conditioning_channels
 from leffa.errors import UserError
 from leffa.losses import attention_flow, diffusion_loss, warp_loss
@@ -119,6 +119,8 @@ class LeffaModule(L.LightningModule):
 
     def setup(self, stage: str) -> None:
         self.noise_generator.manual_seed(torch.initial_seed() + self.global_rank)
+        if self._trainer is not None:  # the Trainer reads its ckpt_path after this hook: check it first
+            guard_checkpoint_loading(self.trainer.strategy)
 
     def train(self, mode: bool = True):
         super().train(mode)

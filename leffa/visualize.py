@@ -15,20 +15,12 @@ from pathlib import Path
 import torch
 from torchvision.utils import make_grid
 
+from leffa.checkpoints import load_module
 from leffa.viz import save_png
 
-__all__ = ["module_from_checkpoint", "layer_pictures", "visualize_main", "QUERY_POINTS"]
+__all__ = ["layer_pictures", "visualize_main", "QUERY_POINTS"]
 
 QUERY_POINTS = [(0.35, 0.5), (0.55, 0.35), (0.7, 0.6)]  # (y, x) relative: chest, left, lower right
-
-
-def module_from_checkpoint(path: str | Path, weights: str = "ema"):
-    """A ``LeffaModule`` rebuilt from a Lightning checkpoint's hyper-parameters and weights."""
-    from leffa.module import LeffaModule
-
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    settings = {k: v for k, v in checkpoint.get("hyper_parameters", {}).items() if not k.startswith("_")}
-    return LeffaModule(**{**settings, "init_from": str(path), "init_from_weights": weights})
 
 
 def layer_pictures(module, batch: dict, timestep: int = 250) -> dict[str, torch.Tensor]:
@@ -46,7 +38,8 @@ def layer_pictures(module, batch: dict, timestep: int = 250) -> dict[str, torch.
 
 def visualize_main(argv: list[str] | None = None) -> list[Path]:
     p = argparse.ArgumentParser(prog="leffa visualize", description=__doc__.splitlines()[0])
-    p.add_argument("--ckpt", required=True, help="a Lightning checkpoint of LeffaModule")
+    p.add_argument("--ckpt", required=True,
+                   help="a Lightning checkpoint of LeffaModule, a sharded checkpoint folder or an export")
     p.add_argument("--shards", required=True, help="shards to take samples from (folder[@split], glob, braces)")
     p.add_argument("--out", default="pictures")
     p.add_argument("--num-samples", type=int, default=4)
@@ -59,7 +52,7 @@ def visualize_main(argv: list[str] | None = None) -> list[Path]:
     from leffa.data import LeffaDataModule
     from leffa.data.batch import to_model_batch
 
-    module = module_from_checkpoint(args.ckpt, args.weights).eval()
+    module = load_module(args.ckpt, args.weights).eval()
     data = LeffaDataModule(predict_shards=args.shards, height=args.height, width=args.width,
                            val_batch_size=args.num_samples, num_workers=0)
     batch = to_model_batch(next(iter(data.predict_dataloader())))

@@ -400,9 +400,11 @@ def test_sharded_folder_weights_ema_and_live(tmp_path):
 def test_sharded_folder_index_with_foreign_objects_is_refused(tmp_path):
     import pickle
 
+    from leffa.errors import UserError
+
     write_sharded_folder(tmp_path, {"w": torch.zeros(2)}, {})
     (tmp_path / ".metadata").write_bytes(pickle.dumps([os.system]))
-    with pytest.raises(pickle.UnpicklingError, match="posix.system"):
+    with pytest.raises(UserError, match="posix.system"):
         read_state_dict(tmp_path, "live")
 
 
