@@ -53,7 +53,6 @@ class LastCheckpointBeforeEachStep(L.Callback):
 
 def train_until_stopped(tmp_path, batches: Batches, **kwargs):
     torch.manual_seed(0)
-
     module = LeffaModule(unet_config=dict(TINY_UNET), vae_config=dict(TINY_VAE), use_leffa_loss=True,
                          theta_timestep=1000, p_drop_ref=0.0, **kwargs)
     last = tmp_path / "last.ckpt"
