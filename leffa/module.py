@@ -110,8 +110,10 @@ class LeffaModule(L.LightningModule):
         # and reference drops, and its state goes into checkpoints so a resumed run draws what an
         # uninterrupted one would have drawn. Seeded per rank in setup().
         self.noise_generator = torch.Generator()
-        # the selection draws of the optimizer step in progress (see draw_selection's comment)
-        self._selection_window: list | None = None
+        # the selection draws of the optimizer step in progress, one pair per micro-batch still to
+        # come, and its Leffa weight (see the comment above draw_selection)
+        self._pending_selection: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._leffa_weight: torch.Tensor | None = None
         # which loss terms went non-finite since the last optimizer step (see on_before_optimizer_step)
         self._nonfinite: torch.Tensor | None = None
         self.sampling = SamplingConfig(**sampling) if isinstance(sampling, dict) else sampling or SamplingConfig()
@@ -299,8 +301,8 @@ class LeffaModule(L.LightningModule):
             return (*self.draw_selection(generator, b, stage), None)
         accumulate = trainer.accumulate_grad_batches
         position = batch_idx % accumulate
-        window = self._selection_window
-        if position == 0 or window is None:
+        pending = self._pending_selection
+        if position == 0 or not pending:
             # this micro-batch and the rest of its window (fewer at the end of a finite epoch)
             size = accumulate - position
             if trainer.num_training_batches != float("inf"):
@@ -311,15 +313,13 @@ class LeffaModule(L.LightningModule):
                 count = count + self.leffa_rows(timesteps, keep_ref).numel()
                 if trainer.world_size > 1:  # one scalar, once per optimizer step
                     count = trainer.strategy.reduce(count, reduce_op="sum")
-            weight = trainer.world_size * accumulate / count.clamp(min=1.0)
-            window = self._selection_window = [list(zip(timesteps.split(b), keep_ref.split(b))), weight]
-        if not window[0] or len(window[0][0][0]) != b:
-            raise ValueError(f"the micro-batches of one optimizer step must have the same size; got {b} after "
-                             f"{len(window[0][0][0]) if window[0] else 'the whole window'}")
-        timesteps, keep_ref = window[0].pop(0)
-        if not window[0]:
-            self._selection_window = None
-        return timesteps, keep_ref, window[1]
+            self._leffa_weight = trainer.world_size * accumulate / count.clamp(min=1.0)
+            pending = self._pending_selection = list(zip(timesteps.split(b), keep_ref.split(b)))
+        timesteps, keep_ref = pending.pop(0)
+        if len(timesteps) != b:
+            raise ValueError(f"the micro-batches of one optimizer step must have one size: got {b} after "
+                             f"{len(timesteps)} (training batches are never partial)")
+        return timesteps, keep_ref, self._leffa_weight
 
     def _common_step(self, batch: dict, stage: str, generator: torch.Generator,
                      batch_idx: int | None = None) -> torch.Tensor:
