@@ -33,7 +33,7 @@ __all__ = ["AtomicCheckpointIO", "atomic_torch_save"]
 TEMP_SUFFIX = ".tmp"
 
 
-def _temp_names(path: Path) -> str:
+def _temp_prefix(path: Path) -> str:
     return f".{path.name}."
 
 
@@ -42,7 +42,7 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
     path = Path(path)
     folder = path.parent
     folder.mkdir(parents=True, exist_ok=True)
-    temp = folder / f"{_temp_names(path)}{secrets.token_hex(6)}{TEMP_SUFFIX}"
+    temp = folder / f"{_temp_prefix(path)}{secrets.token_hex(6)}{TEMP_SUFFIX}"
     # O_EXCL: never write into someone else's file; mode 0o666 less the umask, like a plain open()
     fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
@@ -56,7 +56,7 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
         raise
     _fsync_folder(folder)
     # leftovers of saves of this name that were killed before their rename
-    for stale in folder.glob(f"{_temp_names(path)}*{TEMP_SUFFIX}"):
+    for stale in folder.glob(f"{_temp_prefix(path)}*{TEMP_SUFFIX}"):
         stale.unlink(missing_ok=True)
 
 
