@@ -23,6 +23,8 @@ from leffa.unets import build_unet
 __all__ = ["LeffaModule"]
 
 LATENT_CHANNELS = 4
+# the loss terms checked for non-finite values before each optimizer step
+LOSS_TERMS = ("diffusion", "leffa")
 
 
 class LeffaModule(L.LightningModule):
@@ -108,6 +110,12 @@ class LeffaModule(L.LightningModule):
         # and reference drops, and its state goes into checkpoints so a resumed run draws what an
         # uninterrupted one would have drawn. Seeded per rank in setup().
         self.noise_generator = torch.Generator()
+        # the selection draws of the optimizer step in progress, one pair per micro-batch still to
+        # come, and its Leffa weight (see the comment above draw_selection)
+        self._pending_selection: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._leffa_weight: torch.Tensor | None = None
+        # which loss terms went non-finite since the last optimizer step (see on_before_optimizer_step)
+        self._nonfinite: torch.Tensor | None = None
         self.sampling = SamplingConfig(**sampling) if isinstance(sampling, dict) else sampling or SamplingConfig()
         # checkpoints hold plain values only (they are read with weights_only=True)
         self.hparams.update(sampling=dataclasses.asdict(self.sampling))
@@ -239,7 +247,28 @@ class LeffaModule(L.LightningModule):
                 total = total + loss
         return total
 
-    def _common_step(self, batch: dict, stage: str, generator: torch.Generator) -> torch.Tensor:
+    # Random stream of a training step (``noise_generator``, one per rank). Per optimizer step, i.e.
+    # per window of ``accumulate_grad_batches`` micro-batches of b samples each: first the
+    # timesteps of all A * b samples, then their reference keeps; then, per micro-batch, the VAE
+    # posterior sample of the target and the noise. Drawing the window's selection up front lets
+    # its first micro-batch know how many samples the whole optimizer step selects for the Leffa
+    # term. Outside training (and outside a Trainer) a window is one batch.
+
+    def draw_selection(self, generator: torch.Generator, n: int, stage: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Timesteps and reference keeps (no dropout outside training) of ``n`` samples, on the CPU."""
+        timesteps = torch.randint(0, self.scheduler.config.num_train_timesteps, (n,), generator=generator)
+        keep_ref = torch.rand(n, generator=generator) >= (self.hparams.p_drop_ref if stage == "train" else 0.0)
+        return timesteps, keep_ref
+
+    def leffa_rows(self, timesteps: torch.Tensor, keep_ref: torch.Tensor) -> torch.Tensor:
+        """Samples of the Leffa term: Sec. 3.3's t < theta, and a reference to attend to."""
+        return torch.nonzero((timesteps < self.hparams.theta_timestep) & keep_ref).flatten()
+
+    def loss_terms(self, batch: dict, generator: torch.Generator, timesteps: torch.Tensor,
+                   keep_ref: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Per-sample terms of one batch with the given selection draws: ``diffusion`` (b,), and
+        with the Leffa loss on ``rows`` (the selected samples) and ``leffa`` (one per row captured
+        by the bank; absent when no layer took part)."""
         hp = self.hparams
         tgt, ref, mask = batch["tgt"], batch["ref"], batch["mask"]
         b = tgt.shape[0]
@@ -249,32 +278,110 @@ class LeffaModule(L.LightningModule):
 
         # random draws on the CPU generator, then moved: cheap, and identical on every device type
         noise = torch.randn(latents.shape, generator=generator).to(latents)
-        timesteps = torch.randint(0, self.scheduler.config.num_train_timesteps, (b,), generator=generator)
-        keep_ref = torch.rand(b, generator=generator) >= (hp.p_drop_ref if stage == "train" else 0.0)
         timesteps, keep_ref = timesteps.to(self.device), keep_ref.to(self.device)
         ref_latent = ref_latent * keep_ref.view(b, 1, 1, 1).to(ref_latent.dtype)
         noisy = self.scheduler.add_noise(latents, noise, timesteps)
 
-        rows = None
-        if hp.use_leffa_loss:
-            # Sec. 3.3 timestep selection; samples whose reference was dropped have nothing to attend to
-            rows = torch.nonzero((timesteps < hp.theta_timestep) & keep_ref).flatten()
+        rows = self.leffa_rows(timesteps, keep_ref) if hp.use_leffa_loss else None
         prediction = self(noisy, timesteps, conditioning, ref_latent, tuple(tgt.shape[-2:]), rows)
-
         terms = {"diffusion": diffusion_loss(prediction, noise)}
-        loss = terms["diffusion"].mean()
-        metrics = {"diffusion": terms["diffusion"].mean()}
         if hp.use_leffa_loss:
-            layers = len(self.bank.captures)
-            if layers:
+            terms["rows"] = rows
+            if self.bank.captures:
                 terms["leffa"] = self.leffa_loss(ref[rows], tgt[rows], mask[rows])
-                # mean over the samples that passed the selection, then Eq. 5
-                metrics["leffa"] = terms["leffa"].mean()
-                loss = loss + hp.lambda_leffa * metrics["leffa"]
-            metrics.update(leffa_layers=float(layers), leffa_samples=float(rows.numel()))
+        return terms
+
+    def _selection(self, b: int, stage: str, generator: torch.Generator,
+                   batch_idx: int | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """This micro-batch's timesteps and reference keeps, and the Leffa term's weight per
+        selected sample: (ranks x micro-batches) / (samples the whole optimizer step selects on
+        all ranks), so that after Lightning's division by the micro-batches and data
+        parallelism's mean over ranks the term is the mean over the global batch's selected
+        samples. ``None`` outside training: the term is then this batch's mean."""
+        trainer = self._trainer
+        if stage != "train" or batch_idx is None or trainer is None:
+            return (*self.draw_selection(generator, b, stage), None)
+        accumulate = trainer.accumulate_grad_batches
+        position = batch_idx % accumulate
+        pending = self._pending_selection
+        if position == 0 or not pending:
+            # this micro-batch and the rest of its window (fewer at the end of a finite epoch)
+            size = accumulate - position
+            if trainer.num_training_batches != float("inf"):
+                size = min(size, int(trainer.num_training_batches) - batch_idx)
+            timesteps, keep_ref = self.draw_selection(generator, size * b, stage)
+            count = torch.tensor(0.0, device=self.device)
+            if self.hparams.use_leffa_loss:
+                count = count + self.leffa_rows(timesteps, keep_ref).numel()
+                if trainer.world_size > 1:  # one scalar, once per optimizer step
+                    count = trainer.strategy.reduce(count, reduce_op="sum")
+            self._leffa_weight = trainer.world_size * accumulate / count.clamp(min=1.0)
+            pending = self._pending_selection = list(zip(timesteps.split(b), keep_ref.split(b)))
+        timesteps, keep_ref = pending.pop(0)
+        if len(timesteps) != b:
+            raise ValueError(f"the micro-batches of one optimizer step must have one size: got {b} after "
+                             f"{len(timesteps)} (training batches are never partial)")
+        return timesteps, keep_ref, self._leffa_weight
+
+    def _common_step(self, batch: dict, stage: str, generator: torch.Generator,
+                     batch_idx: int | None = None) -> torch.Tensor:
+        hp = self.hparams
+        timesteps, keep_ref, leffa_weight = self._selection(batch["tgt"].shape[0], stage, generator, batch_idx)
+        terms = self.loss_terms(batch, generator, timesteps, keep_ref)
+        loss = terms["diffusion"].mean()
+        metrics = {"diffusion": loss}
+        if hp.use_leffa_loss:
+            rows = terms["rows"]
+            if "leffa" in terms:
+                leffa = terms["leffa"]
+                # the mean over the selected samples (over the whole optimizer step in training), then Eq. 5
+                weight = leffa_weight if leffa_weight is not None else 1.0 / max(rows.numel(), 1)
+                loss = loss + hp.lambda_leffa * weight * leffa.sum()
+                metrics["leffa"] = leffa.mean()
+            metrics.update(leffa_layers=float(len(self.bank.captures)), leffa_samples=float(rows.numel()))
+        if stage == "train":
+            self._track_nonfinite(metrics)
         metrics["loss"] = loss
         self._log_metrics(stage, metrics, batch)
         return loss
+
+    def _track_nonfinite(self, metrics: dict) -> None:
+        """Remember which loss terms of this micro-batch are not finite; checked (and reduced over
+        the ranks) once per optimizer step, in ``on_before_optimizer_step``."""
+        if self._trainer is None:
+            return
+        zero = torch.zeros((), dtype=torch.bool, device=self.device)
+        flags = torch.stack([~torch.isfinite(metrics[t].detach()) if t in metrics else zero for t in LOSS_TERMS])
+        self._nonfinite = flags if self._nonfinite is None else self._nonfinite | flags
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        """Stop before a non-finite loss or gradient reaches the weights.
+
+        Stopping (rather than skipping the step) because a learning rate or a batch that makes the
+        loss overflow does so again at the next step: skipping would hide it behind a run that
+        no longer learns. The error comes before the optimizer step, hence before any checkpoint
+        of poisoned weights; the last checkpoint written stays the last good one. Every rank
+        raises at the same step: the flags are summed over the ranks (one small all-reduce).
+        """
+        flags = self._nonfinite if self._nonfinite is not None else torch.zeros(len(LOSS_TERMS), dtype=torch.bool)
+        self._nonfinite = None
+        flags = flags.to(self.device, torch.float32)
+        # under a GradScaler (16-mixed) inf gradients are routine: it skips those steps itself
+        if getattr(self.trainer.precision_plugin, "scaler", None) is None:
+            grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+            grads = [g.to_local() if hasattr(g, "to_local") else g for g in grads]  # sharded: this rank's part
+            # the largest magnitude: finite exactly when every entry is (no overflow, unlike a 2-norm)
+            largest = torch.nn.utils.get_total_norm(grads, norm_type=float("inf")) if grads else flags.new_zeros(())
+            flags = torch.cat([flags, (~torch.isfinite(largest)).float().view(1).to(flags.device)])
+        if self.trainer.world_size > 1:
+            flags = self.trainer.strategy.reduce(flags, reduce_op="sum")
+        bad = [name for name, flag in zip((*LOSS_TERMS, "gradient"), flags.tolist()) if flag]
+        if bad:
+            what = f"{bad[0]} loss" if bad[0] in LOSS_TERMS else "gradient (the losses were finite)"
+            step = self.trainer.global_step
+            raise UserError(f"the {what} is not finite at global step {step}: training stopped before that step's "
+                            f"optimizer update, so the weights and checkpoints of step {step} are intact; lower "
+                            f"model.learning_rate or check the data")
 
     def _log_metrics(self, stage: str, metrics: dict, batch: dict) -> None:
         if self._trainer is None:  # called outside a Trainer (tests, benchmarks)
@@ -286,7 +393,7 @@ class LeffaModule(L.LightningModule):
             self.log("data/skipped", batch["skipped"].sum().float(), reduce_fx="sum", batch_size=b)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        return self._common_step(batch, "train", self.noise_generator)
+        return self._common_step(batch, "train", self.noise_generator, batch_idx)
 
     def validation_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         # a fixed draw per batch, so validation losses of different checkpoints are comparable

@@ -15,6 +15,14 @@ two losses. With equal halves and every sample selected for the Leffa term (``p_
 ``theta_timestep=1000``), that average is the loss of the whole global batch, and its gradient is
 what data parallelism must apply on every rank. Training uses plain SGD, so the weights show that
 gradient itself.
+
+The ``ddp_accumulate`` case is the general one: ``theta_timestep=500`` and ``p_drop_ref=0.1``
+select a different number of samples for the Leffa term on each rank and micro-batch, and each
+optimizer step accumulates 2 micro-batches per rank. Its reference draws every rank's selection
+for the whole optimizer step up front, as ``LeffaModule`` documents, and takes the loss of the
+global batch the plain way: the diffusion mean over all samples plus the Leffa sum over all
+selected samples divided by their count. The ``ddp_nonfinite`` case poisons one rank's batch:
+both ranks must stop together with the one-line error (a rank-local stop would hang the other).
 """
 
 from __future__ import annotations
@@ -40,13 +48,18 @@ MODEL_KWARGS = dict(use_leffa_loss=True, theta_timestep=1000, p_drop_ref=0.0, nu
 STEPS = 2
 SGD_LR = 0.1
 WORLD = 2
+ACCUMULATE = 2
+# ddp_accumulate: the selection varies by rank and micro-batch; lambda 1 makes the Leffa term's
+# weighting show in the weights
+SELECTING = dict(theta_timestep=500, p_drop_ref=0.1, lambda_leffa=1.0)
+POISONED_STEP = 1  # ddp_nonfinite: rank 1's batch of this step holds an inf
 
 
 # ---------------------------------------------------------------- shared by the ranks and the tests
 
-def build_module(module_class=LeffaModule) -> LeffaModule:
+def build_module(module_class=LeffaModule, **overrides) -> LeffaModule:
     torch.manual_seed(0)  # the same initial weights in every process
-    return module_class(unet_config=dict(TINY_UNET), vae_config=dict(TINY_VAE), **MODEL_KWARGS)
+    return module_class(unet_config=dict(TINY_UNET), vae_config=dict(TINY_VAE), **{**MODEL_KWARGS, **overrides})
 
 
 class SGDLeffa(LeffaModule):
@@ -67,15 +80,19 @@ def half(batch: dict, rank: int) -> dict:
 
 
 class RankHalves(torch.utils.data.IterableDataset):
-    """Step s yields this rank's half of ``global_batch(s)``, for s from ``start``."""
+    """Batch s yields this rank's half of ``global_batch(s)``, for s from ``start``; with
+    ``poison_at``, that batch's target holds an inf."""
 
-    def __init__(self, rank: int, start: int = 0):
-        self.rank, self.start = rank, start
+    def __init__(self, rank: int, start: int = 0, poison_at: int | None = None):
+        self.rank, self.start, self.poison_at = rank, start, poison_at
 
     def __iter__(self):
         step = self.start
         while True:
-            yield half(global_batch(step), self.rank)
+            batch = half(global_batch(step), self.rank)
+            if step == self.poison_at:
+                batch["tgt"][0, :, 10, 10] = float("inf")
+            yield batch
             step += 1
 
 
@@ -99,6 +116,45 @@ def reference_run(module: LeffaModule, generator_states: list[torch.Tensor], sca
         total.backward()
         optimizer.step()
     return losses
+
+
+def global_batch_reference(module: LeffaModule, generator_states: list[torch.Tensor],
+                           global_mean: bool = True) -> list[list[int]]:
+    """Single process, ``ddp_accumulate``'s global batches: per optimizer step, every rank's
+    ``ACCUMULATE`` micro-batches, with each rank's selection drawn up front from its generator;
+    one SGD step on the loss of the whole batch. ``global_mean=False`` weighs the Leffa term the
+    old way instead (each micro-batch's own mean, averaged). Returns the selected counts of each
+    step's (rank, micro-batch) pieces."""
+    generators = [torch.Generator().set_state(state) for state in generator_states]
+    optimizer = module.configure_optimizers()
+    module.train()
+    counts = []
+    for step in range(STEPS):
+        optimizer.zero_grad()
+        diffusion, leffa, means, step_counts = [], [], [], []
+        for rank in range(WORLD):
+            n = ACCUMULATE * 2
+            timesteps = torch.randint(0, 1000, (n,), generator=generators[rank])
+            keep_ref = torch.rand(n, generator=generators[rank]) >= SELECTING["p_drop_ref"]
+            for m in range(ACCUMULATE):
+                part = slice(2 * m, 2 * m + 2)
+                batch = half(global_batch(step * ACCUMULATE + m), rank)
+                terms = module.loss_terms(batch, generators[rank], timesteps[part], keep_ref[part])
+                selected = (timesteps[part] < SELECTING["theta_timestep"]) & keep_ref[part]
+                step_counts.append(int(selected.sum()))
+                diffusion.append(terms["diffusion"])
+                if step_counts[-1]:
+                    leffa.append(terms["leffa"])
+                    means.append(terms["leffa"].mean())
+        loss = torch.cat(diffusion).mean()
+        if global_mean:
+            loss = loss + SELECTING["lambda_leffa"] * torch.cat(leffa).sum() / sum(step_counts)
+        else:
+            loss = loss + SELECTING["lambda_leffa"] * torch.stack(means).sum() / (WORLD * ACCUMULATE)
+        loss.backward()
+        optimizer.step()
+        counts.append(step_counts)
+    return counts
 
 
 # ---------------------------------------------------------------- the 2-process cases (script side)
@@ -156,7 +212,7 @@ def cpu_fsdp_strategy_class():
 def make_strategy(case: str):
     from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy
 
-    if case == "ddp":
+    if case.startswith("ddp"):
         # the Reference UNet's head (conv_norm_out, conv_out, the last block after its
         # self-attention) gets no gradient: plain DDP stops at the second step
         return DDPStrategy(find_unused_parameters=True)
@@ -164,10 +220,11 @@ def make_strategy(case: str):
         return ModelParallelStrategy(data_parallel_size=WORLD, tensor_parallel_size=1)
     if case == "fsdp1":
         return fsdp_strategy_from_config(cpu_fsdp_strategy_class())
-    raise ValueError(f"unknown case {case!r}; valid: ddp, fsdp2, fsdp2_bf16, fsdp2_resume, fsdp1")
+    raise ValueError(f"unknown case {case!r}; valid: ddp, ddp_accumulate, ddp_nonfinite, fsdp2, fsdp2_bf16, fsdp2_resume, fsdp1")
 
 
-def fit(case: str, module: LeffaModule, out: Path, steps: int = STEPS, ckpt_path: Path | None = None):
+def fit(case: str, module: LeffaModule, out: Path, steps: int = STEPS, ckpt_path: Path | None = None,
+        accumulate: int = 1, poison_at: int | None = None):
     """``steps`` steps on this rank's halves, a checkpoint every ``STEPS`` steps; the Trainer and
     the per-step losses."""
     from lightning.pytorch.callbacks import ModelCheckpoint
@@ -177,10 +234,10 @@ def fit(case: str, module: LeffaModule, out: Path, steps: int = STEPS, ckpt_path
     precision = "bf16-mixed" if case.endswith("bf16") else "32-true"
     trainer = L.Trainer(max_steps=steps, accelerator="cpu", devices=WORLD, strategy=make_strategy(case),
                         precision=precision, logger=False, callbacks=[recorder, saver], enable_progress_bar=False,
-                        enable_model_summary=False, default_root_dir=out)
+                        enable_model_summary=False, default_root_dir=out, accumulate_grad_batches=accumulate)
     # a resumed run starts at the checkpoint's step: so do its data (an iterable restarts)
     start = STEPS if ckpt_path else 0
-    loader = torch.utils.data.DataLoader(RankHalves(int(os.environ["RANK"]), start), batch_size=None)
+    loader = torch.utils.data.DataLoader(RankHalves(int(os.environ["RANK"]), start, poison_at), batch_size=None)
     trainer.fit(module, train_dataloaders=loader, ckpt_path=ckpt_path)
     return trainer, recorder
 
@@ -198,16 +255,29 @@ def worker(case: str, out: Path) -> None:
         torch.save({"whole": whole.losses, "resumed": resumed.losses, "generator": resumed.generator,
                     "global_step": resumed_trainer.global_step}, out / f"rank{rank}.pt")
         return
-    module = build_module(SGDLeffa)
+    if case == "ddp_nonfinite":
+        from leffa.errors import UserError
+
+        # only rank 1's batch is poisoned; every rank must stop at that step, none may hang
+        module = build_module(SGDLeffa)
+        try:
+            fit(case, module, out, steps=STEPS + 2, poison_at=POISONED_STEP if rank == 1 else None)
+            stopped = None
+        except UserError as error:
+            stopped = str(error)
+        torch.save({"stopped": stopped, "weights": module.state_dict()}, out / f"rank{rank}.pt")
+        return
+    accumulate = ACCUMULATE if case == "ddp_accumulate" else 1
+    module = build_module(SGDLeffa, **(SELECTING if case == "ddp_accumulate" else {}))
     # the dtype a layer computes in: the parameter it sees during the forward (gathered, cast)
     compute_dtypes = set()
     layer = module.generative_unet.down_blocks[0].attentions[0].transformer_blocks[0].attn1.to_q
     layer.register_forward_hook(lambda m, args, output: compute_dtypes.add(str(m.weight.dtype)))
-    trainer, recorder = fit(case, module, out)
+    trainer, recorder = fit(case, module, out, accumulate=accumulate)
 
     # a collective: every rank takes part, rank 0 writes the full weights
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    full = get_model_state_dict(trainer.strategy.model, options=options) if case != "ddp" else None
+    full = get_model_state_dict(trainer.strategy.model, options=options) if not case.startswith("ddp") else None
     param = module.generative_unet.conv_in.weight
     torch.save({
         "losses": recorder.losses,
@@ -216,7 +286,7 @@ def worker(case: str, out: Path) -> None:
         # the share of one parameter this rank holds: a DTensor's local shard when sharded (FSDP2)
         "local_numel": param.to_local().numel() if hasattr(param, "to_local") else param.numel(),
         "compute_dtypes": sorted(compute_dtypes),
-        "weights": module.state_dict() if case == "ddp" else None,
+        "weights": module.state_dict() if case.startswith("ddp") else None,
     }, out / f"rank{rank}.pt")
     if rank == 0 and full is not None:
         torch.save(full, out / "full.pt")
@@ -225,8 +295,9 @@ def worker(case: str, out: Path) -> None:
 def main(case: str, out: Path) -> None:
     worker(case, out)
     # leave together: a rank that exits while the other still uses gloo may abort it
-    torch.distributed.barrier()
-    torch.distributed.destroy_process_group()
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 # ---------------------------------------------------------------- the tests
@@ -261,6 +332,8 @@ def two_process_fixture(case: str):
 
 
 ddp_run = two_process_fixture("ddp")
+ddp_accumulate_run = two_process_fixture("ddp_accumulate")
+ddp_nonfinite_run = two_process_fixture("ddp_nonfinite")
 fsdp2_run = two_process_fixture("fsdp2")
 fsdp2_bf16_run = two_process_fixture("fsdp2_bf16")
 fsdp2_resume_run = two_process_fixture("fsdp2_resume")
@@ -302,6 +375,34 @@ def test_ddp_averages_gradients_like_one_process_on_the_global_batch(ddp_run):
     # gradient, would end elsewhere by far more than the tolerance
     for wrong in (dict(scale=1.0), dict(scale=1.0, contributing=(0,))):
         assert max_difference(ranks[0]["weights"], single_process(ranks, **wrong)[1]) > 1e-3, wrong
+
+
+def test_ddp_with_accumulation_and_uneven_selection_trains_like_one_process_on_the_global_batch(
+        ddp_accumulate_run):
+    ranks = load_ranks(ddp_accumulate_run)
+    weights = ranks[0]["weights"]
+    assert all(torch.equal(v, ranks[1]["weights"][k]) for k, v in weights.items())
+    assert all(len(r["losses"]) == STEPS * ACCUMULATE for r in ranks)  # one per micro-batch
+    module = build_module(SGDLeffa, **SELECTING)
+    module.setup("fit")
+    counts = global_batch_reference(module, [r["generator"] for r in ranks])
+    # the case this is about: ranks and micro-batches select different numbers of samples
+    assert all(sum(c) > 0 for c in counts) and all(len(set(c)) > 1 for c in counts), counts
+    assert max_difference(weights, module.state_dict()) < 1e-5
+    # and the comparison can tell: per-micro-batch means end elsewhere
+    wrong = build_module(SGDLeffa, **SELECTING)
+    wrong.setup("fit")
+    global_batch_reference(wrong, [r["generator"] for r in ranks], global_mean=False)
+    assert max_difference(weights, wrong.state_dict()) > 1e-4
+
+
+def test_ddp_stops_every_rank_when_one_ranks_loss_is_not_finite(ddp_nonfinite_run):
+    ranks = load_ranks(ddp_nonfinite_run)
+    expected = f"the diffusion loss is not finite at global step {POISONED_STEP}:"
+    assert all(r["stopped"] is not None and r["stopped"].startswith(expected) for r in ranks), ranks
+    # no rank took the poisoned step: the weights are those after step POISONED_STEP, finite, equal
+    assert all(torch.isfinite(v).all() for v in ranks[0]["weights"].values() if v.is_floating_point())
+    assert all(torch.equal(v, ranks[1]["weights"][k]) for k, v in ranks[0]["weights"].items())
 
 
 def test_fsdp2_shards_the_unets_and_trains_like_one_process(fsdp2_run):
