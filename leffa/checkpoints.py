@@ -54,7 +54,7 @@ def load_checkpoint_file(path: str | Path, mmap: bool = False) -> dict:
         if refused or "Weights only load failed" in str(error):
             what = f" ({refused.group(1)})" if refused else ""
             raise UserError(f"{path}: refusing to load a checkpoint that holds code or objects other than "
-                                  f"tensors and plain values{what}") from error
+                            f"tensors and plain values{what}") from error
         raise UserError(f"{path}: cannot read this checkpoint ({_first_line(error)}); is the file complete?") \
             from error
     except (RuntimeError, EOFError, OSError, ValueError) as error:
@@ -182,7 +182,7 @@ def _existing(path: str | Path) -> Path:
 def _refuse_other_folder(path: Path) -> None:
     if path.is_dir():
         raise UserError(f"{path}: a folder that is neither a sharded checkpoint (no {SHARD_INDEX}) nor a "
-                              f"leffa export (no {EXPORT_SETTINGS}); give a checkpoint file or such a folder")
+                        f"leffa export (no {EXPORT_SETTINGS}); give a checkpoint file or such a folder")
 
 
 def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
@@ -223,7 +223,7 @@ def check_checkpoint(path: str | Path) -> None:
         return
     if is_export_folder(path):
         raise UserError(f"{path}: an export folder holds weights only and cannot resume a run; give it as "
-                              "model.init_from")
+                        "model.init_from")
     _refuse_other_folder(path)
     load_checkpoint_file(path, mmap=True)
 
@@ -308,12 +308,12 @@ def _read_shard_index(path: Path):
     except pickle.UnpicklingError as error:
         if str(error).startswith("refusing"):
             raise UserError(f"{index_file}: {error} in a checkpoint index (it could run code); not loading "
-                                  "this folder") from error
+                            "this folder") from error
         raise UserError(f"{index_file}: cannot read this checkpoint index ({_first_line(error)}); "
-                              "is the folder complete?") from error
+                        "is the folder complete?") from error
     except Exception as error:  # a truncated or foreign pickle fails in many ways, all of them the file's
         raise UserError(f"{index_file}: cannot read this checkpoint index ({type(error).__name__}: "
-                              f"{_first_line(error)}); is the folder complete?") from error
+                        f"{_first_line(error)}); is the folder complete?") from error
     if not isinstance(index, Metadata) or not isinstance(index.state_dict_metadata, dict):
         raise UserError(f"{index_file}: not a checkpoint index (it holds a {type(index).__name__})")
     for info in (index.storage_data or {}).values():
@@ -346,13 +346,13 @@ def read_sharded_state_dict(path: str | Path, weights: str = "ema") -> dict[str,
     group = next((g for g in MODEL_GROUPS if g in groups), None)
     if group is None:
         raise UserError(f"{path}: a sharded checkpoint without model weights (top-level keys {sorted(groups)}, "
-                              f"expected one of {', '.join(MODEL_GROUPS)})")
+                        f"expected one of {', '.join(MODEL_GROUPS)})")
     meta_keys = set()
     if (path / LIGHTNING_META).is_file():
         meta_keys = set(load_checkpoint_file(path / LIGHTNING_META, mmap=True))
     if "current_model_state" in meta_keys and weights == "live":
         raise UserError(f"{path}: the live weights of this EMA checkpoint were saved by rank 0 only (one "
-                              "shard); use weights='ema'")
+                        "shard); use weights='ema'")
     if "current_model_state" not in meta_keys and weights == "ema":
         warnings.warn(f"{path} holds no EMA weights (EMAWeightAveraging does not run with sharded strategies); "
                       "reading the live weights", stacklevel=3)

@@ -210,7 +210,7 @@ def load_lpips(
     `backbone="random"` keeps the random trunk: for tests only, not meaningful numbers.
     """
     if net not in LPIPS_BACKBONE_URLS:
-        raise ValueError(f"unknown LPIPS net {net!r}; choose from {sorted(LPIPS_BACKBONE_URLS)}")
+        raise UserError(f"unknown LPIPS net {net!r}; choose from {sorted(LPIPS_BACKBONE_URLS)}")
     backbone = backbone or os.environ.get(LPIPS_ENV)
     hint = (
         f"download {LPIPS_BACKBONE_URLS[net]} on a machine with network, then pass "
@@ -228,7 +228,7 @@ def load_lpips(
     lin = torch.load(lin_path, map_location="cpu", weights_only=True)
     unexpected = model.load_state_dict(lin, strict=False).unexpected_keys
     if unexpected:
-        raise ValueError(f"{lin_path} has keys LPIPS does not know: {unexpected[:3]}")
+        raise UserError(f"{lin_path} has keys LPIPS does not know: {unexpected[:3]}")
 
     if str(backbone) != "random":
         state = torch.load(backbone, map_location="cpu", weights_only=True)

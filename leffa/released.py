@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import torch
 
+from leffa.errors import UserError
+
 __all__ = ["is_released_state_dict", "convert_released_state_dict", "RELEASED_CONDITIONING"]
 
 RELEASED_CONDITIONING = "released"
@@ -34,7 +36,7 @@ def convert_released_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str
         # longest prefix first: "unet_encoder." before "unet."
         prefix = next((p for p in sorted(PREFIXES, key=len, reverse=True) if name.startswith(p)), None)
         if prefix is None:
-            raise ValueError(f"unexpected key in a released checkpoint: {name} (expected unet.*, unet_encoder.*, vae.*)")
+            raise UserError(f"unexpected key in a released checkpoint: {name} (expected unet.*, unet_encoder.*, vae.*)")
         if not _is_cross_attention(name):
             converted[PREFIXES[prefix] + name[len(prefix):]] = tensor
     return converted

@@ -18,6 +18,7 @@ import torch
 from diffusers.utils.torch_utils import randn_tensor
 
 from leffa.conditioning import build_conditioning
+from leffa.errors import UserError
 
 __all__ = ["SamplingConfig", "make_scheduler", "key_generators", "sample"]
 
@@ -61,7 +62,7 @@ class SamplingConfig:
 def make_scheduler(name: str, training_scheduler) -> diffusers.SchedulerMixin:
     """A sampling scheduler by name, sharing the training scheduler's noise schedule."""
     if name not in SCHEDULERS:
-        raise ValueError(f"unknown scheduler {name!r}; valid: {', '.join(SCHEDULERS)}")
+        raise UserError(f"model.sampling.scheduler: unknown scheduler {name!r}; valid: {', '.join(SCHEDULERS)}")
     return getattr(diffusers, SCHEDULERS[name]).from_config(training_scheduler.config)
 
 

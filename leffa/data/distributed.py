@@ -13,6 +13,8 @@ from itertools import islice
 import torch
 import torch.utils.data
 
+from leffa.errors import UserError
+
 
 def node_info() -> tuple[int, int]:
     """Data-parallel (rank, world_size) of this process.
@@ -25,7 +27,7 @@ def node_info() -> tuple[int, int]:
     rank = int(os.environ.get("RANK", 0))
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     if not 0 <= rank < world_size:
-        raise ValueError(f"environment RANK={rank} is not in [0, WORLD_SIZE={world_size})")
+        raise UserError(f"environment RANK={rank} is not in [0, WORLD_SIZE={world_size})")
     return rank, world_size
 
 

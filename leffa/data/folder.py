@@ -17,6 +17,7 @@ from torch.utils.data import Dataset
 
 from leffa.data.decode import decode_sample
 from leffa.data.transforms import resize_sample
+from leffa.errors import MissingFileError
 from leffa.pair_file import read_pair_file
 
 __all__ = ["FolderPairs"]
@@ -32,7 +33,7 @@ class FolderPairs(Dataset):
         self.root, self.height, self.width = Path(root), height, width
         missing = [f for f in FOLDERS if not (self.root / f).is_dir()]
         if missing:
-            raise FileNotFoundError(f"{self.root} lacks the folders {missing} (expected {', '.join(FOLDERS)})")
+            raise MissingFileError(f"{self.root} lacks the folders {missing} (expected {', '.join(FOLDERS)})")
         self.files = {f: {p.stem: p for p in sorted((self.root / f).iterdir()) if p.suffix.lower() in EXTENSIONS}
                       for f in FOLDERS}
         pairs_file = self.root / "pairs.txt"
@@ -44,7 +45,7 @@ class FolderPairs(Dataset):
         for person, reference in self.pairs:
             for folder, stem in (("person", person), ("mask", person), ("densepose", person), ("reference", reference)):
                 if stem not in self.files[folder]:
-                    raise FileNotFoundError(f"no {folder} image for '{stem}' in {self.root / folder}")
+                    raise MissingFileError(f"no {folder} image for '{stem}' in {self.root / folder}")
 
     def __len__(self) -> int:
         return len(self.pairs)

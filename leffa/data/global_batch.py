@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from leffa.errors import UserError
+
 __all__ = ["split_global_batch"]
 
 
@@ -12,7 +14,7 @@ def split_global_batch(global_batch: int, world_size: int, max_per_device: int) 
     Raises ValueError showing the arithmetic when no exact split exists.
     """
     if global_batch % world_size:
-        raise ValueError(
+        raise UserError(
             f"global batch {global_batch} does not split over {world_size} devices "
             f"({global_batch} / {world_size} = {global_batch / world_size:.2f}); choose a world size that divides it"
         )
@@ -20,5 +22,5 @@ def split_global_batch(global_batch: int, world_size: int, max_per_device: int) 
     for accumulation in range(1, per_rank + 1):
         if per_rank % accumulation == 0 and per_rank // accumulation <= max_per_device:
             return per_rank // accumulation, accumulation
-    raise ValueError(f"global batch {global_batch} / {world_size} devices: cannot reach it with data.batch_size "
+    raise UserError(f"global batch {global_batch} / {world_size} devices: cannot reach it with data.batch_size "
                      f"{max_per_device} (max_per_device must be >= 1)")
