@@ -5,10 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import uuid
-from collections.abc import Callable
 from pathlib import Path
-from typing import IO
 
 import lightning as L
 import torch
@@ -18,10 +15,11 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_warn
 from torchvision.utils import save_image
 
+from leffa.atomic_write import write_atomically
 from leffa.sampling import make_scheduler, sample
 from leffa.viz import sample_grid, save_png
 
-__all__ = ["SampleGrid", "FlowPictures", "ImageWriter", "unsafe_key_reason", "write_atomically"]
+__all__ = ["SampleGrid", "FlowPictures", "ImageWriter", "unsafe_key_reason"]
 
 MAX_KEY_BYTES = 200  # a key plus ".png" stays well inside the 255-byte file-name limit
 
@@ -115,21 +113,6 @@ def unsafe_key_reason(key: str) -> str | None:
     if size > MAX_KEY_BYTES:
         return f"is longer than {MAX_KEY_BYTES} bytes"
     return None
-
-
-def write_atomically(path: Path, write: Callable[[IO[bytes]], None]) -> None:
-    """Write a file through a temporary name in its own folder, flushed to disk, then renamed over
-    ``path``: a reader (or a crash) sees the old file or the whole new one, never a part."""
-    temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        with open(temporary, "xb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
 
 
 class ImageWriter(BasePredictionWriter):

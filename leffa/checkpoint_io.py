@@ -8,8 +8,7 @@ killed during that copy leaves ``last.ckpt`` empty or cut short, and the previou
 ``AtomicCheckpointIO`` writes to a hidden temporary name in the checkpoint's own folder, flushes
 and fsyncs it, renames it onto the final name (``os.replace``: atomic within one file system) and
 fsyncs the folder, so the final name always holds either the previous checkpoint or the new one,
-whole. A kill leaves at most a stale ``.<name>.<random>.tmp`` beside it; the next save of the same
-name removes it.
+whole (``leffa.atomic_write``).
 
 Sharded strategies (``FSDPStrategy`` with ``state_dict_type: sharded``, ``ModelParallelStrategy``)
 write checkpoint folders through torch's distributed checkpoint and never call this plugin; only
@@ -19,8 +18,6 @@ full-state checkpoints (DDP, one device) go through it.
 from __future__ import annotations
 
 import os
-import secrets
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -28,50 +25,14 @@ from fsspec.implementations.local import LocalFileSystem
 from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
+from leffa.atomic_write import write_atomically
+
 __all__ = ["AtomicCheckpointIO", "atomic_torch_save"]
-
-TEMP_SUFFIX = ".tmp"
-
-
-def _temp_prefix(path: Path) -> str:
-    return f".{path.name}."
 
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
     """``torch.save(obj, path)`` through a temporary file in ``path``'s folder and a rename."""
-    path = Path(path)
-    folder = path.parent
-    folder.mkdir(parents=True, exist_ok=True)
-    temp = folder / f"{_temp_prefix(path)}{secrets.token_hex(6)}{TEMP_SUFFIX}"
-    # O_EXCL: never write into someone else's file; mode 0o666 less the umask, like a plain open()
-    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    try:
-        with os.fdopen(fd, "wb") as file:
-            torch.save(obj, file)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temp, path)
-    except BaseException:
-        temp.unlink(missing_ok=True)
-        raise
-    _fsync_folder(folder)
-    # leftovers of saves of this name that were killed before their rename
-    for stale in folder.glob(f"{_temp_prefix(path)}*{TEMP_SUFFIX}"):
-        stale.unlink(missing_ok=True)
-
-
-def _fsync_folder(folder: Path) -> None:
-    """Make the rename itself durable (the folder's entry), where the OS allows it."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # some file systems refuse fsync on a folder: the rename is still atomic
-        pass
-    finally:
-        os.close(fd)
+    write_atomically(path, lambda file: torch.save(obj, file))
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

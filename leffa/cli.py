@@ -20,7 +20,8 @@ from pathlib import Path
 import yaml
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 
-from leffa.callbacks import ImageWriter, write_atomically
+from leffa.atomic_write import write_atomically
+from leffa.callbacks import ImageWriter
 from leffa.checkpoints import check_checkpoint
 from leffa.errors import UserError, user_errors_as_one_line
 

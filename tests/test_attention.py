@@ -2,7 +2,6 @@
 
 import pytest
 import torch
-import torch.nn.functional as F
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 
 from leffa.attention import ConcatAttention, ReferenceBank, ReferenceRecorder, token_grid

@@ -136,7 +136,7 @@ def test_visualize_writes_a_picture_per_leffa_layer(shards, tmp_path):
 
 
 def test_export_command_then_predict_settings_from_the_folder(shards, tmp_path):
-    from leffa.export import export_main, load_exported
+    from leffa.export import load_exported
 
     cli_main(fit_args(shards, tmp_path / "train", steps=2))
     ckpt = tmp_path / "train" / "tiny_synthetic" / "version_0" / "checkpoints" / "last.ckpt"
