@@ -1,5 +1,7 @@
 """Shared fixtures: tiny random-initialised diffusers configs and batches (no download, CPU)."""
 
+import os
+
 import pytest
 import torch
 
@@ -23,6 +25,28 @@ TINY_VAE = dict(
     layers_per_block=1,
     norm_num_groups=4,
 )
+
+
+@pytest.fixture
+def one_thread():
+    """Torch on one thread for the test: the tiny model runs fastest so, and two threads beside
+    another busy process can be 100x slower (OpenMP threads waiting for each other)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def own_process_group():
+    """For a Trainer with a parallel strategy in this process: afterwards, no process group and
+    none of the variables the strategy set (MASTER_ADDR/PORT, ...) for the tests that follow."""
+    environment = dict(os.environ)
+    yield
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    os.environ.clear()
+    os.environ.update(environment)
 
 
 @pytest.fixture

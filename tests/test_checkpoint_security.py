@@ -158,18 +158,6 @@ def test_fit_ckpt_path_refuses_a_crafted_checkpoint(crafted, shards, tmp_path, c
     assert not marker.exists()
 
 
-@pytest.fixture
-def own_process_group():
-    """For a Trainer with a parallel strategy in this process: afterwards no process group and none
-    of the variables the strategy set."""
-    environment = dict(os.environ)
-    yield
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
-    os.environ.clear()
-    os.environ.update(environment)
-
-
 def test_ckpt_path_under_a_sharded_strategy_checks_the_index_before_torch_reads_it(trained, tmp_path,
                                                                                    own_process_group):
     # torch.distributed.checkpoint would pickle.load this index itself when the Trainer resumes from it

@@ -302,14 +302,7 @@ def main(case: str, out: Path) -> None:
 
 # ---------------------------------------------------------------- the tests
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # the tiny model runs fastest on one thread, and two threads beside another busy process
-    # can be 100x slower (OpenMP threads waiting for each other); the ranks run with one each
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def run_two_processes(case: str, out: Path) -> Path:
@@ -525,18 +518,6 @@ def test_fsdp_config_wraps_blocks_but_not_reference_attention():
     assert wrapped(module.reference_unet, BasicTransformerBlock) == {False}
     assert wrapped(module.reference_unet, ResnetBlock2D) == {True}
     assert not policy(module.vae, False, 0)
-
-
-@pytest.fixture
-def own_process_group():
-    """For a Trainer with a parallel strategy in this process: afterwards, no process group and
-    none of the variables the strategy set (MASTER_ADDR/PORT, ...) for the tests that follow."""
-    environment = dict(os.environ)
-    yield
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
-    os.environ.clear()
-    os.environ.update(environment)
 
 
 def test_sharding_strategies_refuse_ema_and_rank_zero_samplers(tmp_path, own_process_group):

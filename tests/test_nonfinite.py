@@ -16,12 +16,7 @@ from leffa.errors import UserError
 from leffa.module import LeffaModule
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class Batches(torch.utils.data.IterableDataset):
