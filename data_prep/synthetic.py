@@ -1,7 +1,9 @@
 """A synthetic try-on set with exact ground-truth flow (no download), for tests and the CPU demo.
 
-Each sample (deterministic in --seed, split and index): `ref` is a garment-like texture
-(`synthetic_textures.reference_texture`); `tgt` is a background with a blob-shaped garment
+Each sample (deterministic in --seed, split and index): `ref` is a texture of the family
+`--texture` (`synthetic_textures.TEXTURES`: `periodic`, the default, `ramp`, `smooth`, `prints`,
+`mixed`; for a given seed, split and index every family shares the region, the map and the
+background, only the reference's content differs); `tgt` is a background with a blob-shaped garment
 region into which `ref` is carried by a known smooth map, target pixel -> reference coordinate:
 
     q(p) = R(theta) diag(s / a, s / b) (p - c) + t + (alpha_x sin(2 pi f_x y + phi_x),
@@ -24,7 +26,7 @@ import numpy as np
 from PIL import Image
 
 from data_prep.sample import build_sample
-from data_prep.synthetic_textures import background, garment_region, reference_texture
+from data_prep.synthetic_textures import TEXTURES, background, garment_region, reference_texture
 from leffa.schema import build_key
 
 DATASET = "synthetic"
@@ -43,6 +45,7 @@ class SyntheticSpec:
     seed: int
     height: int
     width: int
+    texture: str = "periodic"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -50,6 +53,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--count", type=int, default=64, help="samples per split")
     parser.add_argument("--height", type=int, default=128, help="image height in pixels")
     parser.add_argument("--width", type=int, default=96, help="image width in pixels")
+    parser.add_argument("--texture", choices=list(TEXTURES), default="periodic",
+                        help="reference texture family (see data_prep/synthetic_textures.py; default periodic)")
 
 
 def list_samples(args: argparse.Namespace, split: str) -> list[SyntheticSpec]:
@@ -58,7 +63,7 @@ def list_samples(args: argparse.Namespace, split: str) -> list[SyntheticSpec]:
         raise ValueError(f"need --count >= 0 and --height, --width >= 8, got {args.count}, {args.height}, {args.width}")
     return [
         SyntheticSpec(build_key(DATASET, split, "paired", f"{index:06d}"), f"seed {args.seed} {split} #{index}",
-                      split, "paired", index, args.seed, args.height, args.width)
+                      split, "paired", index, args.seed, args.height, args.width, args.texture)
         for index in range(args.count)
     ]  # fmt: skip
 
@@ -116,7 +121,13 @@ def load_sample(spec: SyntheticSpec) -> dict:
     """Generate and encode one sample."""
     rng = np.random.default_rng([spec.seed, SPLITS.index(spec.split), spec.index])
     height, width = spec.height, spec.width
-    ref = np.round(reference_texture(rng, height, width) * 255) / 255  # the 8-bit reference that is stored
+    # the periodic texture is always drawn from the sample's stream, so that every family shares the
+    # region, map and background that follow; another family draws from a stream of its own
+    texture = reference_texture(rng, height, width)
+    if spec.texture != "periodic":
+        texture_rng = np.random.default_rng([spec.seed, SPLITS.index(spec.split), spec.index, 1])
+        texture = TEXTURES[spec.texture](texture_rng, height, width)
+    ref = np.round(texture * 255) / 255  # the 8-bit reference that is stored
     x, y = np.meshgrid(np.linspace(-1, 1, width), np.linspace(-1, 1, height))  # align_corners=True pixel centres
     region, shape = garment_region(rng, x, y)
     flow = warp_field(rng, x, y, shape).astype(np.float16)  # stored precision, also used for rendering
@@ -126,7 +137,7 @@ def load_sample(spec: SyntheticSpec) -> dict:
     tgt = np.where(region[..., None], warped, background(rng, height, width))
     meta = {
         "dataset": DATASET, "split": spec.split, "task": "tryon", "category": "synthetic", "pairing": "paired",
-        "tgt_id": f"{spec.index:06d}", "ref_id": f"{spec.index:06d}", "pose_source": "densepose",
+        "tgt_id": f"{spec.index:06d}", "ref_id": f"{spec.index:06d}", "pose_source": "densepose", "texture": spec.texture,
     }  # fmt: skip
     mask = np.where(region, 255, 0).astype(np.uint8)
     return build_sample(spec.key, _to_image(tgt), _to_image(ref), mask, densepose_like(flow, region), meta, flow=flow)

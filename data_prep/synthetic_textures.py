@@ -1,5 +1,20 @@
-"""Random images for the synthetic set: garment-like reference textures, target backgrounds and
-a blob-shaped garment region. Everything is drawn from the numpy Generator it is given."""
+"""Random images for the synthetic set: reference textures, target backgrounds and a blob-shaped
+garment region. Everything is drawn from the numpy Generator it is given.
+
+Reference texture families (:data:`TEXTURES`), fixed before any experiment: the Leffa loss (Eq. 4)
+can only teach a flow where the reference's content says where a pixel came from.
+
+- ``periodic``: stripes, checks or plaid (repeating every few pixels, under one token cell) with
+  blobs and strokes: the negative control; a warp by a whole period looks as right as the truth.
+- ``ramp``: red grows with x, green with y, blue is a smooth field: the positive control; the
+  colour of a pixel names its position.
+- ``smooth``: low-frequency colour fields, garment-like: red a random smooth monotonic function
+  of x, green one of y, blue a smooth random field; position is still encoded (red and green are
+  strictly monotonic), but unevenly.
+- ``prints``: a plain ground with a few sparse prints (discs, squares, bars) of distinct colours
+  at distinct places: identifiable where there is a print, not on the plain ground.
+- ``mixed``: half ``periodic``, half ``smooth`` (a woven pattern under a colour gradient).
+"""
 
 from __future__ import annotations
 
@@ -83,6 +98,104 @@ def reference_texture(rng: np.random.Generator, height: int, width: int) -> np.n
     return np.clip(image, 0, 1)
 
 
+def ramp(rng: np.random.Generator, height: int, width: int) -> np.ndarray:
+    """Red linear in x, green linear in y (random ranges of at least 0.6, either direction), blue a
+    smooth random field: every pixel's (red, green) is unique."""
+    x, y = _pixel_grid(height, width)
+    return np.stack([_monotone_line(rng, x / max(width - 1, 1)), _monotone_line(rng, y / max(height - 1, 1)),
+                     _smooth_field(rng, height, width)], axis=-1)
+
+
+def smooth(rng: np.random.Generator, height: int, width: int) -> np.ndarray:
+    """Low-frequency colour fields: red a random smooth strictly increasing (or decreasing) function
+    of x, green one of y, blue a smooth random field; every pixel's (red, green) is unique."""
+    x, y = _pixel_grid(height, width)
+    red = _monotone_line(rng, _smooth_monotone(rng, x[0] / max(width - 1, 1))[None, :].repeat(height, 0))
+    green = _monotone_line(rng, _smooth_monotone(rng, y[:, 0] / max(height - 1, 1))[:, None].repeat(width, 1))
+    return np.stack([red, green, _smooth_field(rng, height, width)], axis=-1)
+
+
+PRINT_COLOURS = 6
+
+
+def prints(rng: np.random.Generator, height: int, width: int) -> np.ndarray:
+    """A plain ground with ``PRINT_COLOURS`` prints (disc, square or bar) of distinct colours (each at
+    least 0.25 from the ground and from each other in every channel's range), at places that do
+    not overlap."""
+    ground = rng.uniform(0.2, 0.8, size=3)
+    colours = _distinct_colours(rng, ground, PRINT_COLOURS)
+    image = np.broadcast_to(ground, (height, width, 3)).copy()
+    taken = np.zeros((height, width), dtype=bool)
+    x, y = _pixel_grid(height, width)
+    size = 0.09 * min(height, width)
+    for colour in colours:
+        for _ in range(50):  # a free place for this print
+            cx, cy = rng.uniform(size, width - size), rng.uniform(size, height - size)
+            kind = rng.integers(0, 3)
+            if kind == 0:
+                shape = np.hypot(x - cx, y - cy) <= size
+            elif kind == 1:
+                shape = (np.abs(x - cx) <= size) & (np.abs(y - cy) <= size)
+            else:
+                shape = (np.abs(x - cx) <= 1.6 * size) & (np.abs(y - cy) <= 0.5 * size)
+            if not (shape & _grow(taken)).any():
+                image[shape], taken = colour, taken | shape
+                break
+    return image
+
+
+def mixed(rng: np.random.Generator, height: int, width: int) -> np.ndarray:
+    """Half a periodic texture, half a smooth colour field."""
+    return np.clip(0.5 * reference_texture(rng, height, width) + 0.5 * smooth(rng, height, width), 0, 1)
+
+
+def _monotone_line(rng: np.random.Generator, t: np.ndarray) -> np.ndarray:
+    """``t`` in [0, 1] mapped linearly onto a random range of length 0.6 to 0.9 inside [0.05, 0.95],
+    increasing or decreasing at random."""
+    span = rng.uniform(0.6, 0.9)
+    low = rng.uniform(0.05, 0.95 - span)
+    t = t if rng.uniform() < 0.5 else 1 - t
+    return low + span * t
+
+
+def _smooth_monotone(rng: np.random.Generator, t: np.ndarray) -> np.ndarray:
+    """A random smooth strictly increasing map of [0, 1] onto [0, 1]: the integral of a positive
+    random slope (three cosine terms, slope between 0.25 and 1.75 of the mean)."""
+    dense = np.linspace(0, 1, 257)
+    slope = np.ones_like(dense)
+    for k in range(1, 4):
+        slope += rng.uniform(-0.25, 0.25) * np.cos(np.pi * k * dense + rng.uniform(0, 2 * np.pi))
+    cumulative = np.concatenate([[0.0], np.cumsum((slope[1:] + slope[:-1]) / 2)])
+    return np.interp(t, dense, cumulative / cumulative[-1])
+
+
+def _smooth_field(rng: np.random.Generator, height: int, width: int) -> np.ndarray:
+    """A smooth random (H, W) field in [0.1, 0.9]: a 4x3 grid of values, bicubically enlarged."""
+    coarse = rng.uniform(0.1, 0.9, size=(4, 3))
+    image = Image.fromarray(np.float32(coarse), mode="F").resize((width, height), Image.BICUBIC)
+    return np.clip(np.asarray(image, dtype=np.float64), 0.1, 0.9)
+
+
+def _distinct_colours(rng: np.random.Generator, ground: np.ndarray, count: int) -> list[np.ndarray]:
+    """``count`` colours, each at least 0.25 (max over channels) from the ground and from each other."""
+    colours: list[np.ndarray] = []
+    while len(colours) < count:
+        colour = rng.uniform(0, 1, size=3)
+        if all(np.abs(colour - other).max() >= 0.25 for other in [ground, *colours]):
+            colours.append(colour)
+    return colours
+
+
+def _grow(region: np.ndarray) -> np.ndarray:
+    """``region`` grown by one pixel (4-neighbourhood), so prints never touch."""
+    grown = region.copy()
+    grown[1:] |= region[:-1]
+    grown[:-1] |= region[1:]
+    grown[:, 1:] |= region[:, :-1]
+    grown[:, :-1] |= region[:, 1:]
+    return grown
+
+
 def background(rng: np.random.Generator, height: int, width: int) -> np.ndarray:
     """A (H, W, 3) target background in [0, 1]: a gradient, smooth noise, or a flat colour with grain."""
     kind = rng.integers(0, 3)
@@ -108,3 +221,8 @@ def garment_region(rng: np.random.Generator, x: np.ndarray, y: np.ndarray) -> tu
     rim = 1 + rng.uniform(0, 0.12) * np.cos(2 * phi + rng.uniform(0, 2 * np.pi))
     rim += rng.uniform(0, 0.12) * np.cos(3 * phi + rng.uniform(0, 2 * np.pi))
     return np.hypot(u, v) <= rim, shape
+
+
+TEXTURES = {"periodic": reference_texture, "ramp": ramp, "smooth": smooth, "prints": prints, "mixed": mixed}
+# the families whose content says where a pixel came from (see the module docstring)
+IDENTIFIABLE = ("ramp", "smooth", "prints", "mixed")

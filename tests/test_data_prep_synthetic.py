@@ -44,7 +44,7 @@ def test_flow_warps_reference_onto_target(tmp_path):
         assert warp_error(d, identity) > 0.03, key  # the check can tell a wrong flow apart
         assert d["meta"] == {"dataset": "synthetic", "split": "train", "task": "tryon", "category": "synthetic",
                              "pairing": "paired", "tgt_id": key[-6:], "ref_id": key[-6:], "height": height,
-                             "width": width, "pose_source": "densepose"}  # fmt: skip
+                             "width": width, "pose_source": "densepose", "texture": "periodic"}  # fmt: skip
 
 
 def test_seed_determines_the_samples(tmp_path):
