@@ -45,6 +45,9 @@ class SampleGrid(L.Callback):
         seed: seed of the initial noise, the same at every validation.
     """
 
+    # runs the model on rank 0 alone: refused under sharding (leffa.parallel), with this advice
+    unsharded_forward = "sample with `leffa predict`"
+
     def __init__(self, num_samples: int = 4, num_steps: int = 20, guidance_scale: float = 2.5,
                  scheduler: str = "ddim", seed: int = 0):
         self.num_samples, self.num_steps, self.guidance_scale = num_samples, num_steps, guidance_scale
@@ -73,6 +76,8 @@ class FlowPictures(L.Callback):
         num_samples: samples (rows) per picture.
         timestep: the noise level the UNets see (below theta_timestep, where the loss acts).
     """
+
+    unsharded_forward = "draw them with `leffa visualize`"  # see SampleGrid
 
     def __init__(self, num_samples: int = 2, timestep: int = 250):
         self.num_samples, self.timestep = num_samples, timestep

@@ -25,7 +25,7 @@ from leffa.errors import MissingFileError, UserError
 from leffa.released import convert_released_state_dict, is_released_state_dict
 
 __all__ = [
-    "read_state_dict", "read_settings", "load_module", "load_weights",
+    "read_state_dict", "read_settings", "load_weights",
     "load_checkpoint_file", "check_checkpoint", "guard_checkpoint_loading", "is_export_folder",
     "read_export_state_dict", "is_sharded_checkpoint", "read_sharded_state_dict", "EXPORT_COMPONENTS",
     "EXPORT_SETTINGS",
@@ -140,16 +140,6 @@ def read_settings(path: str | Path) -> dict:
     if not isinstance(settings, dict):
         raise UserError(f"{path}: {WEIGHTS_ONLY_HINT}")
     return {k: v for k, v in settings.items() if not k.startswith("_")}
-
-
-def load_module(path: str | Path, weights: str = "ema", **overrides):
-    """A ``LeffaModule`` rebuilt from a checkpoint that carries its settings (Lightning ``.ckpt``,
-    sharded folder, export folder) with its ``weights`` (``ema`` or ``live``); ``overrides``
-    change settings (e.g. ``use_leffa_loss``)."""
-    from leffa.module import LeffaModule  # leffa.module reads its init_from through this file
-
-    settings = read_settings(path)
-    return LeffaModule(**{**settings, "init_from": str(path), "init_from_weights": weights, **overrides})
 
 
 def load_weights(module: nn.Module, state_dict: dict[str, torch.Tensor], optional: tuple[str, ...] = (),

@@ -3,7 +3,7 @@
 Layout: ``unet/`` (the Generative UNet), ``reference_unet/``, ``vae/``, ``scheduler/`` as diffusers'
 ``save_pretrained`` writes them (safetensors), plus ``leffa.json`` with the module's settings.
 ``UNet2DConditionModel.from_pretrained(folder, subfolder="unet")`` reads a UNet back (its text
-cross-attention comes back randomly initialised and unused); :func:`leffa.checkpoints.load_module`
+cross-attention comes back randomly initialised and unused); :meth:`leffa.module.LeffaModule.from_checkpoint`
 (or :func:`load_exported`) rebuilds the whole module, register tokens included.
 """
 
@@ -15,8 +15,9 @@ import shutil
 import uuid
 from pathlib import Path
 
-from leffa.checkpoints import EXPORT_COMPONENTS, EXPORT_SETTINGS, is_export_folder, load_module
+from leffa.checkpoints import EXPORT_COMPONENTS, EXPORT_SETTINGS, is_export_folder
 from leffa.errors import UserError
+from leffa.module import LeffaModule
 
 __all__ = ["export_folder", "load_exported", "export_main"]
 
@@ -55,7 +56,7 @@ def load_exported(path: str | Path, **overrides):
     """A ``LeffaModule`` from an exported folder; ``overrides`` change settings (e.g. ``use_leffa_loss``)."""
     if not is_export_folder(path):
         raise UserError(f"{path}: not a leffa export folder (no {EXPORT_SETTINGS})")
-    return load_module(path, **overrides)
+    return LeffaModule.from_checkpoint(path, **overrides)
 
 
 def export_main(argv: list[str] | None = None) -> Path:
@@ -67,6 +68,6 @@ def export_main(argv: list[str] | None = None) -> Path:
     p.add_argument("--out", required=True)
     p.add_argument("--weights", default="ema", choices=["ema", "live"])
     args = p.parse_args(argv)
-    out = export_folder(load_module(args.ckpt, args.weights), args.out)
+    out = export_folder(LeffaModule.from_checkpoint(args.ckpt, args.weights), args.out)
     print(f"exported to {out}")
     return out

@@ -6,13 +6,14 @@ callback (configured on the Trainer), parallelism from the Trainer's strategy.
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import lightning as L
 import torch
 from jsonargparse.typing import Path_fr
 
 from leffa.attention import ReferenceBank, attach_reference_attention
-from leffa.checkpoints import guard_checkpoint_loading, load_weights, read_state_dict
+from leffa.checkpoints import guard_checkpoint_loading, load_weights, read_settings, read_state_dict
 from leffa.conditioning import build_conditioning, conditioning_channels
 from leffa.errors import UserError
 from leffa.losses import attention_flow, diffusion_loss, warp_loss
@@ -122,6 +123,15 @@ class LeffaModule(L.LightningModule):
         if init_from:
             load_weights(self, read_state_dict(init_from, init_from_weights), optional=("processor.registers",),
                          source=f"model.init_from={init_from}")
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path, weights: str = "ema", **overrides) -> LeffaModule:
+        """The module rebuilt from a checkpoint that carries its settings (Lightning ``.ckpt``,
+        sharded folder, ``leffa export`` folder) with its ``weights`` (``ema`` or ``live``);
+        ``overrides`` change settings (e.g. ``use_leffa_loss``). Weights-only forms (released
+        ``.pth``, ``.safetensors``) are a one-line error: give them as ``init_from`` with a config."""
+        settings = read_settings(path)
+        return cls(**{**settings, "init_from": str(path), "init_from_weights": weights, **overrides})
 
     # ---------------------------------------------------------------- Lightning plumbing
 

@@ -129,25 +129,24 @@ def refuse_unshardable_callbacks(strategy: Strategy, callbacks: list) -> None:
     * ``WeightAveraging`` (``EMAWeightAveraging``) keeps a full deep copy of the module and
       updates it parameter by parameter from the live one; sharded parameters allow neither
       (FSDP2 refuses ``deepcopy``; FSDP1's live parameters are local shards of another shape).
-    * ``SampleGrid`` and ``FlowPictures`` run the model on rank 0 alone; a sharded forward is a
+    * a callback that runs the model on rank 0 alone (one with an ``unsharded_forward`` attribute
+      saying what to use instead, e.g. ``SampleGrid`` and ``FlowPictures``): a sharded forward is a
       collective (every rank all-gathers each block), so rank 0 would wait for the others until
       the process group times out (30 minutes by default).
 
     Failing at start-up names the fix instead of a traceback from inside ``deepcopy``, a hang at
     the first validation, or a silently wrong average.
     """
-    from leffa.callbacks import FlowPictures, SampleGrid
-
     if not is_sharding(strategy):
         return
-    reasons = {
-        WeightAveraging: "keeps an unsharded copy of the model and updates it from the sharded parameters "
-                         "(train with DDPStrategy to keep EMA weights)",
-        SampleGrid: "runs the sharded model on rank 0 alone and would hang (sample with `leffa predict`)",
-        FlowPictures: "runs the sharded model on rank 0 alone and would hang (draw them with `leffa visualize`)",
-    }
-    problems = [f"{type(c).__name__} {reason}" for c in callbacks for kind, reason in reasons.items()
-                if isinstance(c, kind)]
+    problems = []
+    for callback in callbacks:
+        if isinstance(callback, WeightAveraging):
+            problems.append(f"{type(callback).__name__} keeps an unsharded copy of the model and updates it from "
+                            "the sharded parameters (train with DDPStrategy to keep EMA weights)")
+        elif getattr(callback, "unsharded_forward", None):
+            problems.append(f"{type(callback).__name__} runs the sharded model on rank 0 alone and would hang "
+                            f"({callback.unsharded_forward})")
     if problems:
         raise UserError(f"with {type(strategy).__name__}, remove from trainer.callbacks: " + "; ".join(problems))
 

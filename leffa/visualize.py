@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from torchvision.utils import make_grid
 
-from leffa.checkpoints import load_module
+from leffa.module import LeffaModule
 from leffa.viz import save_png
 
 __all__ = ["layer_pictures", "visualize_main", "QUERY_POINTS"]
@@ -52,7 +52,7 @@ def visualize_main(argv: list[str] | None = None) -> list[Path]:
     from leffa.data import LeffaDataModule
     from leffa.data.batch import to_model_batch
 
-    module = load_module(args.ckpt, args.weights).eval()
+    module = LeffaModule.from_checkpoint(args.ckpt, args.weights).eval()
     data = LeffaDataModule(predict_shards=args.shards, height=args.height, width=args.width,
                            val_batch_size=args.num_samples, num_workers=0)
     batch = to_model_batch(next(iter(data.predict_dataloader())))

@@ -203,23 +203,24 @@ def test_shard_index_naming_a_file_outside_its_folder_is_refused(trained, tmp_pa
 # ---------------------------------------------------------------- point 11: one loader for every form
 
 def test_one_loader_for_every_form_with_settings(trained, tmp_path):
-    from leffa.checkpoints import load_module, read_settings
+    from leffa.checkpoints import read_settings
+    from leffa.module import LeffaModule
 
     module, ckpt, sharded = trained
     expected = module.state_dict()
-    from_ckpt = load_module(ckpt)
+    from_ckpt = LeffaModule.from_checkpoint(ckpt)
     with pytest.warns(UserWarning, match="no EMA weights"):
-        from_folder = load_module(sharded)
+        from_folder = LeffaModule.from_checkpoint(sharded)
     assert same_weights(from_ckpt, expected) and same_weights(from_folder, expected)
     assert from_folder.hparams.num_registers == 1 and from_folder.hparams.init_from == str(sharded)
     cli_main(["export", "--ckpt", str(sharded), "--weights", "live", "--out", str(tmp_path / "export")])
-    assert same_weights(load_module(tmp_path / "export"), expected)
+    assert same_weights(LeffaModule.from_checkpoint(tmp_path / "export"), expected)
     assert same_weights(load_exported(tmp_path / "export", use_leffa_loss=True), expected)
     assert read_settings(tmp_path / "export")["num_registers"] == 1
 
 
 def test_weights_only_forms_say_to_use_init_from(trained, tmp_path, capsys):
-    from leffa.checkpoints import load_module
+    from leffa.module import LeffaModule
 
     module, _, _ = trained
     released = tmp_path / "virtual_tryon.pth"
@@ -228,7 +229,7 @@ def test_weights_only_forms_say_to_use_init_from(trained, tmp_path, capsys):
     save_file({k: v.contiguous() for k, v in module.state_dict().items()}, str(weights))
     for path in (released, weights):
         with pytest.raises(UserError, match="weights only.*model.init_from"):
-            load_module(path)
+            LeffaModule.from_checkpoint(path)
         with pytest.raises(SystemExit) as error:
             cli_main(["export", "--ckpt", str(path), "--out", str(tmp_path / "out")])
         assert "model.init_from" in assert_one_line_exit(capsys, error, path)
