@@ -115,7 +115,7 @@ def case_step(args) -> dict:
         generator = torch.Generator().manual_seed(seed)
         optimizer.zero_grad(set_to_none=True)
         with torch.autocast(args.device, dtype=torch.bfloat16, enabled=args.bf16):
-            loss = module._common_step(batch, "bench", generator)
+            loss = module.compute_loss(batch, generator, train=False)[0]
         loss.backward()
         optimizer.step()
 
@@ -141,7 +141,7 @@ def half_selected_seed(module, batch: dict) -> int:
     size = batch["tgt"].shape[0]
     with torch.no_grad():
         for seed in range(100):
-            module._common_step(batch, "bench", torch.Generator().manual_seed(seed))
+            module.compute_loss(batch, torch.Generator().manual_seed(seed), train=False)[0]
             if module.bank.capture_rows.numel() == size // 2:
                 return seed
     raise RuntimeError(f"no seed below 100 draws {size // 2} of {size} timesteps below "

@@ -19,6 +19,8 @@ import torch.nn.functional as F
 from diffusers.models.attention_processor import Attention
 from torch import nn
 
+from leffa.losses import attention_flow
+
 __all__ = [
     "ReferenceBank",
     "LeffaCapture",
@@ -38,6 +40,16 @@ class LeffaCapture:
     register_key: torch.Tensor | None  # (b, heads, R, d) or None
     grid: tuple[int, int]  # (h, w) of the token grid
 
+    def flow(self, tau: float, average_heads: bool = True) -> torch.Tensor:
+        """The layer's attention flow (Eq. 2-3) in float32, also under bf16 autocast (coordinates
+        need the precision): (b, h, w, 2), or per head (b, heads, h, w, 2)."""
+        h, w = self.grid
+        with torch.autocast(device_type=self.query.device.type, enabled=False):
+            register = None if self.register_key is None else self.register_key.float()
+            flow = attention_flow(self.query.float(), self.key.float(), self.grid, tau, average_heads,
+                                  register_key=register)
+        return flow.view(*flow.shape[:-2], h, w, 2)
+
 
 @dataclass
 class ReferenceBank:
@@ -55,6 +67,13 @@ class ReferenceBank:
     theta_resolution: float = 1.0 / 32
     capture_rows: torch.Tensor | None = None
     captures: dict[str, LeffaCapture] = field(default_factory=dict)
+
+    def begin(self, latent_hw: tuple[int, int], image_hw: tuple[int, int] | None = None,
+              rows: torch.Tensor | None = None) -> None:
+        """Start a forward pass at latent size ``latent_hw``; Leffa captures are taken for the samples
+        ``rows`` (none when None) at layers selected against the image height of ``image_hw``."""
+        self.latent_hw, self.image_hw, self.capture_rows = tuple(latent_hw), image_hw, rows
+        self.captures.clear()
 
     def grid_of(self, num_tokens: int) -> tuple[int, int]:
         if self.latent_hw is None:

@@ -13,8 +13,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from leffa.conditioning import build_conditioning
-from leffa.losses import attention_flow
+from leffa.losses import warp
 from leffa.viz import to_unit
 
 __all__ = ["flow_to_rgb", "warp", "noised_forward", "capture_flows", "layer_flows", "head_averaged_attention",
@@ -27,38 +26,19 @@ def flow_to_rgb(flow: torch.Tensor) -> torch.Tensor:
     return rgb.permute(0, 3, 1, 2).clamp(0, 1)
 
 
-def warp(ref: torch.Tensor, flow: torch.Tensor) -> torch.Tensor:
-    """Warp ``ref`` (B, 3, H, W) by ``flow`` (B, h, w, 2), upsampled bilinearly to (H, W) as in Eq. 4."""
-    grid = F.interpolate(flow.permute(0, 3, 1, 2), size=ref.shape[-2:], mode="bilinear", align_corners=True)
-    return F.grid_sample(ref, grid.permute(0, 2, 3, 1), mode="bilinear", align_corners=True)
-
-
 @torch.no_grad()
 def noised_forward(module, batch: dict, timestep: int = 250, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Run both UNets on ``batch`` noised to ``timestep`` (noise and VAE sample from ``seed``), with
-    every sample's Leffa layers captured in ``module.bank``; returns (prediction, noise)."""
-    g = torch.Generator().manual_seed(seed)
-    latents = module.encode(batch["tgt"], g)
-    ref_latent = module.encode(batch["ref"])
-    conditioning = build_conditioning(module.hparams.conditioning, batch, module.encode, tuple(latents.shape[-2:]))
-    b = latents.shape[0]
-    t = torch.full((b,), timestep, device=latents.device)
-    noise = torch.randn(latents.shape, generator=g).to(latents)
-    prediction = module(module.scheduler.add_noise(latents, noise, t), t, conditioning, ref_latent,
-                        tuple(batch["tgt"].shape[-2:]), torch.arange(b, device=latents.device))
-    return prediction, noise
+    """``module.noised_forward`` at one ``timestep`` for every sample (noise and VAE sample from
+    ``seed``), every sample's Leffa layers captured; returns (prediction, noise)."""
+    b = batch["tgt"].shape[0]
+    return module.noised_forward(batch, torch.Generator().manual_seed(seed), torch.full((b,), timestep),
+                                 capture_rows=torch.arange(b, device=module.device))
 
 
 @torch.no_grad()
 def capture_flows(module) -> dict:
     """Per Leffa layer captured by the last forward: its capture and head-averaged flow (B, h, w, 2)."""
-    flows = {}
-    for name, cap in module.bank.captures.items():
-        h, w = cap.grid
-        flow = attention_flow(cap.query.float(), cap.key.float(), cap.grid, module.hparams.tau,
-                              register_key=None if cap.register_key is None else cap.register_key.float())
-        flows[name] = {"capture": cap, "flow": flow.view(-1, h, w, 2)}
-    return flows
+    return {name: {"capture": cap, "flow": cap.flow(module.hparams.tau)} for name, cap in module.bank.captures.items()}
 
 
 def layer_flows(module, batch: dict, timestep: int = 250, seed: int = 0) -> dict:

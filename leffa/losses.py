@@ -12,7 +12,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-__all__ = ["coordinate_map", "attention_flow", "warp_loss", "diffusion_loss"]
+__all__ = ["coordinate_map", "attention_flow", "warp", "warp_loss", "diffusion_loss"]
 
 
 def coordinate_map(h: int, w: int, device=None, dtype=torch.float32) -> torch.Tensor:
@@ -76,6 +76,17 @@ def attention_flow(
     return flow.mean(dim=1) if average_heads else flow
 
 
+def warp(ref_image: torch.Tensor, flow: torch.Tensor) -> torch.Tensor:
+    """``ref_image`` (B, C, H, W) warped by ``flow`` (B, h, w, 2), the flow bilinearly upsampled to
+    (H, W) (``align_corners=True``) first when its grid is coarser: the warp of Eq. 4."""
+    grid = flow
+    if tuple(flow.shape[1:3]) != tuple(ref_image.shape[-2:]):
+        # (B, h, w, 2) -> (B, 2, h, w) -> (B, 2, H, W) -> (B, H, W, 2)
+        grid = F.interpolate(flow.permute(0, 3, 1, 2), size=ref_image.shape[-2:], mode="bilinear", align_corners=True)
+        grid = grid.permute(0, 2, 3, 1)
+    return F.grid_sample(ref_image, grid, mode="bilinear", align_corners=True)
+
+
 def warp_loss(
     flow: torch.Tensor,
     ref_image: torch.Tensor,
@@ -98,16 +109,11 @@ def warp_loss(
     _, h, w, _ = flow.shape
     dtype = flow.dtype
     ref, tgt, m = ref_image.to(dtype), target_image.to(dtype), mask.to(dtype)
-    if upsample:
-        # (B, h, w, 2) -> (B, 2, h, w) -> (B, 2, H, W) -> (B, H, W, 2)
-        grid = F.interpolate(flow.permute(0, 3, 1, 2), size=tgt.shape[-2:], mode="bilinear", align_corners=True)
-        grid = grid.permute(0, 2, 3, 1)
-    else:
-        grid = flow
+    if not upsample:
         ref = F.interpolate(ref, size=(h, w), mode="area")
         tgt = F.interpolate(tgt, size=(h, w), mode="area")
         m = F.interpolate(m, size=(h, w), mode="nearest")
-    warped = F.grid_sample(ref, grid, mode="bilinear", align_corners=True)
+    warped = warp(ref, flow)
     return ((tgt * m - warped * m) ** 2).mean(dim=(1, 2, 3))
 
 

@@ -12,18 +12,16 @@ import lightning as L
 import torch
 from jsonargparse.typing import Path_fr
 
-from leffa.attention import ReferenceBank, attach_reference_attention
+from leffa.architectures import ARCHITECTURES, LATENT_CHANNELS, ReferenceDenoiser
+from leffa.attention import ReferenceBank
 from leffa.checkpoints import guard_checkpoint_loading, load_weights, read_settings, read_state_dict
 from leffa.conditioning import build_conditioning, conditioning_channels
 from leffa.errors import UserError
-from leffa.losses import attention_flow, diffusion_loss, warp_loss
+from leffa.losses import diffusion_loss, warp_loss
 from leffa.pretrained import load_scheduler, load_vae, read_config
 from leffa.sampling import SamplingConfig, key_generators, make_scheduler, sample
-from leffa.unets import build_unet
 
 __all__ = ["LeffaModule"]
-
-LATENT_CHANNELS = 4
 # the loss terms checked for non-finite values before each optimizer step
 LOSS_TERMS = ("diffusion", "leffa")
 
@@ -34,6 +32,8 @@ class LeffaModule(L.LightningModule):
     Args:
         pretrained_model: local SD1.5 (or SD1.5-inpainting) diffusers folder: both UNets, the VAE
             and the scheduler come from it. Never downloaded.
+        architecture: the denoiser with reference attention (``leffa.architectures``): ``dual_unet``,
+            the paper's Generative + Reference UNet.
         reference_pretrained_model: another folder for the Reference UNet (default: the same).
         unet_config: ``UNet2DConditionModel`` config (a mapping, or a JSON/YAML file such as a
             diffusers ``config.json``), used when no folder is given; tests and the demo use it.
@@ -65,6 +65,7 @@ class LeffaModule(L.LightningModule):
     def __init__(
         self,
         pretrained_model: str | None = None,
+        architecture: str = "dual_unet",
         reference_pretrained_model: str | None = None,
         unet_config: Path_fr | dict | None = None,
         vae_config: Path_fr | dict | None = None,
@@ -94,19 +95,19 @@ class LeffaModule(L.LightningModule):
         self.hparams.update(unet_config=unet_config, vae_config=vae_config)
         if not 0.0 <= p_drop_ref < 1.0:
             raise UserError(f"model.p_drop_ref must be in [0, 1), got {p_drop_ref}")
-        in_channels = LATENT_CHANNELS + conditioning_channels(conditioning)
-        self.generative_unet = build_unet(pretrained_model, unet_config, in_channels)
-        self.reference_unet = build_unet(reference_pretrained_model or pretrained_model, unet_config, LATENT_CHANNELS)
-        self.bank: ReferenceBank = attach_reference_attention(
-            self.generative_unet, self.reference_unet, num_registers, ReferenceBank(theta_resolution=theta_resolution)
+        if architecture not in ARCHITECTURES:
+            raise UserError(f"model.architecture: unknown {architecture!r}; valid: {', '.join(ARCHITECTURES)}")
+        self.denoiser: ReferenceDenoiser = ARCHITECTURES[architecture](
+            pretrained_model, reference_pretrained_model, unet_config,
+            in_channels=LATENT_CHANNELS + conditioning_channels(conditioning), num_registers=num_registers,
+            theta_resolution=theta_resolution, freeze_reference=freeze_reference_unet,
+            gradient_checkpointing=gradient_checkpointing,
         )
+        for name, component in self.denoiser.components().items():
+            self.add_module(name, component)  # their names are the checkpoint keys' prefixes
+        self.bank: ReferenceBank = self.denoiser.bank
         self.vae = load_vae(pretrained_model, vae_config).requires_grad_(False).eval()
         self.scheduler = load_scheduler(pretrained_model)
-        if freeze_reference_unet:
-            self.reference_unet.requires_grad_(False)
-        if gradient_checkpointing:
-            self.generative_unet.enable_gradient_checkpointing()
-            self.reference_unet.enable_gradient_checkpointing()
         # Why a generator of our own: each data-parallel rank needs its own stream of noise, timesteps
         # and reference drops, and its state goes into checkpoints so a resumed run draws what an
         # uninterrupted one would have drawn. Seeded per rank in setup().
@@ -186,11 +187,10 @@ class LeffaModule(L.LightningModule):
         if "tensor_parallel" in (mesh.mesh_dim_names or ()) and mesh["tensor_parallel"].size() > 1:
             raise UserError(f"the UNets have no tensor-parallel plan: use tensor_parallel_size=1, "
                              f"got {mesh['tensor_parallel'].size()} (mesh {mesh})")
-        parallel.freeze_unused_reference_parameters(self.reference_unet, self.bank)
         # a bf16 Trainer ("bf16-mixed", "bf16-true") also all-gathers and computes in bf16;
         # the sharded master weights and the gradient reduction stay float32
         param_dtype = torch.bfloat16 if str(self.trainer.precision).startswith("bf16") else None
-        parallel.shard_unets(self.generative_unet, self.reference_unet, mesh["data_parallel"], param_dtype)
+        self.denoiser.shard(mesh["data_parallel"], param_dtype)
 
     def configure_optimizers(self):
         params = [p for p in self.parameters() if p.requires_grad]
@@ -212,24 +212,38 @@ class LeffaModule(L.LightningModule):
         return latent * self.vae.config.scaling_factor
 
     def run_reference(self, ref_latent: torch.Tensor, timesteps: torch.Tensor) -> None:
-        """Run the Reference UNet; its processors record every self-attention input in the bank."""
-        self.bank.features.clear()
-        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.hparams.freeze_reference_unet):
-            self.reference_unet(ref_latent, timesteps, encoder_hidden_states=None)
+        """Encode the reference for the next ``denoise`` calls (the Reference UNet, for ``dual_unet``)."""
+        self.denoiser.encode_reference(ref_latent, timesteps)
 
     def denoise(self, noisy_latent: torch.Tensor, timesteps: torch.Tensor, conditioning: torch.Tensor) -> torch.Tensor:
-        """Generative UNet: epsilon prediction (B, 4, h, w) given the recorded reference features."""
-        x = torch.cat([noisy_latent, conditioning.to(noisy_latent.dtype)], dim=1)
-        return self.generative_unet(x, timesteps, encoder_hidden_states=None).sample
+        """Epsilon prediction (B, 4, h, w) given the encoded reference."""
+        return self.denoiser.denoise(noisy_latent, timesteps, conditioning)
 
     def forward(self, noisy_latent, timesteps, conditioning, ref_latent, image_hw=None, capture_rows=None):
         """Reference pass then generative pass; Leffa captures for ``capture_rows`` land in ``self.bank``."""
-        self.bank.latent_hw = tuple(noisy_latent.shape[-2:])
-        self.bank.image_hw = image_hw
-        self.bank.capture_rows = capture_rows
-        self.bank.captures.clear()
+        self.bank.begin(noisy_latent.shape[-2:], image_hw, capture_rows)
         self.run_reference(ref_latent, timesteps)
         return self.denoise(noisy_latent, timesteps, conditioning)
+
+    def noised_forward(self, batch: dict, generator: torch.Generator, timesteps: torch.Tensor,
+                       keep_ref: torch.Tensor | None = None,
+                       capture_rows: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The one forward of training, validation and the flow pictures: the batch's targets noised
+        to ``timesteps`` (B,), the references zeroed where ``keep_ref`` is False, both UNets run,
+        Leffa captures taken for ``capture_rows`` (in ``self.bank.captures``); returns
+        (prediction, noise). Draws from ``generator`` (CPU): the VAE posterior sample of the
+        targets, then the noise."""
+        tgt = batch["tgt"]
+        latents = self.encode(tgt, generator)
+        ref_latent = self.encode(batch["ref"])
+        conditioning = build_conditioning(self.hparams.conditioning, batch, self.encode, tuple(latents.shape[-2:]))
+        # random draws on the CPU generator, then moved: cheap, and identical on every device type
+        noise = torch.randn(latents.shape, generator=generator).to(latents)
+        timesteps = timesteps.to(self.device)
+        if keep_ref is not None:
+            ref_latent = ref_latent * keep_ref.to(self.device).view(-1, 1, 1, 1).to(ref_latent.dtype)
+        noisy = self.scheduler.add_noise(latents, noise, timesteps)
+        return self(noisy, timesteps, conditioning, ref_latent, tuple(tgt.shape[-2:]), capture_rows), noise
 
     # ---------------------------------------------------------------- losses
 
@@ -237,21 +251,17 @@ class LeffaModule(L.LightningModule):
         """Eq. 4 summed over the captured layers, per selected sample, shape (b,)."""
         hp = self.hparams
         total = tgt_image.new_zeros(tgt_image.shape[0], dtype=torch.float32)
-        # the flow is computed in float32 even under bf16 autocast: coordinates need the precision
+        # float32 even under bf16 autocast (the flow is too: see LeffaCapture.flow)
         with torch.autocast(device_type=tgt_image.device.type, enabled=False):
             for capture in self.bank.captures.values():
-                h, w = capture.grid
-                reg = capture.register_key.float() if capture.register_key is not None else None
-                flow = attention_flow(capture.query.float(), capture.key.float(), (h, w), hp.tau,
-                                      hp.average_heads, register_key=reg)
+                flow = capture.flow(hp.tau, hp.average_heads)
                 if hp.average_heads:
-                    # (b, n, 2) -> (b, h, w, 2)
-                    loss = warp_loss(flow.view(-1, h, w, 2), ref_image, tgt_image, mask, hp.upsample_flow)
+                    loss = warp_loss(flow, ref_image, tgt_image, mask, hp.upsample_flow)
                 else:
-                    # (b, heads, n, 2) -> (b*heads, h, w, 2): one loss per head, then the mean over heads
+                    # (b, heads, h, w, 2) -> (b*heads, h, w, 2): one loss per head, then the mean over heads
                     heads = flow.shape[1]
                     loss = warp_loss(
-                        flow.reshape(-1, h, w, 2), ref_image.repeat_interleave(heads, 0),
+                        flow.flatten(0, 1), ref_image.repeat_interleave(heads, 0),
                         tgt_image.repeat_interleave(heads, 0), mask.repeat_interleave(heads, 0), hp.upsample_flow,
                     ).view(-1, heads).mean(1)
                 total = total + loss
@@ -264,10 +274,10 @@ class LeffaModule(L.LightningModule):
     # its first micro-batch know how many samples the whole optimizer step selects for the Leffa
     # term. Outside training (and outside a Trainer) a window is one batch.
 
-    def draw_selection(self, generator: torch.Generator, n: int, stage: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """Timesteps and reference keeps (no dropout outside training) of ``n`` samples, on the CPU."""
+    def draw_selection(self, generator: torch.Generator, n: int, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """Timesteps and reference keeps (reference dropout in training only) of ``n`` samples, on the CPU."""
         timesteps = torch.randint(0, self.scheduler.config.num_train_timesteps, (n,), generator=generator)
-        keep_ref = torch.rand(n, generator=generator) >= (self.hparams.p_drop_ref if stage == "train" else 0.0)
+        keep_ref = torch.rand(n, generator=generator) >= (self.hparams.p_drop_ref if train else 0.0)
         return timesteps, keep_ref
 
     def leffa_rows(self, timesteps: torch.Tensor, keep_ref: torch.Tensor) -> torch.Tensor:
@@ -280,20 +290,10 @@ class LeffaModule(L.LightningModule):
         with the Leffa loss on ``rows`` (the selected samples) and ``leffa`` (one per row captured
         by the bank; absent when no layer took part)."""
         hp = self.hparams
-        tgt, ref, mask = batch["tgt"], batch["ref"], batch["mask"]
-        b = tgt.shape[0]
-        latents = self.encode(tgt, generator)
-        ref_latent = self.encode(ref)
-        conditioning = build_conditioning(hp.conditioning, batch, self.encode, tuple(latents.shape[-2:]))
-
-        # random draws on the CPU generator, then moved: cheap, and identical on every device type
-        noise = torch.randn(latents.shape, generator=generator).to(latents)
         timesteps, keep_ref = timesteps.to(self.device), keep_ref.to(self.device)
-        ref_latent = ref_latent * keep_ref.view(b, 1, 1, 1).to(ref_latent.dtype)
-        noisy = self.scheduler.add_noise(latents, noise, timesteps)
-
         rows = self.leffa_rows(timesteps, keep_ref) if hp.use_leffa_loss else None
-        prediction = self(noisy, timesteps, conditioning, ref_latent, tuple(tgt.shape[-2:]), rows)
+        prediction, noise = self.noised_forward(batch, generator, timesteps, keep_ref, rows)
+        tgt, ref, mask = batch["tgt"], batch["ref"], batch["mask"]
         terms = {"diffusion": diffusion_loss(prediction, noise)}
         if hp.use_leffa_loss:
             terms["rows"] = rows
@@ -301,7 +301,7 @@ class LeffaModule(L.LightningModule):
                 terms["leffa"] = self.leffa_loss(ref[rows], tgt[rows], mask[rows])
         return terms
 
-    def _selection(self, b: int, stage: str, generator: torch.Generator,
+    def _selection(self, b: int, train: bool, generator: torch.Generator,
                    batch_idx: int | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """This micro-batch's timesteps and reference keeps, and the Leffa term's weight per
         selected sample: (ranks x micro-batches) / (samples the whole optimizer step selects on
@@ -309,8 +309,8 @@ class LeffaModule(L.LightningModule):
         parallelism's mean over ranks the term is the mean over the global batch's selected
         samples. ``None`` outside training: the term is then this batch's mean."""
         trainer = self._trainer
-        if stage != "train" or batch_idx is None or trainer is None:
-            return (*self.draw_selection(generator, b, stage), None)
+        if not train or batch_idx is None or trainer is None:
+            return (*self.draw_selection(generator, b, train), None)
         accumulate = trainer.accumulate_grad_batches
         position = batch_idx % accumulate
         pending = self._pending_selection
@@ -319,7 +319,7 @@ class LeffaModule(L.LightningModule):
             size = accumulate - position
             if trainer.num_training_batches != float("inf"):
                 size = min(size, int(trainer.num_training_batches) - batch_idx)
-            timesteps, keep_ref = self.draw_selection(generator, size * b, stage)
+            timesteps, keep_ref = self.draw_selection(generator, size * b, train)
             count = torch.tensor(0.0, device=self.device)
             if self.hparams.use_leffa_loss:
                 count = count + self.leffa_rows(timesteps, keep_ref).numel()
@@ -333,10 +333,13 @@ class LeffaModule(L.LightningModule):
                              f"{len(timesteps)} (training batches are never partial)")
         return timesteps, keep_ref, self._leffa_weight
 
-    def _common_step(self, batch: dict, stage: str, generator: torch.Generator,
-                     batch_idx: int | None = None) -> torch.Tensor:
+    def compute_loss(self, batch: dict, generator: torch.Generator, train: bool,
+                     batch_idx: int | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor | float]]:
+        """Eq. 5 on one batch: (loss, metrics). ``train`` turns on reference dropout and, inside a
+        Trainer with ``batch_idx``, the global normalisation of the Leffa term over the optimizer
+        step (see ``_selection``); ``generator`` is the random stream (the module's own in training)."""
         hp = self.hparams
-        timesteps, keep_ref, leffa_weight = self._selection(batch["tgt"].shape[0], stage, generator, batch_idx)
+        timesteps, keep_ref, leffa_weight = self._selection(batch["tgt"].shape[0], train, generator, batch_idx)
         terms = self.loss_terms(batch, generator, timesteps, keep_ref)
         loss = terms["diffusion"].mean()
         metrics = {"diffusion": loss}
@@ -349,9 +352,13 @@ class LeffaModule(L.LightningModule):
                 loss = loss + hp.lambda_leffa * weight * leffa.sum()
                 metrics["leffa"] = leffa.mean()
             metrics.update(leffa_layers=float(len(self.bank.captures)), leffa_samples=float(rows.numel()))
-        if stage == "train":
+        if train:
             self._track_nonfinite(metrics)
         metrics["loss"] = loss
+        return loss, metrics
+
+    def _step(self, stage: str, batch: dict, generator: torch.Generator, batch_idx: int | None = None):
+        loss, metrics = self.compute_loss(batch, generator, stage == "train", batch_idx)
         self._log_metrics(stage, metrics, batch)
         return loss
 
@@ -403,12 +410,12 @@ class LeffaModule(L.LightningModule):
             self.log("data/skipped", batch["skipped"].sum().float(), reduce_fx="sum", batch_size=b)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        return self._common_step(batch, "train", self.noise_generator, batch_idx)
+        return self._step("train", batch, self.noise_generator, batch_idx)
 
     def validation_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         # a fixed draw per batch, so validation losses of different checkpoints are comparable
         generator = torch.Generator().manual_seed(10_000 * self.global_rank + batch_idx)
-        return self._common_step(batch, "val", generator)
+        return self._step("val", batch, generator)
 
     def predict_step(self, batch: dict, batch_idx: int) -> dict:
         """Generate the batch's targets with ``self.sampling``; returns keys and images in [-1, 1].
@@ -424,4 +431,4 @@ class LeffaModule(L.LightningModule):
 
     def test_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         generator = torch.Generator().manual_seed(10_000 * self.global_rank + batch_idx)
-        return self._common_step(batch, "test", generator)
+        return self._step("test", batch, generator)

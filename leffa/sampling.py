@@ -125,7 +125,7 @@ def sample(
         ref_latent = torch.cat([torch.zeros_like(ref_latent), ref_latent])
         conditioning = torch.cat([conditioning, conditioning])
 
-    module.bank.latent_hw, module.bank.image_hw, module.bank.capture_rows = latent_hw, None, None
+    module.bank.begin(latent_hw)  # no Leffa captures while sampling
     # deterministic schedulers (UniPC) take no generator
     step_kwargs = {"generator": generator} if "generator" in inspect.signature(scheduler.step).parameters else {}
     scheduler.set_timesteps(num_steps, device=device)

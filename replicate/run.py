@@ -164,7 +164,7 @@ def overfit_check(settings: dict, batch: dict, steps: int, lr: float) -> dict:
     for _ in range(steps):
         module.train()
         optimizer.zero_grad(set_to_none=True)
-        module._common_step(batch, "check", torch.Generator().manual_seed(0))
+        module.compute_loss(batch, torch.Generator().manual_seed(0), train=False)
         loss = module.leffa_loss(batch["ref"], batch["tgt"], batch["mask"]).mean()
         loss.backward()
         optimizer.step()

@@ -109,7 +109,7 @@ def reference_run(module: LeffaModule, generator_states: list[torch.Tensor], sca
         optimizer.zero_grad()
         total = 0.0
         for rank in range(WORLD):
-            loss = module._common_step(half(global_batch(step), rank), "train", generators[rank])
+            loss = module.compute_loss(half(global_batch(step), rank), generators[rank], train=True)[0]
             losses[rank].append(loss.item())
             if rank in contributing:
                 total = total + scale * loss
@@ -547,7 +547,7 @@ def test_unused_reference_parameters_are_those_without_gradient(checkpointing):
                          gradient_checkpointing=checkpointing)
     module.setup("fit")
     module.train()
-    module._common_step(half(global_batch(0), 0), "train", torch.Generator().manual_seed(0)).backward()
+    module.compute_loss(half(global_batch(0), 0), torch.Generator().manual_seed(0), train=True)[0].backward()
     no_gradient = {n for n, p in module.reference_unet.named_parameters() if p.grad is None}
     frozen = freeze_unused_reference_parameters(module.reference_unet, module.bank)
     assert set(frozen) == no_gradient and "conv_out.weight" in no_gradient

@@ -125,9 +125,9 @@ def test_outside_training_the_term_is_the_batch_mean(tiny_configs):
     module.setup("fit")
     batch = micro_batch(0)
     with torch.no_grad():
-        loss = module._common_step(batch, "val", torch.Generator().manual_seed(3))
+        loss = module.compute_loss(batch, torch.Generator().manual_seed(3), train=False)[0]
         generator = torch.Generator().manual_seed(3)
-        timesteps, keep_ref = module.draw_selection(generator, BATCH, "val")
+        timesteps, keep_ref = module.draw_selection(generator, BATCH, train=False)
         assert keep_ref.all()  # no reference dropout outside training
         terms = module.loss_terms(batch, generator, timesteps, keep_ref)
     assert len(terms["rows"]) > 0

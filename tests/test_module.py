@@ -21,7 +21,7 @@ def tiny_module(tiny_configs, **kwargs):
 
 def fixed_step(module, batch, seed=0):
     """One loss with a fixed draw of noise and timesteps."""
-    return module._common_step(batch, "val", torch.Generator().manual_seed(seed))
+    return module.compute_loss(batch, torch.Generator().manual_seed(seed), train=False)[0]
 
 
 @pytest.mark.parametrize("conditioning,channels", [("tryon", 9), ("pose", 8), ("pose_image", 7), ("released", 12)])
@@ -109,12 +109,12 @@ def test_reference_dropout_zeroes_the_reference_latent(tiny_configs):
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for _ in range(8):
-            module._common_step(make_batch(batch_size=4), "train", g)
+            module.compute_loss(make_batch(batch_size=4), g, train=True)
     per_sample_zero = torch.cat([(x.flatten(1).abs().sum(1) == 0) for x in seen])
     assert 0 < per_sample_zero.float().mean() < 1  # some dropped, some kept
     seen.clear()
     with torch.no_grad():
-        module._common_step(make_batch(batch_size=4), "val", g)
+        module.compute_loss(make_batch(batch_size=4), g, train=False)
     assert (seen[0].flatten(1).abs().sum(1) > 0).all()  # never dropped outside training
 
 
