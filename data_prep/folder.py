@@ -39,8 +39,8 @@ from leffa.schema import build_key
 
 DATASET = "folder"
 SPLITS = ("train", "test")
-POSE_SOURCES = ("densepose", "keypoints")
 EXTENSIONS = (".jpg", ".jpeg", ".png")
+POSE_FILES = {"densepose": ("densepose", EXTENSIONS), "keypoints": ("keypoints", (".json",))}  # folder, suffixes
 GARMENT_DIRS = ("garment", "reference")
 PAIR_COLUMNS = ("person", "garment")
 # OpenPose BODY_25 index of each COCO-18 joint (BODY_25 adds mid-hip 8 and the feet 19..24)
@@ -73,7 +73,7 @@ class FolderSpec:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--pose-source",
-        choices=POSE_SOURCES,
+        choices=tuple(POSE_FILES),
         default="densepose",
         help="densepose/ renderings (default) or keypoints/ OpenPose JSON drawn as a skeleton",
     )
@@ -120,8 +120,9 @@ def list_samples(args: argparse.Namespace, split: str) -> list[FolderSpec]:
     if not pair_file.is_file():
         raise FileNotFoundError(f"pair file {pair_file} not found; add it, or convert only the other split "
                                 f"(--split {'train' if split == 'test' else 'test'})")  # fmt: skip
-    rows = [(_id(person), _id(garment)) for _, (person, garment) in read_pair_lines(pair_file, PAIR_COLUMNS, ROOT_HINT)]
-    pose_folder, pose_suffixes = ("densepose", EXTENSIONS) if args.pose_source == "densepose" else ("keypoints", (".json",))
+    lines = read_pair_lines(pair_file, PAIR_COLUMNS, ROOT_HINT)  # plain file names only
+    rows = [(_id(person), _id(garment)) for _, (person, garment) in lines]
+    pose_folder, pose_suffixes = POSE_FILES[args.pose_source]
     names = {"person": "person", "garment": _garment_dir(root).name, "mask": "mask", "pose": pose_folder}
     folders = {role: _index(root / name, pose_suffixes if role == "pose" else EXTENSIONS)
                for role, name in names.items()}  # fmt: skip

@@ -149,3 +149,6 @@ def test_the_same_folder_serves_prediction(tmp_path):
     (batch,) = [to_model_batch(b) for b in data.predict_dataloader()]
     assert batch["key"] == ["p3", "p3__g1"]  # test_pairs.txt, garments from garment/
     assert batch["tgt"].shape == (2, 3, 32, 24)
+    (src / "reference").mkdir()
+    with pytest.raises(UserError, match="both reference/ and garment/"):
+        LeffaDataModule(predict_folder=str(src), height=32, width=24, num_workers=0).predict_dataloader()
