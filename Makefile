@@ -8,6 +8,7 @@ TORCH  ?= torch==2.14.1 torchvision==0.29.1
 .PHONY: install test demo shards bench replicate clean
 
 # make shards DATASET=vitonhd SRC=/data/VITON-HD OUT=shards/vitonhd [SPLIT=all] [SHARD_SIZE=1000] [WORKERS=2]
+# make shards DATASET=folder SRC=my_data OUT=shards/my_data   (your own photos: see data_prep/folder.py)
 DATASET    ?=
 SRC        ?=
 OUT        ?=
@@ -28,7 +29,7 @@ test: install
 	$(PY) -m pytest tests $(PYTEST_ARGS)
 
 shards: install
-	@test -n "$(DATASET)" || { echo "error: set DATASET=vitonhd|dresscode|deepfashion|synthetic"; exit 2; }
+	@test -n "$(DATASET)" || { echo "error: set DATASET=vitonhd|dresscode|deepfashion|synthetic|folder"; exit 2; }
 	@test -n "$(OUT)" || { echo "error: set OUT=<folder for the shards>"; exit 2; }
 	$(PY) -m data_prep $(DATASET) --src "$(SRC)" --out "$(OUT)" --split $(SPLIT) --shard-size $(SHARD_SIZE) --workers $(WORKERS)
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from data_prep import deepfashion, dresscode, synthetic, vitonhd
+from data_prep import deepfashion, dresscode, folder, synthetic, vitonhd
 
-CONVERTERS: dict[str, ModuleType] = {m.DATASET: m for m in (vitonhd, dresscode, deepfashion, synthetic)}
+CONVERTERS: dict[str, ModuleType] = {m.DATASET: m for m in (vitonhd, dresscode, deepfashion, synthetic, folder)}
 
 
 def get_converter(name: str) -> ModuleType:

@@ -1,10 +1,13 @@
-"""A trained model as a diffusers-style folder, and back.
+"""A trained model as a diffusers-style folder, and back; or as one ``.pth`` in the authors' layout.
 
 Layout: ``unet/`` (the Generative UNet), ``reference_unet/``, ``vae/``, ``scheduler/`` as diffusers'
 ``save_pretrained`` writes them (safetensors), plus ``leffa.json`` with the module's settings.
 ``UNet2DConditionModel.from_pretrained(folder, subfolder="unet")`` reads a UNet back (its text
 cross-attention comes back randomly initialised and unused); :meth:`leffa.module.LeffaModule.from_checkpoint`
 (or :func:`load_exported`) rebuilds the whole module, register tokens included.
+
+``--format released`` writes the weights as the authors' ``virtual_tryon.pth`` holds them (see
+:func:`export_released`), for their inference code.
 """
 
 from __future__ import annotations
@@ -15,11 +18,18 @@ import shutil
 import uuid
 from pathlib import Path
 
-from leffa.checkpoints import EXPORT_COMPONENTS, EXPORT_SETTINGS, is_export_folder
+import torch
+
+from leffa.atomic_write import write_atomically
+from leffa.checkpoints import (
+    EXPORT_COMPONENTS, EXPORT_SETTINGS, is_export_folder, load_checkpoint_file, read_settings, read_state_dict,
+)
 from leffa.errors import UserError
 from leffa.module import LeffaModule
+from leffa.released import RELEASED_CONDITIONING, to_released_state_dict
 
-__all__ = ["export_folder", "load_exported", "export_main"]
+__all__ = ["export_folder", "export_released", "load_exported", "export_main"]
+FORMATS = ("folder", "released")
 
 # settings that describe a folder on the machine that wrote it, not the model
 LOCAL_SETTINGS = ("pretrained_model", "reference_pretrained_model", "init_from", "unet_config", "vae_config")
@@ -52,6 +62,35 @@ def export_folder(module, out_dir: str | Path) -> Path:
     return out
 
 
+def export_released(ckpt: str | Path, base: str | Path, out: str | Path, weights: str = "ema") -> Path:
+    """Write the weights of ``ckpt`` as one ``.pth`` in the layout of ``base`` (a released checkpoint).
+
+    ``unet.*`` = Generative UNet, ``unet_encoder.*`` = Reference UNet, ``vae.*``: exactly the base's
+    keys, shapes and dtypes, so the authors' inference code loads it with a strict
+    ``load_state_dict``. Every tensor is the checkpoint's except the text cross-attention ones,
+    which our UNets delete and which are copied from ``base``. Refused (one line): a model trained
+    with another conditioning than ``released`` or another architecture (shapes), extra tensors
+    such as register tokens, and an ``out`` that already exists (it is written atomically).
+    LoRA adapters are not handled here yet: their tensors are refused like any extra tensor; a
+    merged export would merge them into ``own`` before the layout conversion below.
+    """
+    out = Path(out)
+    if out.exists():
+        raise UserError(f"{out} already exists and is not overwritten; choose a new --out")
+    try:
+        settings = read_settings(ckpt)
+    except UserError:  # weights-only forms (released .pth, safetensors): the shapes are checked below
+        settings = {}
+    conditioning = settings.get("conditioning", RELEASED_CONDITIONING)
+    if conditioning != RELEASED_CONDITIONING:
+        raise UserError(f"{ckpt} was trained with conditioning {conditioning!r}; the released layout needs "
+                        f"model.conditioning: {RELEASED_CONDITIONING}")
+    base_state = load_checkpoint_file(base, mmap=True)  # weights_only=True; tensors read when written
+    own = read_state_dict(ckpt, weights)
+    released = to_released_state_dict(own, base_state, source=str(ckpt))
+    return write_atomically(out, lambda file: torch.save(released, file))
+
+
 def load_exported(path: str | Path, **overrides):
     """A ``LeffaModule`` from an exported folder; ``overrides`` change settings (e.g. ``use_leffa_loss``)."""
     if not is_export_folder(path):
@@ -60,14 +99,26 @@ def load_exported(path: str | Path, **overrides):
 
 
 def export_main(argv: list[str] | None = None) -> Path:
-    """``leffa export --ckpt CKPT --out DIR [--weights ema|live]``: a checkpoint as a diffusers-style folder."""
+    """``leffa export --ckpt CKPT --out OUT [--weights ema|live] [--format folder|released --base PTH]``:
+    a checkpoint as a diffusers-style folder, or as one ``.pth`` in the released layout."""
     import argparse
 
     p = argparse.ArgumentParser(prog="leffa export", description=export_main.__doc__.split(":")[1].strip())
     p.add_argument("--ckpt", required=True, help="a Lightning checkpoint, a sharded checkpoint folder or an export")
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", required=True, help="a new folder (--format folder) or a new .pth file (released)")
     p.add_argument("--weights", default="ema", choices=["ema", "live"])
+    p.add_argument("--format", default="folder", choices=FORMATS,
+                   help="folder: diffusers-style folder; released: one .pth in the layout of --base")
+    p.add_argument("--base", default=None, help="the released checkpoint the model started from (virtual_tryon.pth)")
     args = p.parse_args(argv)
-    out = export_folder(LeffaModule.from_checkpoint(args.ckpt, args.weights), args.out)
+    if args.format == "released":
+        if args.base is None:
+            raise UserError("--format released needs --base: the released checkpoint (virtual_tryon.pth or "
+                            "virtual_tryon_dc.pth) whose layout and cross-attention weights are written")
+        out = export_released(args.ckpt, args.base, args.out, args.weights)
+    else:
+        if args.base is not None:
+            raise UserError("--base is only read with --format released")
+        out = export_folder(LeffaModule.from_checkpoint(args.ckpt, args.weights), args.out)
     print(f"exported to {out}")
     return out

@@ -4,7 +4,8 @@ They are one flat state dict: ``unet.*`` the Generative UNet (12 input channels:
 mask 1, masked-image latent 4, DensePose resized to the latent grid 3, i.e. our ``released``
 conditioning), ``unet_encoder.*`` the Reference UNet, ``vae.*``; stock diffusers module names.
 Their text cross-attention weights are present but unused; we drop them, as our UNets have no
-such modules.
+such modules. :func:`to_released_state_dict` goes back: our weights in the released layout, the
+cross-attention tensors taken from a released file.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import torch
 
 from leffa.errors import UserError
 
-__all__ = ["is_released_state_dict", "convert_released_state_dict", "RELEASED_CONDITIONING"]
+__all__ = ["is_released_state_dict", "convert_released_state_dict", "to_released_state_dict", "RELEASED_CONDITIONING"]
 
 RELEASED_CONDITIONING = "released"
 PREFIXES = {"unet.": "generative_unet.", "unet_encoder.": "reference_unet.", "vae.": "vae."}
@@ -29,14 +30,54 @@ def _is_cross_attention(name: str) -> bool:
     return "transformer_blocks" in parts and ("attn2" in parts or "norm2" in parts)
 
 
+def own_name(name: str) -> str | None:
+    """The ``LeffaModule`` key of a released key; None for the unused cross-attention weights."""
+    # longest prefix first: "unet_encoder." before "unet."
+    prefix = next((p for p in sorted(PREFIXES, key=len, reverse=True) if name.startswith(p)), None)
+    if prefix is None:
+        raise UserError(f"unexpected key in a released checkpoint: {name} (expected unet.*, unet_encoder.*, vae.*)")
+    return None if _is_cross_attention(name) else PREFIXES[prefix] + name[len(prefix):]
+
+
 def convert_released_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Released keys -> ``LeffaModule`` keys, without the unused cross-attention weights."""
-    converted = {}
-    for name, tensor in state_dict.items():
-        # longest prefix first: "unet_encoder." before "unet."
-        prefix = next((p for p in sorted(PREFIXES, key=len, reverse=True) if name.startswith(p)), None)
-        if prefix is None:
-            raise UserError(f"unexpected key in a released checkpoint: {name} (expected unet.*, unet_encoder.*, vae.*)")
-        if not _is_cross_attention(name):
-            converted[PREFIXES[prefix] + name[len(prefix):]] = tensor
-    return converted
+    return {own: tensor for name, tensor in state_dict.items() if (own := own_name(name)) is not None}
+
+
+def to_released_state_dict(
+    own: dict[str, torch.Tensor], base: dict[str, torch.Tensor], source: str = "checkpoint"
+) -> dict[str, torch.Tensor]:
+    """``own`` (``LeffaModule`` keys) in the layout of ``base`` (a released state dict).
+
+    The result has exactly ``base``'s keys, in its order, with its shapes and dtypes: every tensor
+    is ours (cast to the base's dtype) except the text cross-attention ones, which our UNets do not
+    have and which are taken from ``base``. A tensor of another shape (another architecture or
+    conditioning layout), a tensor the base needs and ``own`` lacks, or one of ``own`` that has no
+    place in the released layout (register tokens, ...) is a :class:`UserError` naming it.
+    """
+    if not is_released_state_dict(base):
+        raise UserError("the base is not a released checkpoint (no unet.* and unet_encoder.* keys); give "
+                        "the authors' virtual_tryon.pth or virtual_tryon_dc.pth")
+    released, used = {}, set()
+    for name, base_tensor in base.items():
+        key = own_name(name)
+        if key is None:
+            released[name] = base_tensor
+            continue
+        if key not in own:
+            raise UserError(f"{source} has no {key}, which the released layout needs as {name}; "
+                            "was it trained with another architecture?")
+        tensor = own[key]
+        if tensor.shape != base_tensor.shape:
+            raise UserError(f"{source}: {key} has shape {tuple(tensor.shape)} but the base's {name} has "
+                            f"{tuple(base_tensor.shape)}; its architecture or conditioning does not match the base")
+        tensor = tensor.detach().to(device="cpu", dtype=base_tensor.dtype)
+        # a view would make torch.save write the whole storage it views
+        released[name] = tensor if tensor.untyped_storage().nbytes() == tensor.nbytes else tensor.clone()
+        used.add(key)
+    extra = [key for key in own if key not in used]
+    if extra:
+        raise UserError(f"{source} holds {len(extra)} tensors the released layout has no place for "
+                        f"(e.g. {', '.join(extra[:3])}); register tokens (model.num_registers > 0) and "
+                        "adapters cannot be exported to it")
+    return released

@@ -35,14 +35,14 @@ def test_make_shards_command_line(tmp_path):
 
 def test_unknown_dataset_lists_the_valid_ones(tmp_path):
     with pytest.raises(
-        ValueError, match="unknown dataset 'vitonhd2'; valid: vitonhd, dresscode, deepfashion, synthetic"
+        ValueError, match="unknown dataset 'vitonhd2'; valid: vitonhd, dresscode, deepfashion, synthetic, folder"
     ):
         main(["vitonhd2", "--src", str(tmp_path), "--out", str(tmp_path)])
     result = subprocess.run([sys.executable, "-m", "data_prep", "vitonhd2", "--out", str(tmp_path)],
                             cwd=REPO, capture_output=True, text=True, timeout=120)  # fmt: skip
     assert result.returncode != 0
     assert (
-        result.stderr.strip() == "error: unknown dataset 'vitonhd2'; valid: vitonhd, dresscode, deepfashion, synthetic"
+        result.stderr.strip() == "error: unknown dataset 'vitonhd2'; valid: vitonhd, dresscode, deepfashion, synthetic, folder"
     )
 
 

@@ -1,10 +1,13 @@
 """Prediction inputs from a plain folder instead of shards.
 
-Layout: ``person/<id>.<jpg|png>``, ``reference/<id>.*``, ``mask/<id>.png`` (255 = generate; for
-pose transfer all 255), ``densepose/<id>.*``; ``mask`` and ``densepose`` are named like the person.
-Without ``pairs.txt`` each person is paired with the reference of the same id; with it, each line
-``<person id> <reference id>`` is one sample (unpaired try-on), keyed ``<person>__<reference>``
-(UTF-8, two columns; a malformed line is a UserError naming the file and line).
+Layout: ``person/<id>.<jpg|png>``, ``reference/<id>.*`` (or ``garment/<id>.*``, the name
+``python -m data_prep folder`` reads: one folder serves both; not both), ``mask/<id>.png``
+(255 = generate; for pose transfer all 255), ``densepose/<id>.*``; ``mask`` and ``densepose`` are
+named like the person. The pairs come from ``pairs.txt``, else from ``test_pairs.txt`` (the test
+list of a training folder); each line ``<person id> <reference id>`` is one sample, keyed
+``<person>__<reference>`` when the ids differ (unpaired try-on) and ``<person>`` when they are the
+same (UTF-8, two columns; a malformed line is a UserError naming the file and line). Without either
+file each person is paired with the reference of the same id.
 Samples go through the shard pipeline's own decode and per-key resize stages.
 """
 
@@ -17,12 +20,14 @@ from torch.utils.data import Dataset
 
 from leffa.data.decode import decode_sample
 from leffa.data.transforms import resize_sample
-from leffa.errors import MissingFileError
+from leffa.errors import MissingFileError, UserError
 from leffa.pair_file import read_pair_file
 
 __all__ = ["FolderPairs"]
 
 FOLDERS = ("person", "reference", "mask", "densepose")
+REFERENCE_ALIAS = "garment"  # the training folder's name for reference/
+PAIR_FILES = ("pairs.txt", "test_pairs.txt")
 EXTENSIONS = (".jpg", ".jpeg", ".png")
 
 
@@ -31,13 +36,19 @@ class FolderPairs(Dataset):
 
     def __init__(self, root: str | Path, height: int, width: int):
         self.root, self.height, self.width = Path(root), height, width
-        missing = [f for f in FOLDERS if not (self.root / f).is_dir()]
+        folders = {f: self.root / f for f in FOLDERS}
+        if (self.root / REFERENCE_ALIAS).is_dir():
+            if folders["reference"].is_dir():
+                raise UserError(f"{self.root} holds both reference/ and {REFERENCE_ALIAS}/; keep one of them")
+            folders["reference"] = self.root / REFERENCE_ALIAS
+        missing = [f for f, path in folders.items() if not path.is_dir()]
         if missing:
-            raise MissingFileError(f"{self.root} lacks the folders {missing} (expected {', '.join(FOLDERS)})")
-        self.files = {f: {p.stem: p for p in sorted((self.root / f).iterdir()) if p.suffix.lower() in EXTENSIONS}
-                      for f in FOLDERS}
-        pairs_file = self.root / "pairs.txt"
-        if pairs_file.is_file():
+            raise MissingFileError(f"{self.root} lacks the folders {missing} (expected {', '.join(FOLDERS)}; "
+                                   f"{REFERENCE_ALIAS}/ may stand for reference/)")
+        self.files = {f: {p.stem: p for p in sorted(path.iterdir()) if p.suffix.lower() in EXTENSIONS}
+                      for f, path in folders.items()}
+        pairs_file = next((self.root / n for n in PAIR_FILES if (self.root / n).is_file()), None)
+        if pairs_file is not None:
             rows = read_pair_file(pairs_file, ("person", "reference"))
             self.pairs = [(Path(person).stem, Path(reference).stem) for _, (person, reference) in rows]
         else:
@@ -45,7 +56,7 @@ class FolderPairs(Dataset):
         for person, reference in self.pairs:
             for folder, stem in (("person", person), ("mask", person), ("densepose", person), ("reference", reference)):
                 if stem not in self.files[folder]:
-                    raise MissingFileError(f"no {folder} image for '{stem}' in {self.root / folder}")
+                    raise MissingFileError(f"no {folder} image for '{stem}' in {folders[folder]}")
 
     def __len__(self) -> int:
         return len(self.pairs)
