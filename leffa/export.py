@@ -21,7 +21,8 @@ from leffa.errors import UserError
 __all__ = ["export_folder", "load_exported", "export_main"]
 
 # settings that describe a folder on the machine that wrote it, not the model
-LOCAL_SETTINGS = ("pretrained_model", "reference_pretrained_model", "init_from", "unet_config", "vae_config")
+LOCAL_SETTINGS = ("pretrained_model", "reference_pretrained_model", "init_from", "unet_config", "vae_config",
+                  "vae_pretrained")
 
 
 def export_folder(module, out_dir: str | Path) -> Path:

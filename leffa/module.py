@@ -16,7 +16,7 @@ from leffa.checkpoints import guard_checkpoint_loading, load_weights, read_state
 from leffa.conditioning import build_conditioning, conditioning_channels
 from leffa.errors import UserError
 from leffa.losses import attention_flow, diffusion_loss, warp_loss
-from leffa.pretrained import load_scheduler, load_vae, read_config
+from leffa.pretrained import load_scheduler, load_vae, load_vae_folder, read_config
 from leffa.sampling import SamplingConfig, key_generators, make_scheduler, sample
 from leffa.unets import build_unet
 
@@ -37,6 +37,9 @@ class LeffaModule(L.LightningModule):
         unet_config: ``UNet2DConditionModel`` config (a mapping, or a JSON/YAML file such as a
             diffusers ``config.json``), used when no folder is given; tests and the demo use it.
         vae_config: ``AutoencoderKL`` config (mapping or file), used when no folder is given.
+        vae_pretrained: a local diffusers ``AutoencoderKL`` folder (e.g. ``assets/tiny_vae_synthetic``,
+            written by ``python -m data_prep.train_tiny_vae``); it takes precedence over ``vae_config``
+            and over ``pretrained_model``'s VAE.
         conditioning: Generative UNet input layout: ``tryon``, ``pose``, ``pose_image`` or
             ``released`` (see ``leffa.conditioning``).
         use_leffa_loss: add lambda * Leffa (Eq. 5); the paper turns it on in the last stage.
@@ -67,6 +70,7 @@ class LeffaModule(L.LightningModule):
         reference_pretrained_model: str | None = None,
         unet_config: Path_fr | dict | None = None,
         vae_config: Path_fr | dict | None = None,
+        vae_pretrained: str | None = None,
         conditioning: str = "tryon",
         use_leffa_loss: bool = False,
         lambda_leffa: float = 1e-3,
@@ -99,7 +103,8 @@ class LeffaModule(L.LightningModule):
         self.bank: ReferenceBank = attach_reference_attention(
             self.generative_unet, self.reference_unet, num_registers, ReferenceBank(theta_resolution=theta_resolution)
         )
-        self.vae = load_vae(pretrained_model, vae_config).requires_grad_(False).eval()
+        vae = load_vae_folder(vae_pretrained) if vae_pretrained else load_vae(pretrained_model, vae_config)
+        self.vae = vae.requires_grad_(False).eval()
         self.scheduler = load_scheduler(pretrained_model)
         if freeze_reference_unet:
             self.reference_unet.requires_grad_(False)
