@@ -6,10 +6,11 @@ callback (configured on the Trainer), parallelism from the Trainer's strategy.
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import lightning as L
 import torch
-from jsonargparse.typing import Path_fr
+from jsonargparse.typing import Path_fr, path_type
 
 from leffa.attention import ReferenceBank, attach_reference_attention
 from leffa.checkpoints import guard_checkpoint_loading, load_weights, read_state_dict
@@ -23,6 +24,7 @@ from leffa.unets import build_unet
 __all__ = ["LeffaModule"]
 
 LATENT_CHANNELS = 4
+Path_dr = path_type("dr")  # a readable folder; in a YAML config, relative to the config file's folder
 # the loss terms checked for non-finite values before each optimizer step
 LOSS_TERMS = ("diffusion", "leffa")
 
@@ -38,8 +40,9 @@ class LeffaModule(L.LightningModule):
             diffusers ``config.json``), used when no folder is given; tests and the demo use it.
         vae_config: ``AutoencoderKL`` config (mapping or file), used when no folder is given.
         vae_pretrained: a local diffusers ``AutoencoderKL`` folder (e.g. ``assets/tiny_vae_synthetic``,
-            written by ``python -m data_prep.train_tiny_vae``); it takes precedence over ``vae_config``
-            and over ``pretrained_model``'s VAE.
+            written by ``python -m data_prep.train_tiny_vae``; in a YAML config, relative to the
+            config file's folder); it takes precedence over ``vae_config`` and over
+            ``pretrained_model``'s VAE.
         conditioning: Generative UNet input layout: ``tryon``, ``pose``, ``pose_image`` or
             ``released`` (see ``leffa.conditioning``).
         use_leffa_loss: add lambda * Leffa (Eq. 5); the paper turns it on in the last stage.
@@ -70,7 +73,7 @@ class LeffaModule(L.LightningModule):
         reference_pretrained_model: str | None = None,
         unet_config: Path_fr | dict | None = None,
         vae_config: Path_fr | dict | None = None,
-        vae_pretrained: str | None = None,
+        vae_pretrained: Path_dr | str | None = None,
         conditioning: str = "tryon",
         use_leffa_loss: bool = False,
         lambda_leffa: float = 1e-3,
@@ -94,7 +97,8 @@ class LeffaModule(L.LightningModule):
         unet_config, vae_config = read_config(unet_config), read_config(vae_config)
         self.save_hyperparameters()
         # (LightningCLI hands save_hyperparameters the values as written in the YAML: store the mappings)
-        self.hparams.update(unet_config=unet_config, vae_config=vae_config)
+        self.hparams.update(unet_config=unet_config, vae_config=vae_config,
+                            vae_pretrained=None if vae_pretrained is None else os.fspath(vae_pretrained))
         if not 0.0 <= p_drop_ref < 1.0:
             raise UserError(f"model.p_drop_ref must be in [0, 1), got {p_drop_ref}")
         in_channels = LATENT_CHANNELS + conditioning_channels(conditioning)
