@@ -33,16 +33,18 @@ shards: install
 	@test -n "$(OUT)" || { echo "error: set OUT=<folder for the shards>"; exit 2; }
 	$(PY) -m data_prep $(DATASET) --src "$(SRC)" --out "$(OUT)" --split $(SPLIT) --shard-size $(SHARD_SIZE) --workers $(WORKERS)
 
-# The whole chain on this machine: synthetic shards, the tiny model with the Leffa loss, on CPU.
+# The whole chain on this machine: synthetic shards (the smooth texture family: its colours say where
+# a pixel came from), the tiny model with the Leffa loss and the committed tiny VAE, on CPU.
 demo: install
 	rm -rf demo_out
-	$(PY) -m data_prep synthetic --out demo_out/shards --count 64 --split all --shard-size 16 --workers 2
+	$(PY) -m data_prep synthetic --texture smooth --out demo_out/shards --count 64 --split all --shard-size 16 --workers 2
 	$(VENV)/bin/leffa fit --config configs/tiny_synthetic.yaml
 	@run=$$(ls -d demo_out/tiny_synthetic/version_* | tail -n 1); \
 	echo; echo "demo finished:"; \
 	echo "  TensorBoard logs  $$run   (.venv/bin/tensorboard --logdir demo_out)"; \
 	echo "  checkpoint        $$run/checkpoints/last.ckpt"; \
 	echo "  sample grid       $$(ls $$run/samples/*.png | tail -n 1)"; \
+	echo "  flow pictures     $$(ls -d $$run/flows/step_* | tail -n 1)   (val/flow_epe_px in TensorBoard)"; \
 	echo "  resolved config   $$run/config.yaml"
 
 # Every script in benchmarks/, one table; also written to benchmarks/results.md (a few minutes on 2 cores).

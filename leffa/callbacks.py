@@ -72,6 +72,11 @@ class FlowPictures(L.Callback):
     """At each validation, the attention flow of every Leffa layer on the first validation batch,
     in TensorBoard (``val/flow/<layer>``) and as PNGs in ``<log_dir>/flows/step_<n>/``.
 
+    When the batch carries the ground-truth flow (synthetic shards hold ``flow.npy``), the pictures
+    show its colour beside the attention flow's, and the end-point error in pixels of the attention
+    flow against it (``leffa.flow_viz.end_point_error``, mean over the Leffa layers) is logged as
+    ``val/flow_epe_px`` (per layer: ``val/flow_epe_px/<layer>``) on these samples at ``timestep``.
+
     Args:
         num_samples: samples (rows) per picture.
         timestep: the noise level the UNets see (below theta_timestep, where the loss acts).
@@ -81,19 +86,29 @@ class FlowPictures(L.Callback):
 
     def __init__(self, num_samples: int = 2, timestep: int = 250):
         self.num_samples, self.timestep = num_samples, timestep
+        self.last_epe_px: float | None = None
 
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
         if batch_idx != 0 or trainer.sanity_checking or not trainer.is_global_zero:
             return
+        from leffa.flow_viz import end_point_error, layer_flows
         from leffa.visualize import layer_pictures
 
-        batch = {k: v[: self.num_samples] for k, v in batch.items() if k in ("tgt", "ref", "mask", "densepose")}
+        keys = ("tgt", "ref", "mask", "densepose", "flow")
+        batch = {k: v[: self.num_samples] for k, v in batch.items() if k in keys}
+        flows = layer_flows(pl_module, batch, self.timestep)
         log_dir = rank_zero_log_dir(trainer)
         folder = log_dir / "flows" / f"step_{trainer.global_step:06d}"
-        for name, picture in layer_pictures(pl_module, batch, self.timestep).items():
+        for name, picture in layer_pictures(pl_module, batch, self.timestep, flows).items():
             save_png(picture, folder / f"{name}.png")
             if isinstance(trainer.logger, TensorBoardLogger):
                 trainer.logger.experiment.add_image(f"val/flow/{name}", picture, trainer.global_step)
+        if "flow" in batch and flows:
+            errors = {f"val/flow_epe_px/{name.removesuffix('.processor')}": end_point_error(item["flow"], batch["flow"])
+                      for name, item in flows.items()}
+            self.last_epe_px = sum(errors.values()) / len(errors)
+            if trainer.logger is not None:
+                trainer.logger.log_metrics({"val/flow_epe_px": self.last_epe_px, **errors}, step=trainer.global_step)
 
 
 def unsafe_key_reason(key: str) -> str | None:

@@ -32,7 +32,8 @@ __all__ = ["export_folder", "export_released", "load_exported", "export_main"]
 FORMATS = ("folder", "released")
 
 # settings that describe a folder on the machine that wrote it, not the model
-LOCAL_SETTINGS = ("pretrained_model", "reference_pretrained_model", "init_from", "unet_config", "vae_config")
+LOCAL_SETTINGS = ("pretrained_model", "reference_pretrained_model", "init_from", "unet_config", "vae_config",
+                  "vae_pretrained")
 
 
 def export_folder(module, out_dir: str | Path) -> Path:

@@ -3,7 +3,9 @@
 For a batch at a chosen timestep: the flow field as a colour image (x -> red, y -> green, the
 colouring of the synthetic set's DensePose), the reference warped by the flow next to the target
 (the idea of the paper's Fig. 6 and Fig. 8), and the attention of a few query points over the
-reference (mean over heads).
+reference (mean over heads). Where the batch carries the ground-truth flow (``flow``, as the
+synthetic shards do), its colour is shown beside the attention flow's, and
+:func:`end_point_error` measures how far the attention flow is from it.
 """
 
 from __future__ import annotations
@@ -16,14 +18,26 @@ import torch.nn.functional as F
 from leffa.losses import warp
 from leffa.viz import to_unit
 
-__all__ = ["flow_to_rgb", "warp", "noised_forward", "capture_flows", "layer_flows", "head_averaged_attention",
-           "query_attention", "flow_figure"]
+__all__ = ["flow_to_rgb", "warp", "end_point_error", "noised_forward", "capture_flows", "layer_flows",
+           "head_averaged_attention", "query_attention", "flow_figure"]
 
 
 def flow_to_rgb(flow: torch.Tensor) -> torch.Tensor:
     """(B, h, w, 2) grid_sample coordinates -> (B, 3, h, w) in [0, 1]: R = (x+1)/2, G = (y+1)/2, B = 0.5."""
     rgb = torch.cat([(flow + 1) / 2, torch.full_like(flow[..., :1], 0.5)], dim=-1)
     return rgb.permute(0, 3, 1, 2).clamp(0, 1)
+
+
+def end_point_error(flow: torch.Tensor, ground_truth: torch.Tensor) -> float:
+    """Mean distance in pixels between a token-grid flow (B, h, w, 2), upsampled bilinearly to the
+    image as in Eq. 4, and the ground truth (B, H, W, 2), over the pixels where the ground truth is
+    defined (not NaN). NaN when it is defined nowhere."""
+    H, W = ground_truth.shape[1:3]
+    up = F.interpolate(flow.permute(0, 3, 1, 2).float(), size=(H, W), mode="bilinear", align_corners=True)
+    up = up.permute(0, 2, 3, 1).to(ground_truth.device)
+    # normalised -> pixels: x spans W - 1 pixels over [-1, 1], y spans H - 1
+    dx, dy = (up[..., 0] - ground_truth[..., 0]) * (W - 1) / 2, (up[..., 1] - ground_truth[..., 1]) * (H - 1) / 2
+    return torch.sqrt(dx**2 + dy**2)[~torch.isnan(ground_truth[..., 0])].float().mean().item()
 
 
 @torch.no_grad()
@@ -65,13 +79,21 @@ def query_attention(capture, points: list[tuple[float, float]], tau: float) -> t
 
 
 def flow_figure(batch: dict, flow: torch.Tensor, attention: torch.Tensor) -> torch.Tensor:
-    """One row per sample: target | reference | flow colour | warped reference | query attentions.
+    """One row per sample: target | reference | flow colour | [ground-truth flow colour] | warped
+    reference | query attentions. The ground-truth column comes when the batch has ``flow``
+    (black where it is undefined, outside the garment region).
 
-    Returns (B, 4 + P, 3, H, W) tiles in [0, 1] (make_grid them with nrow = 4 + P).
+    Returns (B, C, 3, H, W) tiles in [0, 1], C = 4 + P (5 + P with the ground truth); make_grid
+    them with nrow = C.
     """
     H, W = batch["tgt"].shape[-2:]
     up = lambda x: F.interpolate(x, size=(H, W), mode="nearest")  # noqa: E731
     attn = attention / attention.flatten(2).amax(-1).clamp_min(1e-12)[..., None, None]  # each map to [0, 1]
-    tiles = [to_unit(batch["tgt"]), to_unit(batch["ref"]), up(flow_to_rgb(flow)), to_unit(warp(batch["ref"].float(), flow))]
+    tiles = [to_unit(batch["tgt"]), to_unit(batch["ref"]), up(flow_to_rgb(flow))]
+    if "flow" in batch:
+        truth = batch["flow"].float()
+        defined = ~torch.isnan(truth[..., :1]).permute(0, 3, 1, 2)
+        tiles.append(flow_to_rgb(truth.nan_to_num(0.0)) * defined)
+    tiles.append(to_unit(warp(batch["ref"].float(), flow)))
     tiles += [up(attn[:, p:p + 1]).expand(-1, 3, -1, -1) for p in range(attn.shape[1])]
     return torch.stack([t.cpu().float() for t in tiles], dim=1)

@@ -6,11 +6,12 @@ callback (configured on the Trainer), parallelism from the Trainer's strategy.
 from __future__ import annotations
 
 import dataclasses
+import os
 from pathlib import Path
 
 import lightning as L
 import torch
-from jsonargparse.typing import Path_fr
+from jsonargparse.typing import Path_fr, path_type
 
 from leffa.architectures import ARCHITECTURES, LATENT_CHANNELS, ReferenceDenoiser
 from leffa.attention import ReferenceBank
@@ -18,10 +19,12 @@ from leffa.checkpoints import guard_checkpoint_loading, load_weights, read_setti
 from leffa.conditioning import build_conditioning, conditioning_channels
 from leffa.errors import UserError
 from leffa.losses import diffusion_loss, warp_loss
-from leffa.pretrained import load_scheduler, load_vae, read_config
+from leffa.pretrained import load_scheduler, load_vae, load_vae_folder, read_config
 from leffa.sampling import SamplingConfig, key_generators, make_scheduler, sample
 
 __all__ = ["LeffaModule"]
+
+Path_dr = path_type("dr")  # a readable folder; in a YAML config, relative to the config file's folder
 # the loss terms checked for non-finite values before each optimizer step
 LOSS_TERMS = ("diffusion", "leffa")
 
@@ -38,6 +41,10 @@ class LeffaModule(L.LightningModule):
         unet_config: ``UNet2DConditionModel`` config (a mapping, or a JSON/YAML file such as a
             diffusers ``config.json``), used when no folder is given; tests and the demo use it.
         vae_config: ``AutoencoderKL`` config (mapping or file), used when no folder is given.
+        vae_pretrained: a local diffusers ``AutoencoderKL`` folder (e.g. ``assets/tiny_vae_synthetic``,
+            written by ``python -m data_prep.train_tiny_vae``; in a YAML config, relative to the
+            config file's folder); it takes precedence over ``vae_config`` and over
+            ``pretrained_model``'s VAE.
         conditioning: Generative UNet input layout: ``tryon``, ``pose``, ``pose_image`` or
             ``released`` (see ``leffa.conditioning``).
         use_leffa_loss: add lambda * Leffa (Eq. 5); the paper turns it on in the last stage.
@@ -69,6 +76,7 @@ class LeffaModule(L.LightningModule):
         reference_pretrained_model: str | None = None,
         unet_config: Path_fr | dict | None = None,
         vae_config: Path_fr | dict | None = None,
+        vae_pretrained: Path_dr | str | None = None,
         conditioning: str = "tryon",
         use_leffa_loss: bool = False,
         lambda_leffa: float = 1e-3,
@@ -92,7 +100,8 @@ class LeffaModule(L.LightningModule):
         unet_config, vae_config = read_config(unet_config), read_config(vae_config)
         self.save_hyperparameters()
         # (LightningCLI hands save_hyperparameters the values as written in the YAML: store the mappings)
-        self.hparams.update(unet_config=unet_config, vae_config=vae_config)
+        self.hparams.update(unet_config=unet_config, vae_config=vae_config,
+                            vae_pretrained=None if vae_pretrained is None else os.fspath(vae_pretrained))
         if not 0.0 <= p_drop_ref < 1.0:
             raise UserError(f"model.p_drop_ref must be in [0, 1), got {p_drop_ref}")
         if architecture not in ARCHITECTURES:
@@ -106,7 +115,8 @@ class LeffaModule(L.LightningModule):
         for name, component in self.denoiser.components().items():
             self.add_module(name, component)  # their names are the checkpoint keys' prefixes
         self.bank: ReferenceBank = self.denoiser.bank
-        self.vae = load_vae(pretrained_model, vae_config).requires_grad_(False).eval()
+        vae = load_vae_folder(vae_pretrained) if vae_pretrained else load_vae(pretrained_model, vae_config)
+        self.vae = vae.requires_grad_(False).eval()
         self.scheduler = load_scheduler(pretrained_model)
         # Why a generator of our own: each data-parallel rank needs its own stream of noise, timesteps
         # and reference drops, and its state goes into checkpoints so a resumed run draws what an

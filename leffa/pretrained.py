@@ -15,7 +15,10 @@ from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 
 from leffa.errors import MissingFileError, UserError
 
-__all__ = ["read_config", "component_location", "load_unet", "load_vae", "load_scheduler", "SD15_SCHEDULER"]
+__all__ = ["read_config", "component_location", "load_unet", "load_vae", "load_vae_folder", "load_scheduler",
+           "SD15_SCHEDULER"]
+
+VAE_WEIGHTS = "diffusion_pytorch_model.safetensors"
 
 # SD1.5's training noise schedule (scheduler/scheduler_config.json of runwayml/stable-diffusion-v1-5).
 SD15_SCHEDULER = dict(
@@ -80,6 +83,23 @@ def load_unet(path: str | Path | None = None, config: dict | None = None) -> UNe
 def load_vae(path: str | Path | None = None, config: dict | None = None) -> AutoencoderKL:
     """A VAE from a local folder, or a randomly initialised one from an inline diffusers config."""
     return _load_component(AutoencoderKL, "vae", path, config)
+
+
+def load_vae_folder(path: str | Path) -> AutoencoderKL:
+    """A trained VAE from a local diffusers ``AutoencoderKL`` folder (``config.json`` and safetensors
+    weights, as ``save_pretrained`` writes them; ``<path>/vae/`` of a pipeline folder also works).
+
+    Raises MissingFileError naming the expected files when they are not there.
+    """
+    root = Path(path).expanduser()
+    if (root / "vae" / "config.json").is_file():
+        root = root / "vae"
+    if not (root / "config.json").is_file() or not (root / VAE_WEIGHTS).is_file():
+        raise MissingFileError(
+            f"no diffusers VAE at {root}: expected {root / 'config.json'} and {root / VAE_WEIGHTS} (an "
+            f"AutoencoderKL folder written by save_pretrained, e.g. python -m data_prep.train_tiny_vae --out {root})"
+        )
+    return AutoencoderKL.from_pretrained(root, local_files_only=True, use_safetensors=True)
 
 
 def load_scheduler(path: str | Path | None = None) -> DDPMScheduler:

@@ -3,8 +3,9 @@
     leffa visualize --ckpt runs/vton_1024_leffa/checkpoints/last.ckpt --shards shards/vitonhd@test \\
         --out pictures/ [--num-samples 4] [--timestep 250] [--height 1024 --width 768]
 
-Writes one PNG per Leffa layer (rows: samples; columns: target, reference, flow colour, reference
-warped by the flow, attention of three query points).
+Writes one PNG per Leffa layer (rows: samples; columns: target, reference, flow colour, the
+ground-truth flow's colour where the shards carry ``flow.npy``, reference warped by the flow,
+attention of three query points).
 """
 
 from __future__ import annotations
@@ -23,12 +24,14 @@ __all__ = ["layer_pictures", "visualize_main", "QUERY_POINTS"]
 QUERY_POINTS = [(0.35, 0.5), (0.55, 0.35), (0.7, 0.6)]  # (y, x) relative: chest, left, lower right
 
 
-def layer_pictures(module, batch: dict, timestep: int = 250) -> dict[str, torch.Tensor]:
-    """Layer name -> (3, H', W') picture in [0, 1]."""
+def layer_pictures(module, batch: dict, timestep: int = 250, flows: dict | None = None) -> dict[str, torch.Tensor]:
+    """Layer name -> (3, H', W') picture in [0, 1]; ``flows``: those of ``leffa.flow_viz.layer_flows``
+    for this batch when already computed."""
     from leffa.flow_viz import flow_figure, layer_flows, query_attention
 
     pictures = {}
-    for name, item in layer_flows(module, batch, timestep).items():
+    flows = layer_flows(module, batch, timestep) if flows is None else flows
+    for name, item in flows.items():
         attention = query_attention(item["capture"], QUERY_POINTS, module.hparams.tau)
         tiles = flow_figure(batch, item["flow"], attention)
         pictures[name.removesuffix(".processor")] = make_grid(tiles.flatten(0, 1), nrow=tiles.shape[1], padding=2,

@@ -132,7 +132,8 @@ def test_visualize_writes_a_picture_per_leffa_layer(shards, tmp_path):
     # the tiny UNet at 64x48: token grids 8x6 and 4x3 pass theta_resolution 1/32, 2x2 does not
     assert len(written) == 6
     width, height = Image.open(written[0]).size
-    assert (width, height) == (7 * 48 + 8 * 2, 2 * 64 + 3 * 2)  # 7 columns (4 + 3 query points), 2 rows
+    # 8 columns (target, reference, flow, the synthetic shards' ground-truth flow, warped, 3 query points), 2 rows
+    assert (width, height) == (8 * 48 + 9 * 2, 2 * 64 + 3 * 2)
 
 
 def test_export_command_then_predict_settings_from_the_folder(shards, tmp_path):
