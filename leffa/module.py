@@ -112,6 +112,7 @@ class LeffaModule(L.LightningModule):
             raise UserError("model.optimizer: give the optimizer through the config (class_path and init_args) "
                             "or as a callable, not as a mapping")
         self.optimizer_factory = optimizer
+        self.lora_settings = LoraSettings(**lora) if isinstance(lora, dict) else lora or LoraSettings()
         # (LightningCLI hands save_hyperparameters the values as written in the YAML: store the mappings)
         self.hparams.update(unet_config=unet_config, vae_config=vae_config)
         if not 0.0 <= p_drop_ref < 1.0:
@@ -123,7 +124,7 @@ class LeffaModule(L.LightningModule):
             in_channels=LATENT_CHANNELS + conditioning_channels(conditioning), num_registers=num_registers,
             theta_resolution=theta_resolution, freeze_reference=freeze_reference_unet,
             gradient_checkpointing=gradient_checkpointing, trainable=trainable,
-            lora=LoraSettings(**lora) if isinstance(lora, dict) else lora,
+            lora=self.lora_settings,
         )
         for name, component in self.denoiser.components().items():
             self.add_module(name, component)  # their names are the checkpoint keys' prefixes
@@ -150,7 +151,7 @@ class LeffaModule(L.LightningModule):
         self.hparams.update(
             sampling=dataclasses.asdict(self.sampling),
             lr_schedule=dataclasses.asdict(self.lr_schedule) if self.lr_schedule else None,
-            lora=dataclasses.asdict(lora) if isinstance(lora, LoraSettings) else lora,
+            lora=dataclasses.asdict(self.lora_settings),
             optimizer=given_optimizer if isinstance(given_optimizer := self.hparams.get("optimizer"), dict) else None,
         )
         if init_from:

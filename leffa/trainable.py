@@ -25,7 +25,8 @@ from torch import nn
 
 from leffa.errors import UserError
 
-__all__ = ["TRAINABLE", "LoraSettings", "select_trainable", "base_layer_names", "merge_lora", "has_lora"]
+__all__ = ["TRAINABLE", "LoraSettings", "select_trainable", "base_layer_names", "merge_lora", "merge_lora_state_dict",
+           "has_lora"]
 
 TRAINABLE = ("all", "attention", "lora")
 ADAPTER = "default"  # peft's adapter name
@@ -131,3 +132,32 @@ def merge_lora(module: nn.Module) -> int:
         parent = module.get_submodule(parent_name) if parent_name else module
         setattr(parent, child, layer.get_base_layer())
     return len(adapted)
+
+
+def merge_lora_state_dict(state_dict: dict, lora: LoraSettings, source: str = "checkpoint") -> dict:
+    """``state_dict`` of a ``lora`` module in the plain layout, every adapter merged into its layer
+    (peft's ``merge``, one layer at a time, so no UNet needs to be built); other tensors unchanged."""
+    from peft import inject_adapter_in_model
+
+    config = dataclasses.replace(lora, target_modules=["layer"]).config()
+    adapted = sorted({k.split(".base_layer.")[0] for k in state_dict if ".base_layer." in k})
+    merged = {k: v for k, v in state_dict.items()
+              if not _is_adapter(k) and not any(k.startswith(p + ".") for p in adapted)}
+    for prefix in adapted:
+        own = {k[len(prefix) + 1:]: v for k, v in state_dict.items() if k.startswith(prefix + ".")}
+        weight, bias = own["base_layer.weight"], own.get("base_layer.bias")
+        if weight.ndim != 2:
+            raise UserError(f"{source}: {prefix} is not a linear layer; only LoRA on linear layers is merged")
+        holder = nn.Module()
+        holder.layer = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, dtype=weight.dtype)
+        inject_adapter_in_model(config, holder, adapter_name=ADAPTER)
+        try:
+            holder.load_state_dict({f"layer.{k}": v for k, v in own.items()})
+        except RuntimeError as error:
+            raise UserError(f"{source}: the LoRA tensors of {prefix} do not match model.lora "
+                            f"({str(error).splitlines()[0]})") from error
+        merge_lora(holder)
+        merged[f"{prefix}.weight"] = holder.layer.weight.detach()
+        if bias is not None:
+            merged[f"{prefix}.bias"] = holder.layer.bias.detach()
+    return merged

@@ -140,3 +140,29 @@ def test_trainable_ema_keeps_only_trainable_weights_in_the_checkpoint_layout(tin
     assert int(callback._average_model.n_averaged) == int(checkpoint["averaging_state"]["n_averaged"])
     torch.testing.assert_close(callback.average_state()[q], ema[q])
     torch.testing.assert_close(dict(resumed.named_parameters())[q], live[q])  # nothing left to train
+
+
+def unet_outputs(module, seed=3):
+    g = torch.Generator().manual_seed(seed)
+    x, ref = torch.randn(2, 12, 8, 8, generator=g), torch.randn(2, 4, 8, 8, generator=g)
+    with torch.no_grad():
+        return module.eval()(x[:, :4], torch.tensor([10, 700]), x[:, 4:], ref)
+
+
+def test_lora_exports_merged_to_the_released_layout_and_to_a_folder(tiny_configs, tmp_path, one_thread):
+    from test_export_released import export, released_file, save_ckpt
+
+    from leffa.export import export_folder, load_exported
+
+    base = tmp_path / "virtual_tryon.pth"
+    released_file(base, dtype=torch.float32)
+    lora = tiny(tiny_configs, trainable="lora", lora={"rank": 4, "alpha": 8.0}, init_from=str(base))
+    perturb_adapters(lora)
+    expected = unet_outputs(lora)
+    ckpt = save_ckpt(lora, tmp_path / "lora.ckpt")
+    released = export(ckpt, base, tmp_path / "mine.pth")
+    assert not any(".lora_" in k or ".base_layer." in k for k in released)
+    plain = tiny(tiny_configs, init_from=str(tmp_path / "mine.pth"))
+    torch.testing.assert_close(unet_outputs(plain), expected, atol=1e-5, rtol=0)
+    export_folder(LeffaModule.from_checkpoint(ckpt), tmp_path / "folder")
+    torch.testing.assert_close(unet_outputs(load_exported(tmp_path / "folder")), expected, atol=1e-5, rtol=0)
