@@ -166,3 +166,17 @@ def test_lora_exports_merged_to_the_released_layout_and_to_a_folder(tiny_configs
     torch.testing.assert_close(unet_outputs(plain), expected, atol=1e-5, rtol=0)
     export_folder(LeffaModule.from_checkpoint(ckpt), tmp_path / "folder")
     torch.testing.assert_close(unet_outputs(load_exported(tmp_path / "folder")), expected, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("kind", ["attention", "lora"])
+def test_ddp_buckets_only_the_trainable_parameters(tiny_configs, kind, own_process_group, monkeypatch):
+    from torch.nn.parallel import DistributedDataParallel
+
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", "29517")
+    torch.distributed.init_process_group("gloo", rank=0, world_size=1)
+    module = tiny(tiny_configs, trainable=kind)
+    trainable = [p for p in module.parameters() if p.requires_grad]
+    logged = DistributedDataParallel(module)._get_ddp_logging_data()
+    assert logged["num_parameter_tensors"] == len(trainable) < len(list(module.parameters()))
+    assert logged["total_parameter_size_bytes"] == sum(p.numel() * p.element_size() for p in trainable)
