@@ -81,3 +81,16 @@ def test_lr_after_warmup_steps_from_yaml(shards, tmp_path, decay, steps, lr):
 def test_adamw_8bit_is_one_clear_error_off_the_gpu():
     with pytest.raises(UserError, match="8-bit AdamW \\(bitsandbytes\\) runs on CUDA GPUs only"):
         AdamW8bit([torch.nn.Parameter(torch.zeros(2))], lr=1e-5)
+
+
+def test_resuming_reads_the_optimizer_back_from_the_checkpoint_and_goes_on_with_the_schedule(shards, tmp_path):
+    config = schedule_config(tmp_path, "constant")
+    args = [*fit_args(shards, tmp_path, steps=2)[:3], "--config", str(config), *fit_args(shards, tmp_path, 2)[3:],
+            "--trainer.limit_val_batches=0"]
+    cli_main(args)
+    last = tmp_path / "ck" / "last.ckpt"
+    assert torch.load(last, weights_only=True)["optimizer_states"][0]["param_groups"][0]["lr"] == pytest.approx(1e-4)
+    cli_main([*args, "--trainer.max_steps=3", "--ckpt_path", str(last)])
+    checkpoint = torch.load(last, weights_only=True)
+    assert checkpoint["global_step"] == 3
+    assert checkpoint["optimizer_states"][0]["param_groups"][0]["lr"] == pytest.approx(1.5e-4)  # 3 of 4 warmup
