@@ -148,11 +148,12 @@ class LeffaModule(L.LightningModule):
         # checkpoints hold plain values only (they are read with weights_only=True): the settings
         # as mappings, the optimizer as the config named it (a class path and its arguments) or
         # not at all when given as a Python callable
+        given_optimizer = self.hparams.get("optimizer")
         self.hparams.update(
             sampling=dataclasses.asdict(self.sampling),
             lr_schedule=dataclasses.asdict(self.lr_schedule) if self.lr_schedule else None,
             lora=dataclasses.asdict(self.lora_settings),
-            optimizer=given_optimizer if isinstance(given_optimizer := self.hparams.get("optimizer"), dict) else None,
+            optimizer=given_optimizer if isinstance(given_optimizer, dict) else None,
         )
         if init_from:
             self.init_weights(init_from, init_from_weights)

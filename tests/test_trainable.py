@@ -180,3 +180,11 @@ def test_ddp_buckets_only_the_trainable_parameters(tiny_configs, kind, own_proce
     logged = DistributedDataParallel(module)._get_ddp_logging_data()
     assert logged["num_parameter_tensors"] == len(trainable) < len(list(module.parameters()))
     assert logged["total_parameter_size_bytes"] == sum(p.numel() * p.element_size() for p in trainable)
+
+
+@pytest.mark.parametrize("kind", ["attention", "lora"])
+def test_a_frozen_reference_unet_stays_frozen_and_gets_no_adapters(tiny_configs, kind):
+    module = tiny(tiny_configs, trainable=kind, freeze_reference_unet=True)
+    assert not any(p.requires_grad for p in module.reference_unet.parameters())
+    assert not any(".lora_" in n for n in module.reference_unet.state_dict())
+    assert any(p.requires_grad for p in module.generative_unet.parameters())
