@@ -145,6 +145,8 @@ def _main(args: list[str] | None) -> None:
             LeffaModule,
             LeffaDataModule,
             save_config_callback=RunConfigSaver,
+            # one place for the optimizer and schedule: model.optimizer and model.lr_schedule
+            auto_configure_optimizers=False,
             parser_kwargs={"parser_mode": "omegaconf+"},
             args=expand_bases(argv),
         )

@@ -27,6 +27,7 @@ from leffa.checkpoints import (
 from leffa.errors import UserError
 from leffa.module import LeffaModule
 from leffa.released import RELEASED_CONDITIONING, to_released_state_dict
+from leffa.trainable import LoraSettings, has_lora, merge_lora, merge_lora_state_dict
 
 __all__ = ["export_folder", "export_released", "load_exported", "export_main"]
 FORMATS = ("folder", "released")
@@ -41,13 +42,15 @@ def export_folder(module, out_dir: str | Path) -> Path:
 
     ``out_dir`` must not exist yet (or be empty): the folder is written under a temporary name
     beside it and renamed when complete, so nothing already there is overwritten and a killed
-    export leaves no half-written folder under the given name.
+    export leaves no half-written folder under the given name. LoRA adapters are merged into
+    ``module``'s layers first (in place), so the UNets are plain diffusers UNets.
     """
     out = Path(out_dir)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UserError(f"{out} already exists and is not empty; export into a new folder")
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = out.parent / f".{out.name}.partial-{uuid.uuid4().hex[:12]}"
+    merge_lora(module)
     staging.mkdir()
     try:
         for folder, attribute in EXPORT_COMPONENTS.items():
@@ -72,8 +75,8 @@ def export_released(ckpt: str | Path, base: str | Path, out: str | Path, weights
     which our UNets delete and which are copied from ``base``. Refused (one line): a model trained
     with another conditioning than ``released`` or another architecture (shapes), extra tensors
     such as register tokens, and an ``out`` that already exists (it is written atomically).
-    LoRA adapters are not handled here yet: their tensors are refused like any extra tensor; a
-    merged export would merge them into ``own`` before the layout conversion below.
+    A LoRA model (``model.trainable: lora``) is written with its adapters merged into the layers
+    (peft's merge, with the checkpoint's ``model.lora`` settings).
     """
     out = Path(out)
     if out.exists():
@@ -88,6 +91,11 @@ def export_released(ckpt: str | Path, base: str | Path, out: str | Path, weights
                         f"model.conditioning: {RELEASED_CONDITIONING}")
     base_state = load_checkpoint_file(base, mmap=True)  # weights_only=True; tensors read when written
     own = read_state_dict(ckpt, weights)
+    if has_lora(own):
+        if not isinstance(settings.get("lora"), dict):
+            raise UserError(f"{ckpt} holds LoRA adapters but not their settings (model.lora); export its "
+                            "Lightning checkpoint")
+        own = merge_lora_state_dict(own, LoraSettings(**settings["lora"]), source=str(ckpt))
     released = to_released_state_dict(own, base_state, source=str(ckpt))
     return write_atomically(out, lambda file: torch.save(released, file))
 

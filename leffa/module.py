@@ -1,6 +1,7 @@
 """The Leffa LightningModule: frozen VAE, Reference and Generative UNets, diffusion loss (Eq. 1)
-plus lambda * Leffa loss (Eq. 2-5), AdamW. EMA comes from Lightning's ``EMAWeightAveraging``
-callback (configured on the Trainer), parallelism from the Trainer's strategy.
+plus lambda * Leffa loss (Eq. 2-5); the optimizer and learning-rate schedule from the config
+(AdamW by default). EMA comes from the ``leffa.ema.TrainableEMA`` callback (configured on the
+Trainer), parallelism from the Trainer's strategy.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from pathlib import Path
 import lightning as L
 import torch
 from jsonargparse.typing import Path_fr, path_type
+from lightning.pytorch.cli import OptimizerCallable
 
 from leffa.architectures import ARCHITECTURES, LATENT_CHANNELS, ReferenceDenoiser
 from leffa.attention import ReferenceBank
@@ -21,6 +23,8 @@ from leffa.errors import UserError
 from leffa.losses import diffusion_loss, warp_loss
 from leffa.pretrained import load_scheduler, load_vae, load_vae_folder, read_config
 from leffa.sampling import SamplingConfig, key_generators, make_scheduler, sample
+from leffa.schedules import LRSchedule, build_scheduler
+from leffa.trainable import LORA_MARKERS, LoraSettings, base_layer_names, has_lora
 
 __all__ = ["LeffaModule"]
 
@@ -60,11 +64,20 @@ class LeffaModule(L.LightningModule):
         num_registers: learnable register tokens per self-attention layer (0: off).
         p_drop_ref: probability of replacing a sample's reference latent by zeros in training, so
             that sampling can use classifier-free guidance over the reference.
-        learning_rate: AdamW learning rate (paper: 1e-5).
-        weight_decay: AdamW weight decay.
+        learning_rate: AdamW learning rate (paper: 1e-5), when no ``optimizer`` is given.
+        weight_decay: AdamW weight decay, when no ``optimizer`` is given.
+        optimizer: the optimizer, as a config names a class (``class_path: torch.optim.AdamW``,
+            ``init_args: {lr: ...}``; 8-bit AdamW: ``leffa.optimizers.AdamW8bit``); called with the
+            trainable parameters. None: AdamW with ``learning_rate`` and ``weight_decay``.
+        lr_schedule: warmup then constant or cosine (``leffa.schedules``); None: a constant rate.
+        trainable: which parameters train: ``all`` (the paper), ``attention`` (self-attention of
+            both UNets and the Generative UNet's ``conv_in``) or ``lora`` (``leffa.trainable``).
+        lora: the adapters of ``trainable: lora`` (rank, alpha, target modules).
         gradient_checkpointing: recompute UNet blocks in backward to save activation memory.
         init_from: weights of a previous stage (Lightning checkpoint or safetensors); only the
-            weights, never optimizer state. Resuming a stage is the Trainer's ``--ckpt_path``.
+            weights, never optimizer state. Resuming a stage is the Trainer's ``--ckpt_path``. A
+            plain (not LoRA) checkpoint initialises a ``lora`` module's pretrained weights; its
+            adapters then start as peft initialises them (the pretrained function).
         init_from_weights: ``ema`` or ``live`` weights of ``init_from``.
         sampling: how ``leffa predict`` samples (scheduler, steps, guidance, ...).
     """
@@ -90,6 +103,10 @@ class LeffaModule(L.LightningModule):
         p_drop_ref: float = 0.1,
         learning_rate: float = 1e-5,
         weight_decay: float = 1e-2,
+        optimizer: OptimizerCallable | None = None,
+        lr_schedule: LRSchedule | None = None,
+        trainable: str = "all",
+        lora: LoraSettings | None = None,
         gradient_checkpointing: bool = False,
         init_from: str | None = None,
         init_from_weights: str = "ema",
@@ -99,6 +116,11 @@ class LeffaModule(L.LightningModule):
         # read files now, so the checkpoint's hyper-parameters hold the architecture itself
         unet_config, vae_config = read_config(unet_config), read_config(vae_config)
         self.save_hyperparameters()
+        if isinstance(optimizer, dict):  # a checkpoint's record of it: only the CLI's parser makes it callable
+            raise UserError("model.optimizer: give the optimizer through the config (class_path and init_args) "
+                            "or as a callable, not as a mapping")
+        self.optimizer_factory = optimizer
+        self.lora_settings = LoraSettings(**lora) if isinstance(lora, dict) else lora or LoraSettings()
         # (LightningCLI hands save_hyperparameters the values as written in the YAML: store the mappings)
         self.hparams.update(unet_config=unet_config, vae_config=vae_config,
                             vae_pretrained=None if vae_pretrained is None else os.fspath(vae_pretrained))
@@ -110,7 +132,8 @@ class LeffaModule(L.LightningModule):
             pretrained_model, reference_pretrained_model, unet_config,
             in_channels=LATENT_CHANNELS + conditioning_channels(conditioning), num_registers=num_registers,
             theta_resolution=theta_resolution, freeze_reference=freeze_reference_unet,
-            gradient_checkpointing=gradient_checkpointing,
+            gradient_checkpointing=gradient_checkpointing, trainable=trainable,
+            lora=self.lora_settings,
         )
         for name, component in self.denoiser.components().items():
             self.add_module(name, component)  # their names are the checkpoint keys' prefixes
@@ -129,11 +152,32 @@ class LeffaModule(L.LightningModule):
         # which loss terms went non-finite since the last optimizer step (see on_before_optimizer_step)
         self._nonfinite: torch.Tensor | None = None
         self.sampling = SamplingConfig(**sampling) if isinstance(sampling, dict) else sampling or SamplingConfig()
-        # checkpoints hold plain values only (they are read with weights_only=True)
-        self.hparams.update(sampling=dataclasses.asdict(self.sampling))
+        self.lr_schedule = LRSchedule(**lr_schedule) if isinstance(lr_schedule, dict) else lr_schedule
+        if self.lr_schedule is not None:
+            self.lr_schedule.check()
+        # checkpoints hold plain values only (they are read with weights_only=True): the settings
+        # as mappings, the optimizer as the config named it (a class path and its arguments) or
+        # not at all when given as a Python callable
+        given_optimizer = self.hparams.get("optimizer")
+        self.hparams.update(
+            sampling=dataclasses.asdict(self.sampling),
+            lr_schedule=dataclasses.asdict(self.lr_schedule) if self.lr_schedule else None,
+            lora=dataclasses.asdict(self.lora_settings),
+            optimizer=given_optimizer if isinstance(given_optimizer, dict) else None,
+        )
         if init_from:
-            load_weights(self, read_state_dict(init_from, init_from_weights), optional=("processor.registers",),
-                         source=f"model.init_from={init_from}")
+            self.init_weights(init_from, init_from_weights)
+
+    def init_weights(self, path: str, weights: str = "ema") -> None:
+        """Load the weights of ``path`` (``model.init_from``); see the class docstring."""
+        state, optional = read_state_dict(path, weights), ("processor.registers",)
+        if has_lora(self) and not has_lora(state):
+            # a plain checkpoint: its adapted layers' weights go to their base_layer; new adapters
+            state, optional = base_layer_names(state, self.state_dict().keys()), optional + LORA_MARKERS
+        elif has_lora(state) and not has_lora(self):
+            raise UserError(f"model.init_from={path} holds LoRA adapters: set model.trainable: lora (with the same "
+                            "model.lora) to go on training them, or export it merged first (leffa export)")
+        load_weights(self, state, optional=optional, source=f"model.init_from={path}")
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, weights: str = "ema", **overrides) -> LeffaModule:
@@ -142,6 +186,7 @@ class LeffaModule(L.LightningModule):
         ``overrides`` change settings (e.g. ``use_leffa_loss``). Weights-only forms (released
         ``.pth``, ``.safetensors``) are a one-line error: give them as ``init_from`` with a config."""
         settings = read_settings(path)
+        settings.pop("optimizer", None)  # training-only, and a record of the config rather than a callable
         return cls(**{**settings, "init_from": str(path), "init_from_weights": weights, **overrides})
 
     # ---------------------------------------------------------------- Lightning plumbing
@@ -182,9 +227,9 @@ class LeffaModule(L.LightningModule):
         with a sharded model (``EMAWeightAveraging``, ``SampleGrid``, ``FlowPictures``) are an
         error. Safe to call more than once.
 
-        Because this hook exists, ``EMAWeightAveraging`` warns at start-up that it "doesn't support
-        sharding model layers" and calls it itself; under DDP or one device nothing is sharded and
-        the warning can be ignored.
+        Because this hook exists, Lightning's ``EMAWeightAveraging`` warns at start-up that it
+        "doesn't support sharding model layers" and calls it itself (``leffa.ema.TrainableEMA``
+        calls it without the warning); under DDP or one device nothing is sharded.
         """
         from leffa import parallel
 
@@ -203,8 +248,17 @@ class LeffaModule(L.LightningModule):
         self.denoiser.shard(mesh["data_parallel"], param_dtype)
 
     def configure_optimizers(self):
+        """The optimizer over the trainable parameters only, and the learning-rate schedule."""
         params = [p for p in self.parameters() if p.requires_grad]
-        return torch.optim.AdamW(params, lr=self.hparams.learning_rate, weight_decay=self.hparams.weight_decay)
+        if self.optimizer_factory is None:
+            optimizer = torch.optim.AdamW(params, lr=self.hparams.learning_rate,
+                                          weight_decay=self.hparams.weight_decay)
+        else:
+            optimizer = self.optimizer_factory(params)
+        if self.lr_schedule is None:
+            return optimizer
+        max_steps = self.trainer.max_steps if self._trainer is not None and self.trainer.max_steps > 0 else None
+        return {"optimizer": optimizer, "lr_scheduler": build_scheduler(optimizer, self.lr_schedule, max_steps)}
 
     # ---------------------------------------------------------------- model
 

@@ -11,6 +11,7 @@ from torch.distributed.device_mesh import DeviceMesh
 
 from leffa.attention import ReferenceBank, attach_reference_attention
 from leffa.parallel import freeze_unused_reference_parameters, shard_unets
+from leffa.trainable import LoraSettings, select_trainable
 from leffa.unets import build_unet
 
 __all__ = ["DualUNet", "LATENT_CHANNELS"]
@@ -30,11 +31,14 @@ class DualUNet:
         theta_resolution: Leffa layer selection, Sec. 3.3.
         freeze_reference: freeze the Reference UNet (Tab. 9 ablation).
         gradient_checkpointing: recompute UNet blocks in backward.
+        trainable: which parameters train: ``all``, ``attention`` or ``lora`` (``leffa.trainable``).
+        lora: the adapters of ``trainable="lora"``.
     """
 
     def __init__(self, pretrained_model: str | None, reference_pretrained_model: str | None, unet_config: dict | None,
                  in_channels: int, num_registers: int = 0, theta_resolution: float = 1.0 / 32,
-                 freeze_reference: bool = False, gradient_checkpointing: bool = False):
+                 freeze_reference: bool = False, gradient_checkpointing: bool = False, trainable: str = "all",
+                 lora: LoraSettings | None = None):
         self.generative_unet = build_unet(pretrained_model, unet_config, in_channels)
         self.reference_unet = build_unet(reference_pretrained_model or pretrained_model, unet_config, LATENT_CHANNELS)
         self.bank = attach_reference_attention(self.generative_unet, self.reference_unet, num_registers,
@@ -42,6 +46,7 @@ class DualUNet:
         self.freeze_reference = freeze_reference
         if freeze_reference:
             self.reference_unet.requires_grad_(False)
+        select_trainable(self.generative_unet, self.reference_unet, trainable, lora)
         if gradient_checkpointing:
             self.generative_unet.enable_gradient_checkpointing()
             self.reference_unet.enable_gradient_checkpointing()
