@@ -5,10 +5,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "benchmarks"))
+from benchmarks.table import compared, markdown, row
 
-from table import compared, markdown, row  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_compared_divides_by_the_reference_row_and_markdown_shows_every_row():

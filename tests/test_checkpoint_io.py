@@ -23,10 +23,8 @@ import pytest
 import torch
 import yaml
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # conftest, also when run as a script
-
-from conftest import TINY_UNET, TINY_VAE, batch_loader  # noqa: E402
-from leffa.checkpoint_io import AtomicCheckpointIO, atomic_torch_save  # noqa: E402
+from leffa.testing import TINY_UNET, TINY_VAE, batch_loader
+from leffa.checkpoint_io import AtomicCheckpointIO, atomic_torch_save
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_CONFIG = ROOT / "configs" / "tiny_synthetic.yaml"

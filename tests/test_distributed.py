@@ -36,11 +36,9 @@ import lightning as L
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # conftest, also when run as a script
-
-from conftest import TINY_UNET, TINY_VAE, make_batch  # noqa: E402
-from leffa.checkpoints import is_sharded_checkpoint, read_state_dict  # noqa: E402
-from leffa.module import LeffaModule  # noqa: E402
+from leffa.testing import TINY_UNET, TINY_VAE, make_batch
+from leffa.checkpoints import is_sharded_checkpoint, read_state_dict
+from leffa.module import LeffaModule
 
 ROOT = Path(__file__).resolve().parents[1]
 FSDP_CONFIG = ROOT / "configs" / "strategy" / "fsdp.yaml"
