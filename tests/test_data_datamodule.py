@@ -164,6 +164,7 @@ class KeyRecorder(DummyModel):
         self.val_keys = []
 
 
+@pytest.mark.distributed
 def test_ddp_two_ranks_validate_every_sample_once(shards, tmp_path):
     """Real torch.distributed (gloo, 2 CPU processes): ranks come from the process group."""
     dm = LeffaDataModule(
