@@ -94,6 +94,7 @@ def kill_during_a_save(folder: Path, tmpdir: Path) -> None:
         process.stderr.close()
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not Path("/dev/shm").is_dir(), reason="needs /dev/shm (a tmpfs) for $TMPDIR")
 @pytest.mark.parametrize("attempt", range(2))
 def test_a_kill_during_a_save_with_tmpdir_elsewhere_keeps_last_ckpt_loadable(tmp_path, attempt):
@@ -151,6 +152,7 @@ def _umask() -> int:
     return mask
 
 
+@pytest.mark.slow
 def test_every_training_config_writes_checkpoints_atomically(monkeypatch, capsys):
     from leffa.cli import cli_main
 

@@ -65,6 +65,7 @@ def test_next_stage_starts_from_the_previous_stage_weights(trained):
                                weights["generative_unet.conv_in.weight"])
 
 
+@pytest.mark.slow
 def test_console_script_exits_zero_and_bad_values_fail_with_the_key(tmp_path):
     leffa = Path(sys.executable).parent / "leffa"
     ok = subprocess.run([leffa, "fit", "--config", CONFIG, "--print_config"], capture_output=True, text=True)
@@ -74,6 +75,7 @@ def test_console_script_exits_zero_and_bad_values_fail_with_the_key(tmp_path):
     assert bad.returncode != 0 and "model.tau" in bad.stderr
 
 
+@pytest.mark.slow
 def test_config_bases_env_interpolation_and_missing_variables(tmp_path, monkeypatch):
     from leffa.cli import expand_bases
 
@@ -140,6 +142,7 @@ def test_visualize_writes_a_picture_per_leffa_layer(shards, trained, tmp_path):
     assert (width, height) == (7 * 48 + 8 * 2, 2 * 64 + 3 * 2)  # 7 columns (4 + 3 query points), 2 rows
 
 
+@pytest.mark.slow
 def test_export_command_then_predict_settings_from_the_folder(shards, trained, tmp_path):
     from leffa.export import load_exported
 
