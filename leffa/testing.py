@@ -2,7 +2,7 @@
 batch contract (docs/design.md, "Batch contract"), and shards from data_prep's synthetic generator.
 
 Nothing here downloads; everything runs on a CPU in seconds. ``tests/conftest.py`` turns these into
-fixtures; benchmarks and the replication import them directly.
+fixtures; tests and benchmarks import them from here (never from ``conftest``).
 """
 
 from __future__ import annotations
