@@ -5,7 +5,10 @@ import os
 import pytest
 import torch
 
-from leffa.testing import make_batch, tiny_configs as _tiny_configs
+from leffa.testing import TINY_UNET, TINY_VAE, batch_loader, make_batch, tiny_configs as _tiny_configs  # noqa: F401
+
+# TINY_UNET, TINY_VAE, batch_loader and make_batch live in leffa.testing; they are also importable
+# from here only for test files written before it existed (import them from leffa.testing).
 
 @pytest.fixture
 def one_thread():
