@@ -10,6 +10,7 @@ from leffa.testing import TINY_UNET, TINY_VAE, batch_loader, make_batch, tiny_co
 # TINY_UNET, TINY_VAE, batch_loader and make_batch live in leffa.testing; they are also importable
 # from here only for test files written before it existed (import them from leffa.testing).
 
+
 @pytest.fixture
 def one_thread():
     """Torch on one thread for the test: the tiny model runs fastest so, and two threads beside
