@@ -1,11 +1,11 @@
-# leffa: make install | test | demo | shards | bench | replicate
+# leffa: make install | test | test-fast | demo | shards | bench | replicate
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 # Torch is pinned here so that pip takes a known build (CUDA wheels on Linux x86_64).
 TORCH  ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: install test demo shards bench replicate clean
+.PHONY: install test test-fast demo shards bench replicate clean
 
 # make shards DATASET=vitonhd SRC=/data/VITON-HD OUT=shards/vitonhd [SPLIT=all] [SHARD_SIZE=1000] [WORKERS=2]
 # make shards DATASET=folder SRC=my_data OUT=shards/my_data   (your own photos: see data_prep/folder.py)
@@ -25,8 +25,13 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install --quiet -e .
 	touch $@
 
+# Every test (CI). test-fast is the inner loop: it leaves out the tests marked slow, distributed
+# (several processes) and slurm (a cluster), under 2 minutes on 2 cores; see the markers in pyproject.toml.
 test: install
 	$(PY) -m pytest tests $(PYTEST_ARGS)
+
+test-fast: install
+	$(PY) -m pytest tests -m "not slow and not distributed and not slurm" $(PYTEST_ARGS)
 
 shards: install
 	@test -n "$(DATASET)" || { echo "error: set DATASET=vitonhd|dresscode|deepfashion|synthetic|folder"; exit 2; }

@@ -95,8 +95,7 @@ def case_step(args) -> dict:
     so that they see the same machine state (timings of separate processes drifted by 30%)."""
     from leffa.module import LeffaModule
 
-    sys.path.insert(0, str(ROOT / "tests"))
-    from conftest import make_batch
+    from leffa.testing import make_batch
 
     batch = {k: v.to(args.device) if torch.is_tensor(v) else v
              for k, v in make_batch(args.batch, args.height, args.width).items()}

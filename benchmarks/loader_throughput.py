@@ -1,8 +1,9 @@
 """Training dataloader throughput against what one GPU consumes.
 
-Writes synthetic shards of native 1024x768 samples (noise + gradient JPEGs of realistic size)
-into a temporary folder, then times ``LeffaDataModule.train_dataloader()`` (resampled shards,
-shuffle buffer, decode, resize, flip, batch) at each output resolution and worker count: a
+Writes shards of native 1024x768 samples of data_prep's synthetic set (``leffa.testing``) into a
+temporary folder, then times ``LeffaDataModule.train_dataloader()`` (resampled shards, shuffle
+buffer, decode, resize, batch; no flip, which data_prep's sided pose images refuse) at each
+output resolution and worker count: a
 warm-up (worker start, shuffle buffer fill), then windows of N timed batches. The loader
 yields uint8 batches; the float conversion runs on the GPU (``on_after_batch_transfer``) and
 is not timed here.
@@ -24,12 +25,11 @@ import sys
 import tempfile
 import time
 
-import numpy as np
 import torch
 from table import add_output_flag, compared, emit, row
 
 from leffa.data import LeffaDataModule
-from leffa.data.synthetic import random_sample, write_split
+from leffa.testing import synthetic_sample, write_samples
 
 GPU_SAMPLES_PER_S_1024 = 0.4 * 989 / 25  # ~16 samples/s per GPU at 1024x768, 40% MFU
 NATIVE = (1024, 768)
@@ -41,9 +41,13 @@ def gpu_rate(height: int, width: int) -> float:
 
 
 def write_shards(folder: str, samples: int, flow: bool) -> None:
-    rng = np.random.default_rng(0)
-    stream = (random_sample(f"bench_train_{i:06d}", *NATIVE, rng, with_flow=flow, noise=4.0) for i in range(samples))
-    write_split(folder, "train", stream, per_shard=16, dataset="bench")
+    def sample(index: int) -> dict:
+        raw = synthetic_sample(index, *NATIVE)
+        if not flow:
+            del raw["flow.npy"]
+        return raw
+
+    write_samples(folder, "train", (sample(i) for i in range(samples)), shard_size=16)
 
 
 def samples_per_second(folder: str, height: int, width: int, workers: int, args) -> list[float]:
@@ -55,7 +59,6 @@ def samples_per_second(folder: str, height: int, width: int, workers: int, args)
         batch_size=args.batch_size,
         num_workers=workers,
         shuffle_buffer=args.shuffle_buffer,
-        hflip=True,
     )
     dm.setup("fit")
     batches = iter(dm.train_dataloader())

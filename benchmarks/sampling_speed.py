@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
 from pathlib import Path
 
@@ -34,8 +33,7 @@ def main(argv=None):
     add_output_flag(p)
     args = p.parse_args(argv)
 
-    sys.path.insert(0, str(ROOT / "tests"))
-    from conftest import make_batch
+    from leffa.testing import make_batch
 
     from leffa.module import LeffaModule
     from leffa.sampling import make_scheduler, sample

@@ -1,4 +1,4 @@
-"""The shard sample schema (DESIGN.md, "Sample schema"): keys, metadata and one encoded sample."""
+"""One encoded shard sample, checked against the schema of ``leffa.schema`` (docs/design.md, "Shard schema")."""
 
 from __future__ import annotations
 
@@ -6,10 +6,7 @@ import numpy as np
 from PIL import Image
 
 from data_prep.encode import jpeg_bytes, json_bytes, npy_bytes, png_bytes
-from leffa.schema import PAIRINGS
-
-TASKS = ("tryon", "pose")
-POSE_SOURCES = ("densepose", "keypoints")
+from leffa.schema import OPTIONAL_MEMBERS, PAIRINGS, REQUIRED_MEMBERS, TASKS
 
 
 class SampleError(Exception):
@@ -61,4 +58,8 @@ def build_sample(
         if flow.shape != (height, width, 2):
             raise ValueError(f"{key}: flow must have shape {(height, width, 2)}, got {flow.shape}")
         sample["flow.npy"] = npy_bytes(flow.astype(np.float16))
+    task = meta["task"]
+    members = set(sample) - {"__key__"}
+    if not set(REQUIRED_MEMBERS[task]) <= members <= set(REQUIRED_MEMBERS[task]) | set(OPTIONAL_MEMBERS[task]):
+        raise ValueError(f"{key}: members {sorted(members)} do not follow the schema of task {task!r} (leffa.schema)")
     return sample

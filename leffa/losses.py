@@ -2,7 +2,7 @@
 
 Every loss returns one value per sample, shape (B,); the LightningModule selects, weights and reduces.
 Coordinates follow ``grid_sample``'s convention with ``align_corners=True``: (x, y), top-left -1,
-bottom-right +1.
+bottom-right +1. docs/design.md ("Conventions", "The Leffa loss, fused") sets the formulas side by side.
 """
 
 from __future__ import annotations

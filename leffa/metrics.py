@@ -1,6 +1,6 @@
 """Image metrics of the Leffa paper (Sec. 4.1, "Metrics."): FID, KID, SSIM, LPIPS.
 
-Follows the VtonEval tool that the Leffa release points to (`notes/datasets.md` Sec. 4):
+Follows the VtonEval tool that the Leffa release points to (docs/design.md, "Evaluation"):
 FID and KID with clean-fid in mode "clean" (KID reported x1000), SSIM with torchmetrics
 (data_range 1.0 on [0, 1] images, averaged per image), LPIPS with the `lpips` package, and
 ground truth resized to the prediction's size with LANCZOS when the sizes differ.

@@ -1,7 +1,20 @@
-"""The shard format's names: the manifest, its version, and the sample-key grammar (build and parse).
+"""The shard format's names: the manifest, its version, the members of a sample per task, and the
+sample-key grammar (build and parse).
 
 Every converter of ``data_prep`` builds its keys here and ``leffa eval`` parses them here; no
-other code splits a key.
+other code splits a key. ``data_prep.sample.build_sample`` (writer), ``leffa.data.decode`` and
+``leffa.data.preflight`` (readers) take the members of a sample from here. docs/design.md,
+"Shard schema", describes the whole format.
+
+Sample members (webdataset names them by the part after the key's first dot), per task
+(:data:`TASKS`: ``tryon``, virtual try-on; ``pose``, pose transfer)::
+
+    tgt.jpg        target person, RGB JPEG, native size (H, W)
+    ref.jpg        reference, RGB JPEG, any size: the garment (tryon) or the source photo (pose)
+    mask.png       L PNG (H, W), 255 = region to generate (the whole image for pose transfer)
+    densepose.png  RGB PNG (H, W), the target's pose image (json ``pose_source``: densepose or keypoints)
+    json           UTF-8 object: dataset, split, task, category, pairing, tgt_id, ref_id, height, width, ...
+    flow.npy       optional float16 (H, W, 2): grid_sample coordinates (x, y) into ref, NaN outside the mask
 
 Shard keys::
 
@@ -34,6 +47,7 @@ from leffa.errors import UserError
 
 __all__ = [
     "MANIFEST_NAME", "SCHEMA_VERSION", "PAIRINGS", "KEY_CATEGORIES", "SEPARATOR",
+    "TASKS", "POSE_SOURCES", "REQUIRED_MEMBERS", "OPTIONAL_MEMBERS", "COMMON_MEMBERS", "FLOW_MEMBER",
     "SampleKey", "build_key", "sanitize_id",
 ]
 
@@ -42,6 +56,15 @@ SCHEMA_VERSION = 1
 PAIRINGS = ("paired", "unpaired")
 KEY_CATEGORIES = {"dresscode": ("upper_body", "lower_body", "dresses")}
 SEPARATOR = "__"  # between target id and reference id
+
+TASKS = ("tryon", "pose")
+POSE_SOURCES = ("densepose", "keypoints")  # json pose_source: how densepose.png was made
+FLOW_MEMBER = "flow.npy"
+_IMAGES_AND_META = ("tgt.jpg", "ref.jpg", "mask.png", "densepose.png", "json")
+REQUIRED_MEMBERS: dict[str, tuple[str, ...]] = {"tryon": _IMAGES_AND_META, "pose": _IMAGES_AND_META}
+OPTIONAL_MEMBERS: dict[str, tuple[str, ...]] = {"tryon": (FLOW_MEMBER,), "pose": (FLOW_MEMBER,)}
+# What a reader checks before it has read a sample's json (and so its task): every task's requirement.
+COMMON_MEMBERS = tuple(m for m in _IMAGES_AND_META if all(m in REQUIRED_MEMBERS[t] for t in TASKS))
 
 _NAME = re.compile(r"[a-z0-9]+")  # dataset and split
 _SHARD_HEAD = re.compile(r"([a-z0-9]+)_([a-z0-9]+)_(paired|unpaired)_(.*)", re.DOTALL)

@@ -5,10 +5,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "benchmarks"))
+import pytest
 
-from table import compared, markdown, row  # noqa: E402
+from benchmarks.table import compared, markdown, row
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_compared_divides_by_the_reference_row_and_markdown_shows_every_row():
@@ -22,6 +23,7 @@ def test_compared_divides_by_the_reference_row_and_markdown_shows_every_row():
     assert "| step | s | leffa | 125.0 ms | 15.0 MiB | base | 1.25x | 1.50x |" in lines
 
 
+@pytest.mark.slow
 def test_sampling_benchmark_emits_rows_measured_side_by_side():
     out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "sampling_speed.py"), "--json", "--height", "32",
                           "--width", "32", "--batch", "1", "--steps", "2", "--repeat", "1"],

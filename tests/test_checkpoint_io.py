@@ -23,10 +23,8 @@ import pytest
 import torch
 import yaml
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # conftest, also when run as a script
-
-from conftest import TINY_UNET, TINY_VAE, batch_loader  # noqa: E402
-from leffa.checkpoint_io import AtomicCheckpointIO, atomic_torch_save  # noqa: E402
+from leffa.testing import TINY_UNET, TINY_VAE, batch_loader
+from leffa.checkpoint_io import AtomicCheckpointIO, atomic_torch_save
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_CONFIG = ROOT / "configs" / "tiny_synthetic.yaml"
@@ -96,6 +94,7 @@ def kill_during_a_save(folder: Path, tmpdir: Path) -> None:
         process.stderr.close()
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not Path("/dev/shm").is_dir(), reason="needs /dev/shm (a tmpfs) for $TMPDIR")
 @pytest.mark.parametrize("attempt", range(2))
 def test_a_kill_during_a_save_with_tmpdir_elsewhere_keeps_last_ckpt_loadable(tmp_path, attempt):
@@ -153,6 +152,7 @@ def _umask() -> int:
     return mask
 
 
+@pytest.mark.slow
 def test_every_training_config_writes_checkpoints_atomically(monkeypatch, capsys):
     from leffa.cli import cli_main
 

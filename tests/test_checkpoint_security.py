@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from conftest import TINY_UNET, TINY_VAE, batch_loader
+from leffa.testing import TINY_UNET, TINY_VAE, batch_loader
 from data_prep.__main__ import main as data_prep_main
 from leffa.checkpoints import read_state_dict
 from leffa.cli import cli_main

@@ -32,9 +32,17 @@ def fit_args(shards, root, steps=4):
     ]
 
 
-def test_fit_on_the_tiny_config_writes_logs_checkpoints_samples_and_config(shards, tmp_path):
-    cli_main(fit_args(shards, tmp_path))
-    run = tmp_path / "tiny_synthetic" / "version_0"
+@pytest.fixture(scope="module")
+def trained(shards, tmp_path_factory):
+    """One ``leffa fit`` of 4 steps (validation at steps 2 and 4), shared by the tests that need a
+    trained run; they only read it. Returns the run folder."""
+    root = tmp_path_factory.mktemp("train")
+    cli_main(fit_args(shards, root, steps=4))
+    return root / "tiny_synthetic" / "version_0"
+
+
+def test_fit_on_the_tiny_config_writes_logs_checkpoints_samples_and_config(trained):
+    run = trained
     assert (run / "config.yaml").is_file()
     assert list(run.glob("events.out.tfevents.*"))
     assert sorted(p.name for p in (run / "samples").glob("*.png")) == ["step_000002.png", "step_000004.png"]
@@ -45,9 +53,8 @@ def test_fit_on_the_tiny_config_writes_logs_checkpoints_samples_and_config(shard
     assert checkpoint["hyper_parameters"]["unet_config"]["block_out_channels"] == [32, 64, 64, 64]
 
 
-def test_next_stage_starts_from_the_previous_stage_weights(shards, tmp_path):
-    cli_main(fit_args(shards, tmp_path / "a", steps=2))
-    previous = tmp_path / "a" / "tiny_synthetic" / "version_0" / "checkpoints" / "last.ckpt"
+def test_next_stage_starts_from_the_previous_stage_weights(trained):
+    previous = trained / "checkpoints" / "last.ckpt"
     from leffa.module import LeffaModule
 
     stage2 = LeffaModule(unet_config=ROOT / "configs/model/tiny_unet.yaml",
@@ -58,6 +65,7 @@ def test_next_stage_starts_from_the_previous_stage_weights(shards, tmp_path):
                                weights["generative_unet.conv_in.weight"])
 
 
+@pytest.mark.slow
 def test_console_script_exits_zero_and_bad_values_fail_with_the_key(tmp_path):
     leffa = Path(sys.executable).parent / "leffa"
     ok = subprocess.run([leffa, "fit", "--config", CONFIG, "--print_config"], capture_output=True, text=True)
@@ -67,6 +75,7 @@ def test_console_script_exits_zero_and_bad_values_fail_with_the_key(tmp_path):
     assert bad.returncode != 0 and "model.tau" in bad.stderr
 
 
+@pytest.mark.slow
 def test_config_bases_env_interpolation_and_missing_variables(tmp_path, monkeypatch):
     from leffa.cli import expand_bases
 
@@ -93,13 +102,12 @@ def test_config_bases_env_interpolation_and_missing_variables(tmp_path, monkeypa
         expand_bases(["fit", "--config", str(tmp_path / "loop.yaml")])
 
 
-def test_predict_writes_an_image_per_sample_and_the_settings(shards, tmp_path):
+def test_predict_writes_an_image_per_sample_and_the_settings(shards, trained, tmp_path):
     import json
 
     from PIL import Image
 
-    cli_main(fit_args(shards, tmp_path / "train", steps=2))
-    ckpt = tmp_path / "train" / "tiny_synthetic" / "version_0" / "checkpoints" / "last.ckpt"
+    ckpt = trained / "checkpoints" / "last.ckpt"
     out = tmp_path / "predictions"
     cli_main([
         "predict", "--config", str(CONFIG), f"--model.init_from={ckpt}",
@@ -117,13 +125,12 @@ def test_predict_writes_an_image_per_sample_and_the_settings(shards, tmp_path):
     assert settings["sampling"]["num_steps"] == 2 and settings["sampling"]["guidance_scale"] == 2.0
 
 
-def test_visualize_writes_a_picture_per_leffa_layer(shards, tmp_path):
+def test_visualize_writes_a_picture_per_leffa_layer(shards, trained, tmp_path):
     from PIL import Image
 
     from leffa.visualize import visualize_main
 
-    cli_main(fit_args(shards, tmp_path / "train", steps=2))
-    run = tmp_path / "train" / "tiny_synthetic" / "version_0"
+    run = trained
     # the FlowPictures callback of the tiny config drew the validation flows too
     assert len(list((run / "flows" / "step_000002").glob("*.png"))) == 6
     written = visualize_main(["--ckpt", str(run / "checkpoints" / "last.ckpt"), "--shards", f"{shards}@test",
@@ -136,11 +143,11 @@ def test_visualize_writes_a_picture_per_leffa_layer(shards, tmp_path):
     assert (width, height) == (8 * 48 + 9 * 2, 2 * 64 + 3 * 2)
 
 
-def test_export_command_then_predict_settings_from_the_folder(shards, tmp_path):
+@pytest.mark.slow
+def test_export_command_then_predict_settings_from_the_folder(shards, trained, tmp_path):
     from leffa.export import load_exported
 
-    cli_main(fit_args(shards, tmp_path / "train", steps=2))
-    ckpt = tmp_path / "train" / "tiny_synthetic" / "version_0" / "checkpoints" / "last.ckpt"
+    ckpt = trained / "checkpoints" / "last.ckpt"
     subprocess.run([Path(sys.executable).parent / "leffa", "export", "--ckpt", ckpt, "--out", tmp_path / "x"],
                    check=True, capture_output=True)
     module = load_exported(tmp_path / "x")

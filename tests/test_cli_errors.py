@@ -55,6 +55,7 @@ def test_debug_variable_shows_the_traceback(monkeypatch):
     assert issubclass(MissingFileError, FileNotFoundError) and issubclass(UserError, ValueError)
 
 
+@pytest.mark.slow
 def test_console_script_prints_one_line_and_exits_2(tmp_path):
     leffa = Path(sys.executable).parent / "leffa"
     result = subprocess.run([leffa, "fit", "--config", str(CONFIGS / "vton_512.yaml")], capture_output=True,

@@ -1,22 +1,20 @@
 """LeffaDataModule with Lightning: Trainer.fit/validate/test/predict, LightningCLI schema, config errors."""
 
 import lightning as L
-import numpy as np
 import pytest
 import torch
 from lightning.pytorch.cli import LightningCLI
 
 from leffa.data import LeffaDataModule
-from leffa.data.synthetic import random_sample, write_split
+from leffa.testing import synthetic_shards
 
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
-    root = str(tmp_path_factory.mktemp("syn"))
-    rng = np.random.default_rng(0)
-    write_split(root, "train", (random_sample(f"syn_train_{i:04d}", 40, 30, rng) for i in range(8)), per_shard=4)
-    write_split(root, "test", (random_sample(f"syn_test_{i:04d}", 40, 30, rng) for i in range(6)), per_shard=2)
-    return root
+    root = tmp_path_factory.mktemp("syn")
+    synthetic_shards(root, 8, 40, 30, split="train", shard_size=4)
+    synthetic_shards(root, 6, 40, 30, split="test", shard_size=2)
+    return str(root)
 
 
 class DummyModel(L.LightningModule):
@@ -79,7 +77,6 @@ def test_fit_with_max_steps_and_validation(shards, num_workers):
         val_batch_size=4,
         num_workers=num_workers,
         shuffle_buffer=4,
-        hflip=True,
     )
     model = DummyModel()
     trainer = _trainer(max_steps=3, val_check_interval=2, check_val_every_n_epoch=None)
@@ -104,7 +101,7 @@ def test_test_and_predict_read_every_sample_once(shards):
     _trainer().test(model, datamodule=dm)
     assert model.seen["test"] == 6
     keys = [k for batch in _trainer().predict(model, datamodule=dm) for k in batch]
-    assert keys == [f"syn_test_{i:04d}" for i in range(6)]
+    assert keys == [f"synthetic_test_paired_{i:06d}" for i in range(6)]
 
 
 def test_lightning_cli_builds_the_datamodule_from_config(shards, monkeypatch):
@@ -167,6 +164,7 @@ class KeyRecorder(DummyModel):
         self.val_keys = []
 
 
+@pytest.mark.distributed
 def test_ddp_two_ranks_validate_every_sample_once(shards, tmp_path):
     """Real torch.distributed (gloo, 2 CPU processes): ranks come from the process group."""
     dm = LeffaDataModule(
@@ -177,4 +175,4 @@ def test_ddp_two_ranks_validate_every_sample_once(shards, tmp_path):
     per_rank = [(tmp_path / f"val-rank{r}.txt").read_text().split() for r in (0, 1)]
     assert all(per_rank)
     everything = per_rank[0] + per_rank[1]
-    assert sorted(everything) == [f"syn_test_{i:04d}" for i in range(6)]
+    assert sorted(everything) == [f"synthetic_test_paired_{i:06d}" for i in range(6)]

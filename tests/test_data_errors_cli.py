@@ -3,12 +3,11 @@ or folder (exit status 2, no traceback), before training starts."""
 
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from data_prep.__main__ import main as data_prep_main
 from leffa.cli import cli_main
-from leffa.data.synthetic import random_sample, write_split
+from leffa.testing import synthetic_sample, write_samples
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "tiny_synthetic.yaml"
 
@@ -44,11 +43,10 @@ def test_a_shard_pattern_that_matches_nothing_is_one_line(capsys, tmp_path, synt
 
 def test_a_shard_folder_without_densepose_is_one_line_naming_it(capsys, tmp_path, synthetic_shards):
     folder = tmp_path / "no_densepose"
-    rng = np.random.default_rng(0)
-    samples = [random_sample(f"syn_train_{i:04d}", 32, 24, rng) for i in range(4)]
+    samples = [synthetic_sample(i, 32, 24) for i in range(4)]
     for sample in samples:
         del sample["densepose.png"]
-    write_split(str(folder), "train", samples, per_shard=4)
+    write_samples(folder, "train", samples, shard_size=4)
     line = _fit_error(capsys, tmp_path, folder, synthetic_shards)
     assert f"'{folder}'" in line and "densepose.png" in line and "data.train_shards" in line
 

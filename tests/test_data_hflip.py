@@ -2,20 +2,23 @@
 renders (coloured by side) cannot be mirrored by mirroring pixels, so hflip refuses them with one
 line; shipped configs do not turn it on."""
 
+import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import yaml
+from PIL import Image
 
 from data_prep.__main__ import main as data_prep_main
+from data_prep.encode import json_bytes, png_bytes
 from data_prep.keypoints import draw_coco18
 from leffa.data import LeffaDataModule
-from leffa.data.synthetic import encode_sample, random_arrays, write_split
 from leffa.data.transforms import hflip_sample, random_hflip, resize_sample
 from leffa.data.decode import decode_sample
 from leffa.errors import UserError
+from leffa.testing import synthetic_sample, write_samples
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -29,15 +32,17 @@ def synthetic_shards(tmp_path_factory):
 
 
 def _keypoint_shards(folder):
-    """Samples whose pose image is a COCO-18 keypoint render: right arm red-orange, left arm green."""
-    rng = np.random.default_rng(0)
+    """Synthetic samples whose pose image is a COCO-18 keypoint render: right arm red-orange, left arm green."""
     points = np.full((18, 2), np.nan)
     points[[1, 2, 3, 4, 5, 6, 7]] = [[12, 8], [8, 8], [5, 14], [4, 20], [16, 8], [19, 14], [20, 20]]
     pose = np.asarray(draw_coco18(points, (24, 32)))
-    arrays = random_arrays(32, 24, rng, with_flow=False)
-    arrays["densepose"] = pose
-    meta = {"dataset": "kp", "split": "train", "tgt_id": "0", "ref_id": "1", "pose_source": "keypoints"}
-    write_split(str(folder), "train", [encode_sample(f"kp_train_{i}", meta=meta, **arrays) for i in range(2)], 2)
+    samples = []
+    for i in range(2):
+        sample = synthetic_sample(i, 32, 24)
+        sample["densepose.png"] = png_bytes(Image.fromarray(pose))
+        sample["json"] = json_bytes({**json.loads(sample["json"]), "pose_source": "keypoints"})
+        samples.append(sample)
+    write_samples(folder, "train", samples, shard_size=2)
     return pose
 
 

@@ -13,21 +13,28 @@ import numpy as np
 import pytest
 import torch
 import webdataset as wds
+from PIL import Image
 
+from data_prep.sample import build_sample
 from leffa.data import LeffaDataModule, to_model_batch
-from leffa.data.synthetic import encode_sample, random_sample, write_split
 from leffa.errors import UserError
+from leffa.testing import synthetic_sample, write_samples
 
 H0, W0 = 40, 30  # native size in the shards
 H, W = 32, 24  # the stage's resolution
 
 
+def _sample(key, index, split="train", seed=0, with_flow=True):
+    """data_prep's synthetic sample ``index`` under a key of this test (``<source>_<split>_<index>``)."""
+    sample = dict(synthetic_sample(index, H0, W0, split, seed=seed), __key__=key)
+    if not with_flow:
+        del sample["flow.npy"]  # a sample without ground-truth flow, like those of DressCode
+    return sample
+
+
 def _write(folder, split, n, per_shard, prefix="syn", flow_every=2, seed=0):
-    rng = np.random.default_rng(seed)
-    samples = (
-        random_sample(f"{prefix}_{split}_{i:04d}", H0, W0, rng, with_flow=i % flow_every == 0) for i in range(n)
-    )
-    return write_split(str(folder), split, samples, per_shard=per_shard, dataset=prefix)
+    samples = [_sample(f"{prefix}_{split}_{i:04d}", i, split, seed, i % flow_every == 0) for i in range(n)]
+    return write_samples(folder, split, samples, per_shard, dataset=prefix)
 
 
 @pytest.fixture(scope="module")
@@ -85,8 +92,7 @@ def test_eval_batches_in_order_with_short_last_batch(shards):
 
 def _write_corrupt_shard(path):
     """8 samples: 5 good, then a truncated JPEG, a missing mask, bad json, interleaved."""
-    rng = np.random.default_rng(3)
-    good = [random_sample(f"bad_test_{i:04d}", H0, W0, rng) for i in range(8)]
+    good = [_sample(f"bad_test_{i:04d}", i, "test", seed=3) for i in range(8)]
     good[1]["tgt.jpg"] = good[1]["tgt.jpg"][:200]
     del good[4]["mask.png"]
     good[6]["json"] = b'{"dataset": '
@@ -249,10 +255,8 @@ def _is_mirrored(x):
 
 
 def test_hflip_flips_all_keys_of_a_sample_together(tmp_path):
-    rng = np.random.default_rng(0)
     samples = []
     for i in range(8):
-        sample = random_sample(f"lr_train_{i:04d}", H0, W0, rng, with_flow=True)
         left = np.zeros((H0, W0, 3), np.uint8)
         left[:, : W0 // 2] = 255  # bright left half
         mask = np.zeros((H0, W0), np.uint8)
@@ -260,8 +264,10 @@ def test_hflip_flips_all_keys_of_a_sample_together(tmp_path):
         flow = np.full((H0, W0, 2), np.nan, np.float32)
         flow[:, : W0 // 2, 0] = 0.5  # points to the right half of ref
         flow[:, : W0 // 2, 1] = 0.0
-        samples.append(encode_sample(sample["__key__"], left, left, mask, left, {"dataset": "lr"}, flow))
-    write_split(str(tmp_path), "train", samples, per_shard=8)
+        image = Image.fromarray(left)
+        meta = {"dataset": "lr", "task": "tryon", "pairing": "paired"}  # no pose_source: a mirror is allowed
+        samples.append(build_sample(f"lr_train_{i:04d}", image, image, mask, image, meta, flow))
+    write_samples(tmp_path, "train", samples, 8, dataset="lr")
     dm = LeffaDataModule(
         train_shards=str(tmp_path), height=H, width=W, batch_size=8, num_workers=0, shuffle_buffer=0, hflip=True
     )

@@ -3,21 +3,19 @@
 import json
 import os
 
-import numpy as np
 import pytest
 
 from leffa.data.shards import resolve_shards, resolve_sources
-from leffa.data.synthetic import random_sample, write_split
+from leffa.testing import synthetic_shards
 
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
     """A shard folder with a manifest: train (3 shards) and test (2 shards)."""
-    root = str(tmp_path_factory.mktemp("shards"))
-    rng = np.random.default_rng(0)
-    write_split(root, "train", (random_sample(f"syn_train_{i:04d}", 8, 6, rng) for i in range(6)), per_shard=2)
-    write_split(root, "test", (random_sample(f"syn_test_{i:04d}", 8, 6, rng) for i in range(4)), per_shard=2)
-    return root
+    root = tmp_path_factory.mktemp("shards")
+    synthetic_shards(root, 6, 8, 8, split="train", shard_size=2)
+    synthetic_shards(root, 4, 8, 8, split="test", shard_size=2)
+    return str(root)
 
 
 def _names(paths):

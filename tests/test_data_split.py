@@ -4,22 +4,19 @@ same number of batches, whatever the number of shards."""
 
 import itertools
 
-import numpy as np
 import pytest
 
 from leffa.data import LeffaDataModule
 from leffa.data.eval_split import rank_plan
-from leffa.data.synthetic import random_sample, write_split
 from leffa.errors import UserError
+from leffa.testing import synthetic_shards
 
 
 @pytest.fixture(scope="module")
 def three_shards(tmp_path_factory):
     """13 test samples in 3 shards of 5, 5, 3."""
     root = tmp_path_factory.mktemp("three")
-    rng = np.random.default_rng(0)
-    samples = (random_sample(f"syn_test_{i:04d}", 16, 12, rng, with_flow=False) for i in range(13))
-    write_split(str(root), "test", samples, per_shard=5)
+    synthetic_shards(root, 13, 16, 12, split="test", shard_size=5)
     return str(root)
 
 
@@ -37,7 +34,7 @@ def _rank_batches(shards, monkeypatch, rank, world_size, num_workers, stage="val
 def test_four_ranks_two_workers_over_three_shards_see_every_sample_once(three_shards, monkeypatch, stage):
     per_rank = [_rank_batches(three_shards, monkeypatch, rank, 4, 2, stage, val_batch_size=2) for rank in range(4)]
     keys = [k for batches in per_rank for batch in batches for k in batch]
-    assert sorted(keys) == [f"syn_test_{i:04d}" for i in range(13)]  # union == all, no duplicates
+    assert sorted(keys) == [f"synthetic_test_paired_{i:06d}" for i in range(13)]  # union == all, no duplicates
     counts = [sum(len(b) for b in batches) for batches in per_rank]
     assert max(counts) - min(counts) <= 1
     assert len({len(batches) for batches in per_rank}) == 1  # same number of batches on every rank

@@ -12,14 +12,18 @@ from PIL import Image
 from leffa.data.batch import Collate, to_model_batch
 from leffa.data.decode import CorruptSample, decode_sample
 from leffa.data.skips import DATA_ERRORS, SkipCounter
-from leffa.data.synthetic import encode_sample, random_arrays, random_sample
+from data_prep.encode import png_bytes
+from data_prep.sample import build_sample
 from leffa.data.transforms import hflip_sample, resize_sample
+from leffa.testing import synthetic_sample
 
 H0, W0 = 40, 30
 
 
-def _resized(rng, height=H0, width=W0, with_flow=True):
-    raw = random_sample("syn_train_0000", H0, W0, rng, with_flow=with_flow)
+def _resized(index=0, height=H0, width=W0, with_flow=True):
+    raw = synthetic_sample(index, H0, W0)
+    if not with_flow:
+        del raw["flow.npy"]
     return resize_sample(decode_sample(raw), height, width)
 
 
@@ -31,12 +35,11 @@ def _model_batch(*samples):
 
 
 def test_decode_gives_images_meta_and_flow():
-    rng = np.random.default_rng(0)
-    raw = random_sample("syn_train_0007", H0, W0, rng)
+    raw = synthetic_sample(7, H0, W0)
     raw["extra.pyd"] = b"\x80\x04not-to-be-unpickled"  # unknown keys are ignored, never decoded
     out = decode_sample(raw)
-    assert out["key"] == "syn_train_0007"
-    assert out["meta"]["tgt_id"] == "0007"
+    assert out["key"] == "synthetic_train_paired_000007"
+    assert out["meta"]["tgt_id"] == "000007"
     assert (out["tgt"].mode, out["ref"].mode, out["mask"].mode, out["densepose"].mode) == ("RGB", "RGB", "L", "RGB")
     assert out["tgt"].size == (W0, H0)
     assert out["flow"].dtype == np.float16 and out["flow"].shape == (H0, W0, 2)  # as stored
@@ -44,8 +47,7 @@ def test_decode_gives_images_meta_and_flow():
 
 
 def test_decode_draft_shrinks_large_jpeg_but_keeps_at_least_target_size():
-    rng = np.random.default_rng(0)
-    raw = random_sample("syn_train_0000", 256, 192, rng, with_flow=False)
+    raw = synthetic_sample(0, 256, 192)
     out = decode_sample(raw, draft_size=(64, 48))
     assert out["tgt"].size == (48, 64)  # 1/4 scale DCT decode: exactly the target
     out = decode_sample(raw, draft_size=(100, 70))
@@ -53,8 +55,8 @@ def test_decode_draft_shrinks_large_jpeg_but_keeps_at_least_target_size():
     assert out["mask"].size == (192, 256)  # PNGs stay native
 
 
-def _corrupt(rng, how):
-    raw = random_sample("syn_train_0001", H0, W0, rng)
+def _corrupt(how):
+    raw = synthetic_sample(1, H0, W0)
     if how == "truncated_jpeg":
         raw["tgt.jpg"] = raw["tgt.jpg"][: len(raw["tgt.jpg"]) // 2]
     elif how == "missing_key":
@@ -72,7 +74,7 @@ def _corrupt(rng, how):
         np.save(buf, np.array([{"a": 1}], dtype=object), allow_pickle=True)
         raw["flow.npy"] = buf.getvalue()
     elif how == "size_mismatch":
-        raw["mask.png"] = random_sample("syn_train_0002", H0 + 2, W0, rng)["mask.png"]
+        raw["mask.png"] = synthetic_sample(2, H0 + 2, W0)["mask.png"]
     return raw
 
 
@@ -82,12 +84,12 @@ def _corrupt(rng, how):
 )
 def test_decode_rejects_corrupt_samples_with_data_errors(how):
     with pytest.raises(DATA_ERRORS):
-        decode_sample(_corrupt(np.random.default_rng(0), how))
+        decode_sample(_corrupt(how))
 
 
 def test_decode_missing_key_names_it():
     with pytest.raises(CorruptSample, match="mask.png"):
-        decode_sample(_corrupt(np.random.default_rng(0), "missing_key"))
+        decode_sample(_corrupt("missing_key"))
 
 
 # Resize per key
@@ -96,12 +98,15 @@ def test_decode_missing_key_names_it():
 def _sample_from_arrays(tgt, mask, densepose=None, flow=None):
     if densepose is None:
         densepose = np.zeros(tgt.shape, np.uint8)
-    meta = {"dataset": "syn"}
-    return decode_sample(encode_sample("syn_train_0000", tgt, tgt, mask, densepose, meta, flow))
+    meta = {"dataset": "syn", "task": "tryon", "pairing": "paired"}
+    image, pose = Image.fromarray(tgt), Image.fromarray(densepose)
+    raw = build_sample("syn_train_0000", image, image, np.where(mask >= 128, 255, 0).astype(np.uint8), pose, meta, flow)
+    raw["mask.png"] = png_bytes(Image.fromarray(mask, mode="L"))  # as given: data_prep writes only 0 and 255
+    return decode_sample(raw)
 
 
 def test_resize_gives_wire_tensors_and_the_model_batch_meets_the_contract():
-    out = _resized(np.random.default_rng(0), height=32, width=24)
+    out = _resized(0, height=32, width=24)
     for key in ("tgt", "ref", "densepose"):
         assert out[key].shape == (32, 24, 3) and out[key].dtype == torch.uint8
     assert out["mask"].shape == (32, 24) and out["mask"].dtype == torch.uint8
@@ -150,8 +155,7 @@ def test_images_are_antialiased_when_downscaled():
 
 
 def test_flow_nan_pattern_follows_the_resized_mask():
-    arrays = random_arrays(H0, W0, np.random.default_rng(0), with_flow=True)
-    sample = _sample_from_arrays(arrays["tgt"], arrays["mask"], flow=arrays["flow"])
+    sample = decode_sample(synthetic_sample(0, H0, W0))  # NaN flow outside the garment region
     for size in ((32, 24), (64, 48), (17, 13)):
         out = resize_sample(sample, *size)
         assert torch.equal(torch.isnan(out["flow"][..., 0]), out["mask"] == 0)
@@ -210,23 +214,22 @@ def test_flipped_flow_warps_flipped_ref_onto_flipped_target():
 
 
 def test_collate_stacks_and_drops_flow_unless_every_sample_has_it():
-    rng = np.random.default_rng(0)
     counter = SkipCounter()
-    with_flow = [_resized(rng, 16, 12, with_flow=True) for _ in range(3)]
+    with_flow = [_resized(i, 16, 12, with_flow=True) for i in range(3)]
     counter.skip("test", ValueError("x"))
     batch = Collate(counter)(with_flow)
     assert batch["tgt"].shape == (3, 16, 12, 3) and batch["tgt"].dtype == torch.uint8  # wire format
     assert batch["mask"].shape == (3, 16, 12)
     assert batch["flow"].shape == (3, 16, 12, 2)
-    assert batch["key"] == ["syn_train_0000"] * 3
+    assert batch["key"] == [f"synthetic_train_paired_{i:06d}" for i in range(3)]
     assert batch["skipped"].dtype == torch.long and batch["skipped"].item() == 1
-    mixed = Collate(counter)(with_flow[:2] + [_resized(rng, 16, 12, with_flow=False)])
+    mixed = Collate(counter)(with_flow[:2] + [_resized(3, 16, 12, with_flow=False)])
     assert "flow" not in mixed and "flow" not in to_model_batch(mixed)
     assert mixed["skipped"].item() == 0  # the count resets after each batch
 
 
 def test_json_meta_is_plain_json():
-    raw = random_sample("syn_test_0003", H0, W0, np.random.default_rng(0))
+    raw = synthetic_sample(3, H0, W0, split="test")
     meta = json.loads(raw["json"])
     assert set(meta) >= {"dataset", "split", "task", "category", "pairing", "tgt_id", "ref_id", "height", "width"}
     assert Image.open(io.BytesIO(raw["mask.png"])).mode == "L"

@@ -36,11 +36,9 @@ import lightning as L
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # conftest, also when run as a script
-
-from conftest import TINY_UNET, TINY_VAE, make_batch  # noqa: E402
-from leffa.checkpoints import is_sharded_checkpoint, read_state_dict  # noqa: E402
-from leffa.module import LeffaModule  # noqa: E402
+from leffa.testing import TINY_UNET, TINY_VAE, make_batch
+from leffa.checkpoints import is_sharded_checkpoint, read_state_dict
+from leffa.module import LeffaModule
 
 ROOT = Path(__file__).resolve().parents[1]
 FSDP_CONFIG = ROOT / "configs" / "strategy" / "fsdp.yaml"
@@ -303,6 +301,7 @@ def main(case: str, out: Path) -> None:
 # ---------------------------------------------------------------- the tests
 
 pytestmark = pytest.mark.usefixtures("one_thread")
+# The tests that take a two-process run are marked ``distributed`` (make test-fast leaves them out).
 
 
 def run_two_processes(case: str, out: Path) -> Path:
@@ -358,6 +357,7 @@ def assert_trains_like_one_process(ranks: list[dict], weights: dict, tolerance: 
     assert max_difference(weights, expected) < tolerance
 
 
+@pytest.mark.distributed
 def test_ddp_averages_gradients_like_one_process_on_the_global_batch(ddp_run):
     ranks = load_ranks(ddp_run)
     # every rank ends with the same weights, and draws its own noise stream
@@ -370,6 +370,7 @@ def test_ddp_averages_gradients_like_one_process_on_the_global_batch(ddp_run):
         assert max_difference(ranks[0]["weights"], single_process(ranks, **wrong)[1]) > 1e-3, wrong
 
 
+@pytest.mark.distributed
 def test_ddp_with_accumulation_and_uneven_selection_trains_like_one_process_on_the_global_batch(
         ddp_accumulate_run):
     ranks = load_ranks(ddp_accumulate_run)
@@ -389,6 +390,7 @@ def test_ddp_with_accumulation_and_uneven_selection_trains_like_one_process_on_t
     assert max_difference(weights, wrong.state_dict()) > 1e-4
 
 
+@pytest.mark.distributed
 def test_ddp_stops_every_rank_when_one_ranks_loss_is_not_finite(ddp_nonfinite_run):
     ranks = load_ranks(ddp_nonfinite_run)
     expected = f"the diffusion loss is not finite at global step {POISONED_STEP}:"
@@ -398,6 +400,7 @@ def test_ddp_stops_every_rank_when_one_ranks_loss_is_not_finite(ddp_nonfinite_ru
     assert all(torch.equal(v, ranks[1]["weights"][k]) for k, v in ranks[0]["weights"].items())
 
 
+@pytest.mark.distributed
 def test_fsdp2_shards_the_unets_and_trains_like_one_process(fsdp2_run):
     ranks = load_ranks(fsdp2_run)
     full = torch.load(fsdp2_run / "full.pt", weights_only=True)
@@ -414,6 +417,7 @@ def test_fsdp2_shards_the_unets_and_trains_like_one_process(fsdp2_run):
     assert registers and all(not torch.equal(full[k], initial[k]) for k in registers)
 
 
+@pytest.mark.distributed
 def test_fsdp2_bf16_computes_in_bf16_and_keeps_float32_weights(fsdp2_bf16_run, fsdp2_run):
     ranks, exact = load_ranks(fsdp2_bf16_run), load_ranks(fsdp2_run)
     assert [r["compute_dtypes"] for r in ranks] == [["torch.bfloat16"]] * WORLD
@@ -426,6 +430,7 @@ def test_fsdp2_bf16_computes_in_bf16_and_keeps_float32_weights(fsdp2_bf16_run, f
     assert max_difference(full, build_module().state_dict()) > 1e-3  # it trained
 
 
+@pytest.mark.distributed
 def test_fsdp2_checkpoint_resumes_with_ckpt_path(fsdp2_resume_run):
     ranks = load_ranks(fsdp2_resume_run)
     # the resumed run loaded the sharded weights and AdamW state (strictly: every key) and ran step 3
@@ -435,17 +440,20 @@ def test_fsdp2_checkpoint_resumes_with_ckpt_path(fsdp2_resume_run):
     assert ranks[0]["resumed"][0] == pytest.approx(ranks[0]["whole"][STEPS], abs=1e-6)
 
 
+@pytest.mark.distributed
 def test_fsdp2_resume_restores_every_ranks_generator(fsdp2_resume_run):
     ranks = load_ranks(fsdp2_resume_run)
     assert ranks[1]["resumed"][0] == pytest.approx(ranks[1]["whole"][STEPS], abs=1e-6)
 
 
+@pytest.mark.distributed
 def test_fsdp1_from_the_config_trains_like_one_process(fsdp1_run):
     ranks = load_ranks(fsdp1_run)
     assert [r["leffa_layers"] for r in ranks] == [7.0] * WORLD
     assert_trains_like_one_process(ranks, torch.load(fsdp1_run / "full.pt", weights_only=True))
 
 
+@pytest.mark.distributed
 @pytest.mark.parametrize("run", ["fsdp2_run", "fsdp2_bf16_run", "fsdp1_run"])
 def test_sharded_checkpoint_folder_initialises_the_next_stage(run, request):
     out = request.getfixturevalue(run)

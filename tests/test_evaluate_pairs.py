@@ -149,6 +149,7 @@ def leffa_eval(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([str(script), "eval", *args], capture_output=True, text=True, env=env, timeout=300)
 
 
+@pytest.mark.slow
 def test_cli_empty_folder_and_non_image_png_are_one_line(tmp_path):
     save(tmp_path / "gt", "00010_00", picture(0))
     (tmp_path / "empty").mkdir()

@@ -3,7 +3,7 @@
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 
-from conftest import TINY_UNET, TINY_VAE, make_batch
+from leffa.testing import TINY_UNET, TINY_VAE, make_batch
 from leffa.export import export_folder, load_exported
 from leffa.module import LeffaModule
 from leffa.released import convert_released_state_dict, is_released_state_dict

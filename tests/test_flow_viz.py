@@ -2,7 +2,7 @@
 
 import torch
 
-from conftest import make_batch
+from leffa.testing import make_batch
 from leffa.flow_viz import flow_figure, flow_to_rgb, layer_flows, query_attention, warp
 from leffa.losses import coordinate_map
 from leffa.module import LeffaModule

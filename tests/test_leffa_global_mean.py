@@ -15,7 +15,7 @@ from __future__ import annotations
 import lightning as L
 import torch
 
-from conftest import make_batch
+from leffa.testing import make_batch
 from leffa.module import LeffaModule
 
 ACCUMULATE, BATCH, STEPS = 2, 3, 2

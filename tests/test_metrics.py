@@ -217,6 +217,7 @@ def test_fid_equals_cleanfid_compute_fid(folders):
     assert ours == pytest.approx(theirs, rel=1e-6)
 
 
+@pytest.mark.slow
 def test_ssim_and_lpips_equal_direct_computation(folders, tmp_path):
     torch.manual_seed(1)
     trunk = tmp_path / "alexnet.pth"

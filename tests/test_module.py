@@ -7,7 +7,7 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import EMAWeightAveraging
 
-from conftest import batch_loader, make_batch
+from leffa.testing import batch_loader, make_batch
 from leffa.losses import coordinate_map
 from leffa.module import LeffaModule
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from conftest import TINY_UNET, TINY_VAE, make_batch
+from leffa.testing import TINY_UNET, TINY_VAE, make_batch
 from leffa.errors import UserError
 from leffa.module import LeffaModule
 

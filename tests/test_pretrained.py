@@ -4,7 +4,7 @@ import pytest
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 
-from conftest import TINY_UNET, TINY_VAE
+from leffa.testing import TINY_UNET, TINY_VAE
 from leffa.module import LeffaModule
 from leffa.pretrained import SD15_SCHEDULER, component_location
 
@@ -60,7 +60,7 @@ def test_component_configs_from_files_are_stored_as_mappings(tmp_path):
 
     import yaml
 
-    from conftest import TINY_UNET
+    from leffa.testing import TINY_UNET
 
     (tmp_path / "unet.json").write_text(json.dumps(TINY_UNET))
     (tmp_path / "vae.yaml").write_text(yaml.safe_dump(TINY_VAE))

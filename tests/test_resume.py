@@ -19,7 +19,7 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import EMAWeightAveraging, ModelCheckpoint
 
-from conftest import TINY_UNET, TINY_VAE, make_batch
+from leffa.testing import TINY_UNET, TINY_VAE, make_batch
 from leffa.module import LeffaModule
 
 STEPS = 6

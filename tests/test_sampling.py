@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from conftest import make_batch
+from leffa.testing import make_batch
 from leffa.module import LeffaModule
 from leffa.sampling import make_scheduler, sample
 from leffa.viz import sample_grid

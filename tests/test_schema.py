@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import re
 from pathlib import Path
 
 import pytest
@@ -10,7 +12,8 @@ from data_prep.__main__ import build_parser
 from data_prep.masks import DRESSCODE_CATEGORIES
 from data_prep.registry import get_converter
 from leffa.errors import UserError
-from leffa.schema import KEY_CATEGORIES, SampleKey, build_key
+from leffa.schema import KEY_CATEGORIES, OPTIONAL_MEMBERS, REQUIRED_MEMBERS, TASKS, SampleKey, build_key
+from leffa.testing import synthetic_sample
 from test_data_prep_deepfashion import make_deepfashion
 from test_data_prep_dresscode import make_dresscode
 from test_data_prep_vitonhd import make_vitonhd
@@ -107,3 +110,29 @@ def test_folder_keys():
 
 def test_categories_are_those_of_the_converter():
     assert KEY_CATEGORIES["dresscode"] == DRESSCODE_CATEGORIES
+
+
+def test_every_converter_sample_holds_its_tasks_members(real_keys):
+    """One sample per converter (try-on and pose transfer): the members of leffa.schema, no other."""
+    tasks = set()
+    for dataset, pairs in real_keys.items():
+        sample = get_converter(dataset).load_sample(pairs[0][0])
+        task = json.loads(sample["json"])["task"]
+        members = set(sample) - {"__key__"}
+        assert set(REQUIRED_MEMBERS[task]) <= members <= set(REQUIRED_MEMBERS[task]) | set(OPTIONAL_MEMBERS[task])
+        tasks.add(task)
+    assert tasks == set(TASKS)
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_the_reader_refuses_a_sample_without_a_required_member(task):
+    from leffa.data.decode import CorruptSample, decode_sample
+
+    sample = synthetic_sample(0, 16, 12)
+    sample["json"] = json.dumps({**json.loads(sample["json"]), "task": task}).encode()
+    decode_sample(dict(sample))
+    for member in REQUIRED_MEMBERS[task]:
+        with pytest.raises(CorruptSample, match=re.escape(member)):
+            decode_sample({k: v for k, v in sample.items() if k != member})
+    for member in OPTIONAL_MEMBERS[task]:
+        decode_sample({k: v for k, v in sample.items() if k != member})

@@ -28,6 +28,8 @@ import yaml
 
 from slurm_cluster import FINISHED, ClusterUnavailable, SlurmCluster, missing_requirements
 
+pytestmark = pytest.mark.slurm
+
 REPO = Path(__file__).resolve().parents[1]
 # The stage scripts ask for 4 nodes x 8 GPUs: this cluster has 2 nodes of 1 CPU and no GRES.
 OVERRIDES = ["--nodes=2", "--ntasks-per-node=1", "--gpus-per-node=0", "--cpus-per-task=1", "--time=15"]

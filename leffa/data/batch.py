@@ -6,7 +6,7 @@ The DataLoader yields a compact *wire* batch (what ``Collate`` builds in the wor
 - ``mask``: uint8 (B, H, W) in {0, 1}
 - ``flow``: float16 (B, H, W, 2), as stored in the shards
 
-``to_model_batch`` turns it into the batch contract (DESIGN.md, "Batch"), B samples at the
+``to_model_batch`` turns it into the batch contract (docs/design.md, "Batch contract"), B samples at the
 stage's (H, W); ``LeffaDataModule.on_after_batch_transfer`` applies it on the device, so the
 model always receives:
 

@@ -1,6 +1,6 @@
 """Decode stage: a raw webdataset sample (bytes per key) -> PIL images, metadata and flow.
 
-Only the keys of the shard schema (DESIGN.md, "Sample schema") are decoded, each by the one
+Only the members of the shard schema (``leffa.schema``; docs/design.md, "Shard schema") are decoded, each by the one
 decoder it needs: JPEG/PNG with PIL, ``json`` with the json module, ``flow.npy`` with
 ``numpy.load(allow_pickle=False)``. Nothing is ever unpickled; other keys are ignored.
 """
@@ -11,8 +11,7 @@ import json
 import numpy as np
 from PIL import Image
 
-REQUIRED_KEYS = ("tgt.jpg", "ref.jpg", "mask.png", "densepose.png", "json")
-FLOW_KEY = "flow.npy"
+from leffa.schema import COMMON_MEMBERS, FLOW_MEMBER, REQUIRED_MEMBERS
 
 
 class CorruptSample(ValueError):
@@ -38,13 +37,17 @@ def decode_sample(raw: dict, draft_size: tuple[int, int] | None = None) -> dict:
         CorruptSample, OSError, SyntaxError, ...: bad bytes; ``skips.skip_corrupt`` counts them.
     """
     key = raw.get("__key__")
-    missing = [k for k in REQUIRED_KEYS if k not in raw]
+    missing = [k for k in COMMON_MEMBERS if k not in raw]
     if missing:
         raise CorruptSample(f"sample '{key}' lacks {missing}")
 
     meta = json.loads(raw["json"])
     if not isinstance(meta, dict):
         raise CorruptSample(f"sample '{key}': json is a {type(meta).__name__}, not an object")
+    # a sample that names its task (folder samples do not) also holds that task's own members
+    missing = [k for k in REQUIRED_MEMBERS.get(meta.get("task"), ()) if k not in raw]
+    if missing:
+        raise CorruptSample(f"sample '{key}' of task {meta['task']!r} lacks {missing}")
 
     tgt, tgt_size = _decode_image(raw["tgt.jpg"], "RGB", draft_size)
     ref, _ = _decode_image(raw["ref.jpg"], "RGB", draft_size)
@@ -57,8 +60,8 @@ def decode_sample(raw: dict, draft_size: tuple[int, int] | None = None) -> dict:
         )
     out = {"key": key, "meta": meta, "tgt": tgt, "ref": ref, "mask": mask, "densepose": densepose}
 
-    if FLOW_KEY in raw:
-        flow = np.load(io.BytesIO(raw[FLOW_KEY]), allow_pickle=False)
+    if FLOW_MEMBER in raw:
+        flow = np.load(io.BytesIO(raw[FLOW_MEMBER]), allow_pickle=False)
         width, height = tgt_size
         if flow.shape != (height, width, 2):
             raise CorruptSample(f"sample '{key}': flow shape {flow.shape}, expected {(height, width, 2)}")

@@ -9,8 +9,8 @@ names the folder. The same sample tells whether ``data.hflip`` may mirror the so
 import json
 import os
 
-from leffa.data.decode import REQUIRED_KEYS
 from leffa.errors import UserError
+from leffa.schema import COMMON_MEMBERS
 from leffa.data.tar_samples import first_sample, is_local
 from leffa.data.transforms import SIDED_POSE_SOURCES, sided_pose_refusal
 
@@ -27,12 +27,12 @@ def check_sources(name: str, sources: list[list[str]], hflip: bool = False) -> N
         raw = first_sample(local[0]) if local else None
         if raw is None:
             continue
-        missing = [k for k in REQUIRED_KEYS if k not in raw]
+        missing = [k for k in COMMON_MEMBERS if k not in raw]
         if missing:
             raise UserError(
                 f"data.{name}_shards: shard folder '{os.path.dirname(local[0]) or '.'}': sample '{raw['__key__']}'"
                 f" of {os.path.basename(local[0])} has no {', '.join(missing)} (every sample needs"
-                f" {', '.join(REQUIRED_KEYS)}); write the shards again with data_prep"
+                f" {', '.join(COMMON_MEMBERS)}); write the shards again with data_prep"
             )
         if hflip:
             try:

@@ -1,0 +1,1 @@
+"""Benchmark scripts (``make bench``); ``benchmarks.table`` is their row format and table."""
