@@ -5,10 +5,9 @@ import os
 import pytest
 import torch
 
-from leffa.testing import TINY_UNET, TINY_VAE, batch_loader, make_batch, tiny_configs as _tiny_configs  # noqa: F401
-
-# TINY_UNET, TINY_VAE, batch_loader and make_batch live in leffa.testing; they are also importable
-# from here only for test files written before it existed (import them from leffa.testing).
+from data_prep.__main__ import main as data_prep_main
+from leffa.testing import make_batch
+from leffa.testing import tiny_configs as _tiny_configs
 
 
 @pytest.fixture
@@ -41,3 +40,12 @@ def tiny_configs():
 @pytest.fixture
 def tiny_batch():
     return make_batch()
+
+
+@pytest.fixture(scope="session")
+def shards(tmp_path_factory):
+    """8 synthetic samples per split at 64x48 in shards of 4, for the tiny config's runs (read only)."""
+    out = tmp_path_factory.mktemp("shards")
+    data_prep_main(["synthetic", "--out", str(out), "--count", "8", "--split", "all", "--shard-size", "4",
+                    "--height", "64", "--width", "48"])
+    return out

@@ -4,12 +4,12 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import make_batch
 from leffa.architectures import ARCHITECTURES, LATENT_CHANNELS, DualUNet
 from leffa.attention import ReferenceBank
 from leffa.errors import UserError
 from leffa.module import LeffaModule
 from leffa.sampling import make_scheduler, sample
+from leffa.testing import make_batch
 from leffa.unets import build_unet
 
 

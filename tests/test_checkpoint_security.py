@@ -12,13 +12,12 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from leffa.testing import TINY_UNET, TINY_VAE, batch_loader
-from data_prep.__main__ import main as data_prep_main
 from leffa.checkpoints import read_state_dict
 from leffa.cli import cli_main
 from leffa.errors import UserError
 from leffa.export import load_exported
 from leffa.module import LeffaModule
+from leffa.testing import TINY_UNET, TINY_VAE, batch_loader
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "tiny_synthetic.yaml"
@@ -52,14 +51,6 @@ def trained(tmp_path_factory):
     trainer.save_checkpoint(root / "last.ckpt")
     write_sharded_folder(root / "sharded", module)
     return module, root / "last.ckpt", root / "sharded"
-
-
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory):
-    out = tmp_path_factory.mktemp("shards")
-    data_prep_main(["synthetic", "--out", str(out), "--count", "4", "--split", "all", "--shard-size", "4",
-                    "--height", "64", "--width", "48"])
-    return out
 
 
 def same_weights(module: LeffaModule, expected: dict) -> bool:

@@ -7,19 +7,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from data_prep.__main__ import main as data_prep_main
 from leffa.cli import cli_main
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "tiny_synthetic.yaml"
-
-
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory):
-    out = tmp_path_factory.mktemp("shards")
-    data_prep_main(["synthetic", "--out", str(out), "--count", "8", "--split", "all", "--shard-size", "4",
-                    "--height", "64", "--width", "48"])
-    return out
 
 
 def fit_args(shards, root, steps=4):

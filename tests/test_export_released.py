@@ -6,9 +6,9 @@ import pytest
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 
-from conftest import TINY_UNET, TINY_VAE
 from leffa.cli import cli_main
 from leffa.module import LeffaModule
+from leffa.testing import TINY_UNET, TINY_VAE
 
 CROSS_ATTENTION = ("attn2", "norm2")
 

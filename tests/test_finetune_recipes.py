@@ -6,11 +6,10 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-
-from conftest import TINY_UNET, TINY_VAE
-from leffa.cli import cli_main
 from test_export_released import export, released_file
-from test_optim_schedule import shards  # noqa: F401  (fixture)
+
+from leffa.cli import cli_main
+from leffa.testing import TINY_UNET, TINY_VAE
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 RECIPES = {"finetune_released.yaml": "LEFFA_RELEASED", "finetune_released_dc.yaml": "LEFFA_RELEASED_DC"}

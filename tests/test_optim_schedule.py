@@ -6,14 +6,13 @@ import math
 import pytest
 import torch
 import yaml
+from test_cli import CONFIG, fit_args
 
-from data_prep.__main__ import main as data_prep_main
 from leffa.cli import cli_main
 from leffa.errors import UserError
 from leffa.module import LeffaModule
 from leffa.optimizers import AdamW8bit
 from leffa.schedules import LRSchedule, WarmupThen, build_scheduler
-from test_cli import CONFIG, fit_args
 
 SCHEDULE = """
 model:
@@ -34,14 +33,6 @@ def schedule_config(folder, decay):
     path = folder / "schedule.yaml"
     path.write_text(SCHEDULE.replace("DECAY", decay).replace("CKPTS", str(folder / "ck")))
     return path
-
-
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory):
-    out = tmp_path_factory.mktemp("shards")
-    data_prep_main(["synthetic", "--out", str(out), "--count", "4", "--split", "all", "--shard-size", "4",
-                    "--height", "64", "--width", "48"])
-    return out
 
 
 def test_the_schedule_factor_warms_up_then_stays_or_follows_a_cosine():

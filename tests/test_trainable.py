@@ -5,10 +5,10 @@ import lightning as L
 import pytest
 import torch
 
-from conftest import batch_loader, make_batch
 from leffa.ema import TrainableEMA
 from leffa.errors import UserError
 from leffa.module import LeffaModule
+from leffa.testing import batch_loader, make_batch
 from leffa.trainable import merge_lora
 
 

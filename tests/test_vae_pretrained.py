@@ -7,10 +7,10 @@ import pytest
 import torch
 from diffusers import AutoencoderKL
 
-from conftest import TINY_UNET, TINY_VAE
 from leffa.errors import MissingFileError
 from leffa.export import export_folder, load_exported
 from leffa.module import LeffaModule
+from leffa.testing import TINY_UNET, TINY_VAE
 
 # another architecture than TINY_VAE, so that a VAE built from the config could not pass for the folder's
 OTHER_VAE = {**TINY_VAE, "block_out_channels": (4, 4, 8, 8), "norm_num_groups": 2}
