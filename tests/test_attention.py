@@ -4,7 +4,12 @@ import pytest
 import torch
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 
-from leffa.attention import ConcatAttention, ReferenceBank, ReferenceRecorder, token_grid
+from leffa.attention import (
+    ConcatAttention,
+    ReferenceBank,
+    ReferenceRecorder,
+    token_grid,
+)
 from leffa.unets import build_unet
 
 

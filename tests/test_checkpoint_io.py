@@ -23,8 +23,8 @@ import pytest
 import torch
 import yaml
 
-from leffa.testing import TINY_UNET, TINY_VAE, batch_loader
 from leffa.checkpoint_io import AtomicCheckpointIO, atomic_torch_save
+from leffa.testing import TINY_UNET, TINY_VAE, batch_loader
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_CONFIG = ROOT / "configs" / "tiny_synthetic.yaml"

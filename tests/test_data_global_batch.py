@@ -4,9 +4,9 @@ import lightning as L
 import pytest
 import torch
 
+from data_prep.__main__ import main as data_prep_main
 from leffa.data import LeffaDataModule
 from leffa.data.global_batch import split_global_batch
-from data_prep.__main__ import main as data_prep_main
 
 
 @pytest.mark.parametrize("global_batch,world,max_per_device,expected", [

@@ -7,9 +7,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from raw_datasets import read_manifest, read_split
 
 from data_prep.__main__ import main
-from raw_datasets import read_manifest, read_split
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -10,10 +10,19 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from raw_datasets import (
+    decode,
+    mean_colour,
+    read_manifest,
+    read_split,
+    save_jpeg,
+    save_png,
+    solid,
+    truncate,
+)
 
 from data_prep.__main__ import main
 from leffa.errors import UserError
-from raw_datasets import decode, mean_colour, read_manifest, read_split, save_jpeg, save_png, solid, truncate
 
 REPO = Path(__file__).resolve().parents[1]
 H, W = 40, 32

@@ -9,10 +9,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from raw_datasets import make_vitonhd, read_split
 
 from data_prep.__main__ import main
 from leffa.errors import UserError
-from raw_datasets import make_vitonhd, read_split
 
 REPO = Path(__file__).resolve().parents[1]
 

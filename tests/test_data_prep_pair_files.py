@@ -8,11 +8,11 @@ import sys
 from pathlib import Path
 
 import pytest
+from raw_datasets import TRAIN_VITONHD, make_vitonhd, read_split
 
 from data_prep.__main__ import main
 from leffa.errors import UserError
 from leffa.pair_file import read_pair_file
-from raw_datasets import TRAIN_VITONHD, make_vitonhd, read_split
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -6,13 +6,13 @@ from pathlib import Path
 
 import pytest
 import webdataset as wds
+from raw_datasets import read_manifest, read_split
 
 from data_prep import synthetic
 from data_prep.__main__ import main
 from data_prep.manifest import update_manifest
 from data_prep.shard_writer import AtomicShardWriter
 from leffa.errors import UserError
-from raw_datasets import read_manifest, read_split
 
 
 def tiny(index: int) -> dict:

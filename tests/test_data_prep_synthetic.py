@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import torch
 import torch.nn.functional as F
+from raw_datasets import decode, read_split
 
 from data_prep.__main__ import main
 from data_prep.synthetic import grid_sample_bilinear
-from raw_datasets import decode, read_split
 
 
 def to_tensor(image: np.ndarray) -> torch.Tensor:

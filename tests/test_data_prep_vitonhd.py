@@ -7,12 +7,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-
-from data_prep.__main__ import main
-from data_prep.masks import vitonhd_agnostic_mask
 from raw_datasets import (
     TEST_VITONHD as TEST,
+)
+from raw_datasets import (
     TRAIN_VITONHD as TRAIN,
+)
+from raw_datasets import (
     VITONHD_SIZE,
     cloth_colour,
     decode,
@@ -25,6 +26,9 @@ from raw_datasets import (
     save_png_bomb,
     truncate,
 )
+
+from data_prep.__main__ import main
+from data_prep.masks import vitonhd_agnostic_mask
 
 H, W = VITONHD_SIZE
 

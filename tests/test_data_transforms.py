@@ -9,11 +9,11 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from data_prep.encode import png_bytes
+from data_prep.sample import build_sample
 from leffa.data.batch import Collate, to_model_batch
 from leffa.data.decode import CorruptSample, decode_sample
 from leffa.data.skips import DATA_ERRORS, SkipCounter
-from data_prep.encode import png_bytes
-from data_prep.sample import build_sample
 from leffa.data.transforms import hflip_sample, resize_sample
 from leffa.testing import synthetic_sample
 

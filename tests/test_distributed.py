@@ -36,9 +36,9 @@ import lightning as L
 import pytest
 import torch
 
-from leffa.testing import TINY_UNET, TINY_VAE, make_batch
 from leffa.checkpoints import is_sharded_checkpoint, read_state_dict
 from leffa.module import LeffaModule
+from leffa.testing import TINY_UNET, TINY_VAE, make_batch
 
 ROOT = Path(__file__).resolve().parents[1]
 FSDP_CONFIG = ROOT / "configs" / "strategy" / "fsdp.yaml"
@@ -242,7 +242,10 @@ def fit(case: str, module: LeffaModule, out: Path, steps: int = STEPS, ckpt_path
 
 def worker(case: str, out: Path) -> None:
     """One rank of a 2-process case; writes ``rank<r>.pt`` (and rank 0 ``full.pt``) to ``out``."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+    )
 
     rank = int(os.environ["RANK"])
     if case == "fsdp2_resume":
@@ -530,7 +533,11 @@ def test_fsdp_config_wraps_blocks_but_not_reference_attention():
 
 def test_sharding_strategies_refuse_ema_and_rank_zero_samplers(tmp_path, own_process_group):
     from lightning.pytorch.callbacks import EMAWeightAveraging
-    from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy, ModelParallelStrategy
+    from lightning.pytorch.strategies import (
+        DDPStrategy,
+        FSDPStrategy,
+        ModelParallelStrategy,
+    )
 
     from leffa.callbacks import SampleGrid
     from leffa.parallel import refuse_unshardable_callbacks

@@ -15,14 +15,14 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from raw_datasets import make_vitonhd
+from raw_deepfashion import make_deepfashion
+from raw_dresscode import make_dresscode
 
 from data_prep.__main__ import build_parser
 from data_prep.registry import get_converter
 from leffa import evaluate as ev
 from leffa.errors import UserError
-from test_data_prep_deepfashion import make_deepfashion
-from test_data_prep_dresscode import make_dresscode
-from test_data_prep_vitonhd import make_vitonhd
 
 REPO = Path(__file__).resolve().parents[1]
 H, W = 64, 48

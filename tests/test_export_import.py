@@ -3,10 +3,10 @@
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 
-from leffa.testing import TINY_UNET, TINY_VAE, make_batch
 from leffa.export import export_folder, load_exported
 from leffa.module import LeffaModule
 from leffa.released import convert_released_state_dict, is_released_state_dict
+from leffa.testing import TINY_UNET, TINY_VAE, make_batch
 
 
 def test_export_folder_round_trip_with_registers(tiny_configs, tmp_path):

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from test_export_released import export, released_file
+from released_files import export, released_file
 
 from leffa.cli import cli_main
 from leffa.testing import TINY_UNET, TINY_VAE

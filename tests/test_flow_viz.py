@@ -2,10 +2,10 @@
 
 import torch
 
-from leffa.testing import make_batch
 from leffa.flow_viz import flow_figure, flow_to_rgb, layer_flows, query_attention, warp
 from leffa.losses import coordinate_map
 from leffa.module import LeffaModule
+from leffa.testing import make_batch
 
 
 def test_identity_flow_warps_to_the_reference_and_colours_by_position():

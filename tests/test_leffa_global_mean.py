@@ -15,8 +15,8 @@ from __future__ import annotations
 import lightning as L
 import torch
 
-from leffa.testing import make_batch
 from leffa.module import LeffaModule
+from leffa.testing import make_batch
 
 ACCUMULATE, BATCH, STEPS = 2, 3, 2
 SGD_LR = 0.1

@@ -7,9 +7,9 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import EMAWeightAveraging
 
-from leffa.testing import batch_loader, make_batch
 from leffa.losses import coordinate_map
 from leffa.module import LeffaModule
+from leffa.testing import batch_loader, make_batch
 
 
 def tiny_module(tiny_configs, **kwargs):

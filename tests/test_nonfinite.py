@@ -11,10 +11,9 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from leffa.testing import TINY_UNET, TINY_VAE, make_batch
 from leffa.errors import UserError
 from leffa.module import LeffaModule
-
+from leffa.testing import TINY_UNET, TINY_VAE, make_batch
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 import yaml
-from test_cli import CONFIG, fit_args
+from tiny_runs import CONFIG, fit_args
 
 from leffa.cli import cli_main
 from leffa.errors import UserError

@@ -4,9 +4,9 @@ import pytest
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 
-from leffa.testing import TINY_UNET, TINY_VAE
 from leffa.module import LeffaModule
 from leffa.pretrained import SD15_SCHEDULER, component_location
+from leffa.testing import TINY_UNET, TINY_VAE
 
 
 @pytest.fixture

@@ -19,8 +19,8 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import EMAWeightAveraging, ModelCheckpoint
 
-from leffa.testing import TINY_UNET, TINY_VAE, make_batch
 from leffa.module import LeffaModule
+from leffa.testing import TINY_UNET, TINY_VAE, make_batch
 
 STEPS = 6
 CHECKPOINT_EVERY = 2

@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from leffa.testing import make_batch
 from leffa.module import LeffaModule
 from leffa.sampling import make_scheduler, sample
+from leffa.testing import make_batch
 from leffa.viz import sample_grid
 
 

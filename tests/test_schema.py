@@ -7,16 +7,23 @@ import re
 from pathlib import Path
 
 import pytest
+from raw_datasets import make_vitonhd
+from raw_deepfashion import make_deepfashion
+from raw_dresscode import make_dresscode
 
 from data_prep.__main__ import build_parser
 from data_prep.masks import DRESSCODE_CATEGORIES
 from data_prep.registry import get_converter
 from leffa.errors import UserError
-from leffa.schema import KEY_CATEGORIES, OPTIONAL_MEMBERS, REQUIRED_MEMBERS, TASKS, SampleKey, build_key
+from leffa.schema import (
+    KEY_CATEGORIES,
+    OPTIONAL_MEMBERS,
+    REQUIRED_MEMBERS,
+    TASKS,
+    SampleKey,
+    build_key,
+)
 from leffa.testing import synthetic_sample
-from test_data_prep_deepfashion import make_deepfashion
-from test_data_prep_dresscode import make_dresscode
-from test_data_prep_vitonhd import make_vitonhd
 
 
 def converter_keys(dataset: str, src: Path | None, tmp_path: Path) -> list[tuple[object, str]]:

@@ -25,8 +25,12 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-
-from slurm_cluster import FINISHED, ClusterUnavailable, SlurmCluster, missing_requirements
+from slurm_cluster import (
+    FINISHED,
+    ClusterUnavailable,
+    SlurmCluster,
+    missing_requirements,
+)
 
 pytestmark = pytest.mark.slurm
 

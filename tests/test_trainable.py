@@ -150,7 +150,7 @@ def unet_outputs(module, seed=3):
 
 
 def test_lora_exports_merged_to_the_released_layout_and_to_a_folder(tiny_configs, tmp_path, one_thread):
-    from test_export_released import export, released_file, save_ckpt
+    from released_files import export, released_file, save_ckpt
 
     from leffa.export import export_folder, load_exported
 
