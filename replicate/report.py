@@ -68,8 +68,7 @@ def report(summary: dict) -> str:
         + "; ".join(f"`{f}` ({ROLE.get(f, '')})" for f in summary["identifiability"]) + ".",
         f"- Baseline: {s['baseline_steps']} steps, diffusion loss only, all families pooled (seed 0). From it, per "
         f"family and seed {s['seeds']}: {s['steps']} steps without the Leffa loss (`no_leffa`) and with it "
-        f"(`leffa`); on {s['long_families']} also {s['long_steps']} steps (the {s['steps']}-step numbers are the "
-        f"same runs measured on the way: the learning rate is constant); the ablations on {s['ablation_families']}.",
+        f"(`leffa`)" + _extras(s) + ".",
         f"- Leffa settings: the paper's tau 2.0, theta_resolution 1/32 (token grids 4x3 and 8x6 at 64x48) and "
         f"theta_timestep 500. **lambda_leffa {s['lambda_leffa']}**, 100x the paper's 1e-3: the paper fine-tunes "
         "pretrained attention for thousands of steps, here a continuation is a few hundred steps of a tiny model; "
@@ -155,6 +154,17 @@ def report(summary: dict) -> str:
               f"{s.get('cpus')} CPUs seen. Per stage (s): "
               + ", ".join(f"{k} {v:.0f}" for k, v in secs.items() if k != "total"), ""]
     return "\n".join(lines)
+
+
+def _extras(s: dict) -> str:
+    """The longer continuations and the ablations, where the run had any."""
+    text = ""
+    if s["long_families"] != "[]":
+        text += (f"; on {s['long_families']} also {s['long_steps']} steps (the {s['steps']}-step numbers are the same "
+                 "runs measured on the way: the learning rate is constant)")
+    if s["ablation_families"] != "[]":
+        text += f"; the ablations (per head, no upsampling, theta_timestep 1000) on {s['ablation_families']}"
+    return text or "; no longer continuations and no ablations in this run"
 
 
 def _first(summary: dict) -> dict:
