@@ -84,7 +84,7 @@ def guess_epe(batches: list[dict], guess: str) -> float:
 
 @torch.no_grad()
 def pictures(modules: dict, batch: dict, out: Path, prefix: str, timestep: int = 250) -> list[Path]:
-    """One PNG per module: the same held-out samples, one block of rows per Leffa token grid (coarse
+    """One PNG per module: the same held-out samples, one block of rows per Leffa layer (coarse grids
     first). Columns: target, reference, attention-flow colour, reference warped by the attention flow,
     attention of three query points, ground-truth flow colour, reference warped by the ground truth."""
     gt = batch["flow"].nan_to_num(0.0)

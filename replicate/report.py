@@ -69,6 +69,7 @@ def report(summary: dict) -> str:
         f"- Baseline: {s['baseline_steps']} steps, diffusion loss only, all families pooled (seed 0). From it, per "
         f"family and seed {s['seeds']}: {s['steps']} steps without the Leffa loss (`no_leffa`) and with it "
         f"(`leffa`)" + _extras(s) + ".",
+        *([f"- This run: continuations of {s['continue_families']} only; {s['note']}."] if s.get("note") else []),
         f"- Leffa settings: the paper's tau 2.0, theta_resolution 1/32 (token grids 4x3 and 8x6 at 64x48) and "
         f"theta_timestep 500. **lambda_leffa {s['lambda_leffa']}**, 100x the paper's 1e-3: the paper fine-tunes "
         "pretrained attention for thousands of steps, here a continuation is a few hundred steps of a tiny model; "
@@ -141,8 +142,8 @@ def report(summary: dict) -> str:
                              f"{_yes(c['denoise_no_worse'])} | **{v['verdict']}** |")
     lines += ["", "## Flow pictures", "",
               "Per family, the same held-out samples, t = 250, the baseline, then `no_leffa` and `leffa` (seed "
-              f"{s['seeds'].strip('[]').split(',')[0]}, {s['steps']}+ steps); in each picture the top rows are the "
-              "4x3 layer, the bottom rows the 8x6 layer. Columns: target, reference, attention-flow colour, reference "
+              f"{s['seeds'].strip('[]').split(',')[0]}, {s['steps']}+ steps); in each picture one block of rows (the "
+              "samples) per Leffa layer, the 4x3 layers first, then the 8x6 layers. Columns: target, reference, attention-flow colour, reference "
               "warped by the attention flow, attention of three query points, ground-truth flow colour, reference "
               "warped by the ground truth.", ""]
     for family, files in summary.get("figures", {}).items():

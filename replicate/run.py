@@ -198,10 +198,20 @@ def verdicts(summary: dict, length: str) -> dict:
     return out
 
 
+def add_verdicts(summary: dict) -> None:
+    """The criterion at the main and the long continuation length, from the results (recomputed by
+    --report-only, so that the verdicts always follow the numbers)."""
+    s = summary["settings"]
+    summary["verdicts"] = {s["steps"]: verdicts(summary, s["steps"]), s["long_steps"]: verdicts(summary, s["long_steps"])}
+
+
 def parse(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default=str(ROOT / "replicate"))
     p.add_argument("--families", nargs="+", choices=FAMILIES, default=FAMILIES)
+    p.add_argument("--continue-families", nargs="+", choices=FAMILIES,
+                   help="the families whose continuations run (default: --families; the baseline still pools "
+                        "every family of --families)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--baseline-steps", type=int, default=600)
     p.add_argument("--steps", type=int, default=250, help="steps of each continuation (the criterion's length)")
@@ -234,6 +244,7 @@ def parse(argv=None):
         args.train_samples, args.eval_samples, args.size, args.workers = 8, 4, [64, 48], 0
         args.identifiability_samples, args.identifiability_steps, args.large_identifiability = 4, 30, False
         measure.EVAL_TIMESTEPS[:] = [250]
+    args.continue_families = args.continue_families or args.families
     unknown = set(args.long_families + args.ablation_families) - set(FAMILIES)
     if unknown:
         raise UserError(f"--long-families/--ablation-families: unknown families {sorted(unknown)}; use {FAMILIES}")
@@ -246,7 +257,9 @@ def main(argv=None):
     if args.report_only:
         if not (out / "results.json").is_file():
             raise UserError(f"--report-only: no {out / 'results.json'}; run without --report-only first")
-        write_report(json.loads((out / "results.json").read_text()), out, args.notes)
+        summary = json.loads((out / "results.json").read_text())
+        add_verdicts(summary)
+        write_report(summary, out, args.notes)
         return
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
@@ -267,10 +280,9 @@ def main(argv=None):
     _, seconds["baseline"] = train(baseline, data, [args.baseline_steps], 0, out / "work", None)
     base_state = {k: v.clone() for k, v in baseline.state_dict().items()}
     summary.update(results={}, figures={}, scale={}, seconds=seconds)
-    for family in args.families:
+    for family in args.continue_families:
         run_family(family, base_state, baseline, args, out, settings, summary)
-        summary["verdicts"] = {str(args.steps): verdicts(summary, str(args.steps)),
-                               str(args.long_steps): verdicts(summary, str(args.long_steps))}
+        add_verdicts(summary)
         seconds["total"] = time.perf_counter() - start
         write_report(summary, out, args.notes)  # after every family, so that a stopped run leaves its part
 
