@@ -1,351 +1,290 @@
 """A CPU-scale check of the Leffa paper's claim on the synthetic set, which has exact correspondence.
 
-1. Train a baseline stage (diffusion loss only) with the tiny model.
-2. From it, continue with the same steps and seed: without the Leffa loss, with it, and with the
-   ablations (no head average, no flow upsampling, theta_timestep 1000), for each seed.
-3. On held-out samples, at t < theta_timestep, measure per Leffa layer: the end-point error of the
-   attention flow against the ground-truth flow (pixels, inside the mask), the warp L2 (Eq. 4) and
-   the denoising loss; write ``report.md``, ``results.json`` and pictures.
+0. Identifiability, from data and Eq. 4 alone (no model): per texture family and token grid, free
+   per-token queries optimised on the warp loss; the fraction of the gap centre guess ->
+   least-squares floor they close decides whether the family/grid is a valid test.
+1. One baseline stage (diffusion loss only) with the tiny model, on all families pooled.
+2. From it, per family and seed: the same steps without the Leffa loss and with it (and, on the
+   families named, longer runs and the ablations: per head, no upsampling, theta_timestep 1000).
+3. On held-out samples, at t < theta_timestep, per Leffa token grid: the end-point error of the
+   attention flow against the ground-truth flow, warp L2 (Eq. 4), entropy, denoising loss; the
+   pre-registered criterion (``criterion.py``) and its verdict per family/grid; ``report.md``,
+   ``results.json`` and flow pictures per family (baseline, no_leffa, leffa; same samples).
 
     python replicate/run.py --out replicate            # the full run (make replicate)
-    python replicate/run.py --out /tmp/r --smoke       # a handful of steps, for the test suite
+    python replicate/run.py --out /tmp/r --quick       # a handful of steps, for the test suite
+    python replicate/run.py --out replicate --report-only   # report.md again from results.json
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
-import statistics
+import os
 import sys
 import time
 from pathlib import Path
 
 import lightning as L
 import torch
-import torch.nn.functional as F
-from torchvision.utils import make_grid
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+ROOT = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(ROOT), str(ROOT / "replicate")]
 
+import measure  # noqa: E402
+from criterion import verdict  # noqa: E402
 from data_prep.__main__ import main as data_prep_main  # noqa: E402
+from data_prep.synthetic_textures import TEXTURES  # noqa: E402
+from identifiability import (cell_average, centre_flow, end_point_error, free_query_fit, gap_closed,  # noqa: E402
+                             least_squares_floor)
 from leffa.data import LeffaDataModule  # noqa: E402
 from leffa.data.batch import to_model_batch  # noqa: E402
-from leffa.flow_viz import (capture_flows, flow_figure, flow_to_rgb, head_averaged_attention,  # noqa: E402
-                             layer_flows, noised_forward, query_attention, warp)
-from leffa.losses import coordinate_map, diffusion_loss, warp_loss  # noqa: E402
+from leffa.errors import UserError  # noqa: E402
+from leffa.losses import warp_loss  # noqa: E402
 from leffa.module import LeffaModule  # noqa: E402
-from leffa.viz import save_png, to_unit  # noqa: E402
-from leffa.visualize import QUERY_POINTS  # noqa: E402
+from report import write_report  # noqa: E402
 
-# Continuations of the baseline: name -> module settings (on top of the shared ones below).
+# Continuations of the baseline: name -> module settings on top of the shared ones.
 RUNS = {
     "no_leffa": dict(use_leffa_loss=False),
     "leffa": dict(use_leffa_loss=True),
     "leffa_per_head": dict(use_leffa_loss=True, average_heads=False),
     "leffa_no_upsample": dict(use_leffa_loss=True, upsample_flow=False),
     "leffa_all_timesteps": dict(use_leffa_loss=True, theta_timestep=1000),
-    "leffa_lambda_x10": dict(use_leffa_loss=True, lambda_scale=10.0),
 }
-EVAL_TIMESTEPS = [100, 250, 400]  # all below theta_timestep = 500
+ABLATIONS = ("leffa_per_head", "leffa_no_upsample", "leffa_all_timesteps")
+FAMILIES = list(TEXTURES)  # periodic (negative control), ramp (positive control), smooth, prints, mixed
+TRAINED_VAE = ROOT / "assets" / "tiny_vae_synthetic"
 
 
-def module_settings(lambda_leffa: float, learning_rate: float) -> dict:
-    return dict(
+def module_settings(args) -> dict:
+    settings = dict(
         unet_config=ROOT / "configs/model/tiny_unet.yaml",
         vae_config=ROOT / "configs/model/tiny_vae.yaml",
         # "tryon": mask + masked-image latent. The synthetic DensePose colours each pixel by its
         # reference coordinate, i.e. it would hand the model the answer; try-on conditioning does not.
         conditioning="tryon",
-        learning_rate=learning_rate,
-        lambda_leffa=lambda_leffa,
+        learning_rate=args.learning_rate,
+        lambda_leffa=args.lambda_leffa,
         p_drop_ref=0.0,
     )
+    if args.vae != "random":
+        folder = Path(args.vae_folder or TRAINED_VAE)
+        if not (folder / "config.json").is_file():
+            raise UserError(f"--vae trained: no AutoencoderKL folder at {folder}; train it first or pass --vae-folder")
+        settings["vae_pretrained"] = str(folder)
+    return settings
 
 
-def train(module: LeffaModule, data: LeffaDataModule, steps: int, seed: int, root: Path, name: str = "") -> float:
-    print(f"[replicate] {name or 'training'}: {steps} steps, seed {seed}", flush=True)
+class EvaluateAt(L.Callback):
+    """Evaluate the module on held-out batches after the given optimizer steps (one run, several lengths)."""
+
+    def __init__(self, steps: list[int], batches: list[dict]):
+        self.steps, self.batches, self.results = set(steps), batches, {}
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        step = trainer.global_step
+        if step in self.steps and step not in self.results:
+            self.results[step] = measure.evaluate(pl_module, self.batches)
+
+
+def train(module: LeffaModule, data: LeffaDataModule, lengths: list[int], seed: int, root: Path,
+          batches: list[dict] | None) -> tuple[dict, float]:
+    """Train for max(lengths) steps from ``seed``; evaluate after each length when ``batches`` are given."""
     L.seed_everything(seed, verbose=False)
-    trainer = L.Trainer(max_steps=steps, accelerator="cpu", logger=False, enable_checkpointing=False,
+    evaluator = EvaluateAt(lengths, batches or [])
+    trainer = L.Trainer(max_steps=max(lengths), accelerator="cpu", logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
-                        default_root_dir=root)
+                        default_root_dir=root, callbacks=[evaluator] if batches else [])
     start = time.perf_counter()
     trainer.fit(module, datamodule=data)
-    return time.perf_counter() - start
+    if batches:
+        for length in lengths:  # a run that stopped early (it never does) is measured where it ended
+            evaluator.results.setdefault(length, measure.evaluate(module, batches))
+    return {str(k): v for k, v in sorted(evaluator.results.items())}, time.perf_counter() - start
 
 
-def end_point_error(flow: torch.Tensor, gt: torch.Tensor) -> float:
-    """Mean distance in pixels between a token-grid flow (B, h, w, 2), bilinearly upsampled, and the
-    ground truth (B, H, W, 2), over the pixels where the ground truth is defined (not NaN)."""
-    H, W = gt.shape[1:3]
-    up = F.interpolate(flow.permute(0, 3, 1, 2), size=(H, W), mode="bilinear", align_corners=True).permute(0, 2, 3, 1)
-    # normalised -> pixels: x spans W - 1 pixels over [-1, 1], y spans H - 1
-    dx, dy = (up[..., 0] - gt[..., 0]) * (W - 1) / 2, (up[..., 1] - gt[..., 1]) * (H - 1) / 2
-    return torch.sqrt(dx ** 2 + dy ** 2)[~torch.isnan(gt[..., 0])].mean().item()
+def make_shards(out: Path, family: str, args, size: tuple[int, int], train: int, test: int) -> Path:
+    """Train and test shards of one texture family (every family: the same geometry per sample)."""
+    folder = out / "work" / f"shards_{size[0]}x{size[1]}" / family
+    if not (folder / "manifest.json").is_file():
+        common = ["--height", str(size[0]), "--width", str(size[1]), "--shard-size", "64", "--seed", "0",
+                  "--texture", family]
+        if train:
+            data_prep_main(["synthetic", "--out", str(folder), "--count", str(train), "--split", "train", *common])
+        data_prep_main(["synthetic", "--out", str(folder), "--count", str(test), "--split", "test", *common])
+    return folder
 
 
-def ground_truth_at_grid(batch: dict, grid: tuple[int, int]) -> torch.Tensor:
-    """The ground-truth flow averaged over each token's pixels inside the mask (the reference centre
-    where a token has none): the best a flow at that token grid can be, (B, h, w, 2)."""
-    gt = batch["flow"].permute(0, 3, 1, 2)
-    valid = (~torch.isnan(gt[:, :1])).float()
-    total = F.interpolate(gt.nan_to_num(0.0) * valid, size=grid, mode="area")
-    count = F.interpolate(valid, size=grid, mode="area")
-    return (total / count.clamp_min(1e-6)).permute(0, 2, 3, 1)
+def held_out(folder: Path, size: tuple[int, int], batch_size: int) -> list[dict]:
+    data = LeffaDataModule(predict_shards=f"{folder}@test", height=size[0], width=size[1],
+                           val_batch_size=batch_size, num_workers=0)
+    return [to_model_batch(b) for b in data.predict_dataloader()]
 
 
-def ground_truth_scale(batches: list[dict], grids: list[str]) -> dict:
-    """Per Leffa token grid: EPE and warp L2 (Eq. 4) of the ground truth itself at that grid."""
+def identifiability(batch: dict, grid: tuple[int, int], steps: int) -> dict:
+    """Step 0 on one batch: centre guess, cell average, least-squares floor and the free-query fit."""
+    gt = batch["flow"]
+    flows = {"centre": centre_flow(gt, grid), "cell_average": cell_average(gt, grid),
+             "floor": least_squares_floor(gt, grid)}
+    fit, losses = free_query_fit(batch, grid, steps=steps, lr=1.0, tau=2.0)
+    flows["fit"] = fit
     out = {}
-    for name in grids:
-        grid = tuple(int(v) for v in name.split("x"))
-        flows = [(ground_truth_at_grid(b, grid), b) for b in batches]
-        out[name] = {"epe_px": statistics.mean(end_point_error(f, b["flow"]) for f, b in flows),
-                     "warp_l2": statistics.mean(warp_loss(f, b["ref"], b["tgt"], b["mask"]).mean().item()
-                                                for f, b in flows)}
+    for name, flow in flows.items():
+        out[f"{name}_epe_px"] = end_point_error(flow, gt)
+        out[f"{name}_warp_l2"] = warp_loss(flow, batch["ref"], batch["tgt"], batch["mask"]).mean().item()
+    out["gap_closed"] = gap_closed(out["centre_epe_px"], out["fit_epe_px"], out["floor_epe_px"])
+    out["samples"] = int(gt.shape[0])
     return out
 
 
-@torch.no_grad()
-def evaluate(module: LeffaModule, batches: list[dict]) -> dict:
-    """Mean over samples, timesteps and Leffa layers (and per layer resolution)."""
-    module.eval()
-    epe, warp, entropy, spread, denoise, per_grid = [], [], [], [], [], {}
-    for batch in batches:
-        gt = batch["flow"]  # (B, H, W, 2), NaN outside the mask
-        centre = torch.where(torch.isnan(gt), gt, torch.zeros_like(gt))  # the reference centre, same mask
-        valid = ~torch.isnan(gt[..., 0])
-        for t in EVAL_TIMESTEPS:
-            prediction, noise = noised_forward(module, batch, timestep=t, seed=t)
-            denoise.append(diffusion_loss(prediction, noise).mean().item())
-            for item in capture_flows(module).values():
-                flow = item["flow"]
-                err = end_point_error(flow, gt)
-                epe.append(err)
-                spread.append(end_point_error(flow, centre))
-                per_grid.setdefault(f"{item['capture'].grid[0]}x{item['capture'].grid[1]}", []).append(err)
-                warp.append(warp_loss(flow, batch["ref"], batch["tgt"], batch["mask"]).mean().item())
-                entropy.append(attention_entropy(item["capture"], module.hparams.tau, valid))
-    return {"epe_px": statistics.mean(epe), "warp_l2": statistics.mean(warp), "denoise": statistics.mean(denoise),
-            "entropy": statistics.mean(entropy), "spread_px": statistics.mean(spread),
-            "epe_px_by_grid": {k: statistics.mean(v) for k, v in sorted(per_grid.items())}}
+def step_zero(out: Path, args) -> dict:
+    """Identifiability per family and grid: 64x48 (4x3, 8x6) and, unless --quick, 128x96 (16x12)."""
+    sizes = [(tuple(args.size), [(args.size[0] // 16, args.size[1] // 16), (args.size[0] // 8, args.size[1] // 8)])]
+    if args.large_identifiability:
+        sizes.append(((2 * args.size[0], 2 * args.size[1]), [(args.size[0] // 4, args.size[1] // 4)]))
+    result = {}
+    for family in args.families:
+        for size, grids in sizes:
+            folder = make_shards(out, family, args, size, 0 if size != tuple(args.size) else args.train_samples,
+                                 args.eval_samples)
+            batch = held_out(folder, size, args.identifiability_samples)[0]
+            for grid in grids:
+                key = f"{measure.grid_name(grid)} at {size[0]}x{size[1]}"
+                result.setdefault(family, {})[key] = identifiability(batch, grid, args.identifiability_steps)
+                print(f"[replicate] step 0 {family} {key}: {result[family][key]['gap_closed']:.2f} of the gap",
+                      flush=True)
+    return result
 
 
-def attention_entropy(capture, tau: float, valid: torch.Tensor) -> float:
-    """Entropy of the head-averaged attention of the query tokens inside the mask (``valid``, at image
-    size), over log(keys): 1 is uniform attention (the flow then points at the reference centre), 0 one-hot."""
-    attn = head_averaged_attention(capture, tau)  # (B, n, keys)
-    ent = -(attn * attn.clamp_min(1e-12).log()).sum(-1) / math.log(attn.shape[-1])
-    inside = F.interpolate(valid[:, None].float(), size=capture.grid, mode="area").flatten(1) > 0.5
-    return ent[inside].mean().item() if inside.any() else float("nan")
+def run_family(family: str, base_state: dict, baseline: LeffaModule, args, out: Path, settings: dict,
+               summary: dict) -> None:
+    """Every continuation of one family, its measures, flow pictures and scale lines, into ``summary``."""
+    results, seconds = summary["results"], summary["seconds"]
+    folder = out / "work" / f"shards_{args.size[0]}x{args.size[1]}" / family
+    batches = held_out(folder, tuple(args.size), args.batch_size)
+    summary["scale"][family] = {f"{g}_epe_px": measure.guess_epe(batches, g) for g in ("identity", "centre")}
+    results[family] = {"baseline": {"0": [measure.evaluate(baseline, batches)]}}
+    runs = ["no_leffa", "leffa"] + (list(ABLATIONS) if family in args.ablation_families else [])
+    shown = {"baseline": baseline}
+    for name in runs:
+        lengths = [args.steps] + ([args.long_steps] if family in args.long_families and name in ("no_leffa", "leffa")
+                                  else [])
+        for seed in args.seeds:
+            data = LeffaDataModule(train_shards=str(folder), height=args.size[0], width=args.size[1],
+                                   batch_size=args.batch_size, num_workers=args.workers, shuffle_buffer=64,
+                                   hflip=False, seed=seed)
+            module = LeffaModule(**{**settings, **RUNS[name]})
+            module.load_state_dict(base_state)
+            print(f"[replicate] {family} {name} seed {seed}: {max(lengths)} steps", flush=True)
+            measured, seconds[f"{family}/{name}/{seed}"] = train(module, data, lengths, seed, out / "work", batches)
+            for length, metrics in measured.items():
+                results[family].setdefault(name, {}).setdefault(length, []).append(metrics)
+            if seed == args.seeds[0] and name in ("no_leffa", "leffa"):
+                shown[name] = module
+    summary["figures"][family] = [str(p.relative_to(out)) for p in measure.pictures(shown, batches[0], out / "figures", family)]
 
 
-def guess_epe(batches: list[dict], guess: str) -> float:
-    """EPE of a flow that knows nothing, for scale: ``identity`` (each pixel maps to the same place)
-    or ``centre`` (every pixel maps to the reference centre: what uniform attention gives)."""
-    errs = []
-    for batch in batches:
-        gt = batch["flow"]
-        H, W = gt.shape[1:3]
-        flow = coordinate_map(H, W).view(1, H, W, 2).expand_as(gt)
-        errs.append(end_point_error(flow if guess == "identity" else torch.zeros_like(gt), gt))
-    return statistics.mean(errs)
+def verdicts(summary: dict, length: str) -> dict:
+    """The criterion per family and grid at one continuation length (where both runs have it)."""
+    out = {}
+    for family, runs in summary["results"].items():
+        if length not in runs.get("no_leffa", {}) or length not in runs.get("leffa", {}):
+            continue
+        for grid in runs["leffa"][length][0]["by_grid"]:
+            step0 = summary["identifiability"][family][f"{grid} at {summary['settings']['size']}"]
+            out.setdefault(family, {})[grid] = verdict(runs["no_leffa"][length], runs["leffa"][length], grid,
+                                                       step0["floor_epe_px"], step0["gap_closed"])
+    return out
 
 
-def overfit_check(settings: dict, batch: dict, steps: int, lr: float) -> dict:
-    """Can the Leffa loss alone, on one held-out batch at every timestep, pull the attention flow onto
-    the ground truth? Adam on the Leffa loss only; metrics of that batch before and after."""
-    torch.manual_seed(0)
-    module = LeffaModule(**{**settings, "use_leffa_loss": True, "theta_timestep": 1000})
-    module.setup("fit")
-    optimizer = torch.optim.Adam([p for p in module.parameters() if p.requires_grad], lr=lr)
-    before, losses = evaluate(module, [batch]), []
-    for _ in range(steps):
-        module.train()
-        optimizer.zero_grad(set_to_none=True)
-        module.compute_loss(batch, torch.Generator().manual_seed(0), train=False)
-        loss = module.leffa_loss(batch["ref"], batch["tgt"], batch["mask"]).mean()
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
-    return {"steps": steps, "lr": lr, "leffa_first": losses[0], "leffa_last": losses[-1], "before": before,
-            "after": evaluate(module, [batch])}
+def add_verdicts(summary: dict) -> None:
+    """The criterion at the main and the long continuation length, from the results (recomputed by
+    --report-only, so that the verdicts always follow the numbers)."""
+    s = summary["settings"]
+    summary["verdicts"] = {s["steps"]: verdicts(summary, s["steps"]), s["long_steps"]: verdicts(summary, s["long_steps"])}
 
 
-def pictures(modules: dict[str, LeffaModule], batch: dict, out: Path) -> list[Path]:
-    """Flow pictures of the finest Leffa layer, baseline continuation vs Leffa, same samples."""
-    written = []
-    for name, module in modules.items():
-        flows = layer_flows(module, batch, timestep=250)
-        finest = max(flows, key=lambda n: flows[n]["capture"].grid[0])
-        item = flows[finest]
-        tiles = flow_figure(batch, item["flow"], query_attention(item["capture"], QUERY_POINTS, module.hparams.tau))
-        gt = batch["flow"].nan_to_num(0.0)
-        extra = torch.stack([flow_to_rgb(gt), to_unit(warp(batch["ref"], gt))], dim=1)
-        grid = make_grid(torch.cat([tiles, extra], dim=1).flatten(0, 1), nrow=tiles.shape[1] + 2, padding=2,
-                         pad_value=1.0)
-        written.append(save_png(grid, out / f"flow_{name}.png"))
-    return written
-
-
-def main(argv=None):
+def parse(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default=str(ROOT / "replicate"))
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
-    p.add_argument("--baseline-steps", type=int, default=800)
-    p.add_argument("--steps", type=int, default=250, help="steps of each continuation")
+    p.add_argument("--families", nargs="+", choices=FAMILIES, default=FAMILIES)
+    p.add_argument("--continue-families", nargs="+", choices=FAMILIES,
+                   help="the families whose continuations run (default: --families; the baseline still pools "
+                        "every family of --families)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--baseline-steps", type=int, default=600)
+    p.add_argument("--steps", type=int, default=250, help="steps of each continuation (the criterion's length)")
+    p.add_argument("--long-steps", type=int, default=750, help="the longer continuation of --long-families")
+    p.add_argument("--long-families", nargs="*", default=["ramp"])
+    p.add_argument("--ablation-families", nargs="*", default=["ramp"])
     p.add_argument("--lambda-leffa", type=float, default=0.1)
     p.add_argument("--learning-rate", type=float, default=1e-4)
-    p.add_argument("--runs", nargs="+", choices=list(RUNS), default=list(RUNS), help="continuations to run")
+    p.add_argument("--vae", choices=["random", "trained"], default="random",
+                   help="the tiny VAE: random and frozen, or the one trained for the synthetic set")
+    p.add_argument("--vae-folder", help=f"AutoencoderKL folder for --vae trained (default {TRAINED_VAE})")
     p.add_argument("--size", type=int, nargs=2, default=[64, 48], metavar=("H", "W"))
     p.add_argument("--train-samples", type=int, default=256)
     p.add_argument("--eval-samples", type=int, default=16)
     p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--check-steps", type=int, default=200, help="steps of the Leffa-only overfit check")
+    p.add_argument("--workers", type=int, default=1, help="data loader workers of each training run")
+    p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    p.add_argument("--identifiability-samples", type=int, default=8)
+    p.add_argument("--identifiability-steps", type=int, default=400)
+    p.add_argument("--no-large-identifiability", dest="large_identifiability", action="store_false",
+                   help="skip step 0 at twice the size (16x12 grid)")
     p.add_argument("--notes", type=Path, default=ROOT / "replicate/notes.md",
                    help="hand-written reading of the result, appended to the report when the file exists")
     p.add_argument("--report-only", action="store_true",
                    help="rewrite report.md from the results.json already in --out (no training)")
-    p.add_argument("--smoke", action="store_true", help="a handful of steps, to check the pipeline")
+    p.add_argument("--quick", action="store_true", help="a handful of steps on tiny sets, to check the pipeline")
     args = p.parse_args(argv)
-    if args.smoke:
-        args.seeds, args.baseline_steps, args.steps, args.check_steps = [0], 3, 2, 2
-        args.train_samples, args.eval_samples, args.size = 8, 2, [64, 48]
-        EVAL_TIMESTEPS[:] = [250]
-    out = Path(args.out)
-    (out / "figures").mkdir(parents=True, exist_ok=True)
-    h, w = args.size
-    shards = out / "work" / "shards"
-    if not (shards / "manifest.json").is_file():
-        data_prep_main(["synthetic", "--out", str(shards), "--count", str(args.train_samples), "--split", "train",
-                        "--height", str(h), "--width", str(w), "--shard-size", "64", "--seed", "0"])
-        data_prep_main(["synthetic", "--out", str(shards), "--count", str(args.eval_samples), "--split", "test",
-                        "--height", str(h), "--width", str(w), "--shard-size", "64", "--seed", "0"])
-    data = LeffaDataModule(train_shards=str(shards), height=h, width=w, batch_size=args.batch_size,
-                           num_workers=1, shuffle_buffer=64, hflip=False, val_batch_size=args.eval_samples)
-    eval_data = LeffaDataModule(predict_shards=f"{shards}@test", height=h, width=w,
-                                val_batch_size=args.batch_size, num_workers=0)
-    eval_batches = [to_model_batch(b) for b in eval_data.predict_dataloader()]
-    if args.report_only:  # the trained results as they are; the measures of the data and the text anew
-        write_report(json.loads((out / "results.json").read_text()), args, eval_batches, out)
-        return
+    if args.quick:
+        args.seeds, args.baseline_steps, args.steps, args.long_steps = [0, 1], 2, 2, 3
+        args.train_samples, args.eval_samples, args.size, args.workers = 8, 4, [64, 48], 0
+        args.identifiability_samples, args.identifiability_steps, args.large_identifiability = 4, 30, False
+        measure.EVAL_TIMESTEPS[:] = [250]
+    args.continue_families = args.continue_families or args.families
+    unknown = set(args.long_families + args.ablation_families) - set(FAMILIES)
+    if unknown:
+        raise UserError(f"--long-families/--ablation-families: unknown families {sorted(unknown)}; use {FAMILIES}")
+    return args
 
-    settings = module_settings(args.lambda_leffa, args.learning_rate)
+
+def main(argv=None):
+    args = parse(argv)
+    out = Path(args.out)
+    if args.report_only:
+        if not (out / "results.json").is_file():
+            raise UserError(f"--report-only: no {out / 'results.json'}; run without --report-only first")
+        summary = json.loads((out / "results.json").read_text())
+        add_verdicts(summary)
+        write_report(summary, out, args.notes)
+        return
+    torch.set_num_threads(args.threads)
+    start = time.perf_counter()
+    seconds = {}
+    summary = {"settings": {**{k: str(v) for k, v in vars(args).items() if k != "notes"},
+                            "size": f"{args.size[0]}x{args.size[1]}", "eval_timesteps": list(measure.EVAL_TIMESTEPS),
+                            "threads": torch.get_num_threads(), "cpus": os.cpu_count()}}
+    summary["identifiability"] = step_zero(out, args)
+    seconds["step 0 and data"] = time.perf_counter() - start
+
+    settings = module_settings(args)
     torch.manual_seed(0)
     baseline = LeffaModule(**settings, use_leffa_loss=False)
-    seconds = {"baseline": train(baseline, data, args.baseline_steps, 0, out / "work", "baseline")}
+    folders = [str(out / "work" / f"shards_{args.size[0]}x{args.size[1]}" / f) for f in args.families]
+    data = LeffaDataModule(train_shards=folders, height=args.size[0], width=args.size[1], batch_size=args.batch_size,
+                           num_workers=args.workers, shuffle_buffer=64, hflip=False, seed=0)
+    print(f"[replicate] baseline: {args.baseline_steps} steps on {', '.join(args.families)}", flush=True)
+    _, seconds["baseline"] = train(baseline, data, [args.baseline_steps], 0, out / "work", None)
     base_state = {k: v.clone() for k, v in baseline.state_dict().items()}
-    results = {"baseline": [evaluate(baseline, eval_batches)]}
-    finals = {}
-    for name in args.runs:
-        options = dict(RUNS[name])
-        options["lambda_leffa"] = args.lambda_leffa * options.pop("lambda_scale", 1.0)
-        results[name] = []
-        for seed in args.seeds:
-            module = LeffaModule(**{**settings, **options})
-            module.load_state_dict(base_state)
-            seconds[f"{name}/{seed}"] = train(module, data, args.steps, seed, out / "work", name)
-            results[name].append(evaluate(module, eval_batches))
-            finals.setdefault(name, module)
-            print(f"{name} seed {seed}: {results[name][-1]}", flush=True)
-    shown = {"baseline": baseline, **{name: finals[name] for name in ("no_leffa", "leffa") if name in finals}}
-    written = pictures(shown, eval_batches[0], out / "figures")
-    start = time.perf_counter()
-    check = overfit_check(settings, eval_batches[0], args.check_steps, 1e-3)
-    seconds["overfit_check"] = time.perf_counter() - start
-    summary = {"settings": {k: str(v) for k, v in vars(args).items()}, "results": results, "overfit_check": check,
-               "seconds": seconds, "figures": [str(f.relative_to(out)) for f in written]}
-    write_report(summary, args, eval_batches, out)
-
-
-def write_report(summary: dict, args, eval_batches: list[dict], out: Path) -> None:
-    grids = list(summary["results"]["baseline"][0]["epe_px_by_grid"])
-    summary.update(identity_epe_px=guess_epe(eval_batches, "identity"), centre_epe_px=guess_epe(eval_batches, "centre"),
-                   ground_truth_at_grid=ground_truth_scale(eval_batches, grids))
-    (out / "results.json").write_text(json.dumps(summary, indent=2))
-    (out / "report.md").write_text(report(summary, args, out))
-    print(f"wrote {out / 'report.md'}")
-
-
-def _cell(values: list[float]) -> str:
-    if len(values) == 1:
-        return f"{values[0]:.3f}"
-    return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
-
-
-def _row(name: str, runs: list[dict], grids: list[str]) -> str:
-    cells = [_cell([r[key] for r in runs]) for key in ("epe_px", "warp_l2", "denoise", "entropy", "spread_px")]
-    cells += [_cell([r["epe_px_by_grid"][g] for r in runs]) for g in grids]
-    return f"| {name} | " + " | ".join(cells) + " |"
-
-
-RUN_NOTES = {
-    "baseline": "the starting point of every row below",
-    "no_leffa": "diffusion loss only",
-    "leffa": "+ Leffa loss (paper settings, lambda as stated)",
-    "leffa_per_head": "Tab. 8: loss per head, no head average",
-    "leffa_no_upsample": "Tab. 8: images downsampled to the flow instead",
-    "leffa_all_timesteps": "Fig. 5: theta_timestep 1000",
-    "leffa_lambda_x10": "Leffa with 10x lambda",
-}
-
-
-def report(summary: dict, args, out: Path) -> str:
-    res = summary["results"]
-    grids = list(res["baseline"][0]["epe_px_by_grid"])
-    check = summary["overfit_check"]
-    lines = [
-        "# Leffa on the synthetic set, CPU scale",
-        "",
-        "Written by `make replicate` (`replicate/run.py`) together with `results.json` (every number, per seed) "
-        "and `figures/`.",
-        "",
-        f"- Tiny model (`configs/model/tiny_unet.yaml`, `tiny_vae.yaml`; the VAE is random and frozen), "
-        f"{args.size[0]}x{args.size[1]} synthetic samples ({args.train_samples} train, {args.eval_samples} held out), "
-        f"batch {args.batch_size}, AdamW lr {args.learning_rate:g}, try-on conditioning (the synthetic DensePose "
-        "colours each pixel by its reference coordinate, i.e. it would hand the model the answer).",
-        f"- Baseline: {args.baseline_steps} steps with the diffusion loss only (seed 0). Each continuation then "
-        f"trains {args.steps} more steps from it with seeds {args.seeds} (mean ± standard deviation over seeds).",
-        f"- Leffa settings: the paper's tau 2.0, theta_resolution 1/32 and theta_timestep 500; lambda_leffa "
-        f"{args.lambda_leffa:g} instead of the paper's 1e-3, because a continuation is {args.steps} steps rather "
-        "than the paper's 10k+.",
-        f"- Measured on the held-out samples at t in {list(EVAL_TIMESTEPS)} (all below theta_timestep), every Leffa "
-        f"layer (token grids {', '.join(grids)}): EPE = mean end-point error in pixels between the head-averaged "
-        "attention flow (bilinearly upsampled) and the ground-truth flow, inside the mask; warp L2 = Eq. 4; "
-        "denoise = epsilon MSE; entropy = entropy of the head-averaged attention of the masked query tokens over "
-        "log(number of keys) (1 = uniform attention, 0 = one-hot); flow reach = mean distance in pixels of the "
-        f"attention flow from the reference centre (the ground truth's is {summary['centre_epe_px']:.2f} px).",
-        f"- For scale, flows that know nothing: the identity map has an EPE of {summary['identity_epe_px']:.2f} px; "
-        f"pointing every pixel at the reference centre (what uniform attention gives) {summary['centre_epe_px']:.2f} px.",
-        "- The ground truth itself, averaged over each token's pixels (the best flow a token grid can hold): "
-        + "; ".join(f"{g}: EPE {v['epe_px']:.2f} px, warp L2 {v['warp_l2']:.4f}"
-                    for g, v in summary["ground_truth_at_grid"].items()) + ".",
-        "",
-        "| run | attention-flow EPE (px) | warp L2 | denoising loss | attention entropy | flow reach (px) |"
-        + "".join(f" EPE {g} |" for g in grids) + " what it is |",
-        "|---|---|---|---|---|---|" + "---|" * len(grids) + "---|",
-    ]
-    lines += [_row(name, runs, grids) + f" {RUN_NOTES.get(name, '')} |" for name, runs in res.items()]
-    b, a = check["before"], check["after"]
-    lines += [
-        "",
-        f"Leffa-only overfit check (one held-out batch, every timestep, Adam lr {check['lr']:g}, {check['steps']} "
-        f"steps on the Leffa loss alone, from random weights): Leffa loss {check['leffa_first']:.3f} -> "
-        f"{check['leffa_last']:.3f}; warp L2 {b['warp_l2']:.4f} -> {a['warp_l2']:.4f}; attention-flow EPE "
-        f"{b['epe_px']:.2f} -> {a['epe_px']:.2f} px; attention entropy {b['entropy']:.3f} -> {a['entropy']:.3f}; flow "
-        f"reach {b['spread_px']:.2f} -> {a['spread_px']:.2f} px.",
-        "",
-        "Pictures (finest Leffa layer, t = 250, the same held-out samples; columns: target, reference, "
-        "attention-flow colour, reference warped by the attention flow, attention of three query points, "
-        "ground-truth flow colour, reference warped by the ground truth):",
-        "",
-    ]
-    lines += [f"**{Path(f).stem.removeprefix('flow_')}**\n\n![{Path(f).stem}]({f})\n" for f in summary["figures"]]
-    lines += ["Wall time (s): " + ", ".join(f"{k} {v:.0f}" for k, v in summary["seconds"].items()), ""]
-    if args.notes and Path(args.notes).is_file():
-        lines += [Path(args.notes).read_text()]
-    return "\n".join(lines)
+    summary.update(results={}, figures={}, scale={}, seconds=seconds)
+    for family in args.continue_families:
+        run_family(family, base_state, baseline, args, out, settings, summary)
+        add_verdicts(summary)
+        seconds["total"] = time.perf_counter() - start
+        write_report(summary, out, args.notes)  # after every family, so that a stopped run leaves its part
 
 
 if __name__ == "__main__":

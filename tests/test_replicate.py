@@ -1,4 +1,5 @@
-"""The replication pipeline end to end, with a handful of steps (make replicate runs the real one)."""
+"""The replication: step 0's measures on known cases, and the pipeline end to end with --quick
+(``make replicate`` runs the real one)."""
 
 import json
 import math
@@ -7,29 +8,141 @@ import sys
 from pathlib import Path
 from types import SimpleNamespace
 
+import pytest
 import torch
+import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "replicate"))
 
-from run import attention_entropy, guess_epe  # noqa: E402
+from identifiability import (cell_average, centre_flow, end_point_error, free_query_fit, gap_closed,  # noqa: E402
+                             least_squares_floor)
+from measure import attention_entropy, guess_epe  # noqa: E402
+
+FAMILIES = ["periodic", "ramp", "smooth", "prints", "mixed"]
 
 
-def test_replicate_smoke(tmp_path):
-    subprocess.run([sys.executable, str(ROOT / "replicate" / "run.py"), "--out", str(tmp_path), "--smoke"],
+def _bilinear_flow(grid, size, seed=0):
+    """A flow that is exactly the align_corners=True upsampling of random grid values, NaN outside a disc."""
+    values = torch.rand(1, *grid, 2, generator=torch.Generator().manual_seed(seed)) * 1.6 - 0.8
+    flow = F.interpolate(values.permute(0, 3, 1, 2), size=size, mode="bilinear", align_corners=True)
+    flow = flow.permute(0, 2, 3, 1).clone()
+    ys, xs = torch.meshgrid(torch.linspace(-1, 1, size[0]), torch.linspace(-1, 1, size[1]), indexing="ij")
+    flow[0][xs ** 2 + ys ** 2 > 0.8] = float("nan")
+    return values, flow
+
+
+def test_least_squares_floor_recovers_a_flow_the_grid_can_hold_and_beats_the_cell_average():
+    for grid in [(4, 3), (8, 6)]:
+        _, gt = _bilinear_flow(grid, (64, 48))
+        floor = end_point_error(least_squares_floor(gt, grid), gt)
+        average = end_point_error(cell_average(gt, grid), gt)
+        assert floor < 1e-3, (grid, floor)
+        assert average > 0.3, (grid, average)  # cells centred half a cell in from the token positions
+        assert end_point_error(centre_flow(gt, grid), gt) > average
+
+
+def test_least_squares_floor_leaves_tokens_without_masked_pixels_at_the_centre():
+    gt = torch.full((1, 16, 12, 2), float("nan"))
+    gt[0, :4, :3] = 0.5  # only the top-left corner is defined
+    floor = least_squares_floor(gt, (4, 3))
+    assert torch.isfinite(floor).all()
+    assert floor[0, 3, 2].abs().max() < 1e-6  # the far corner token touches no masked pixel
+
+
+def test_gap_closed_is_the_fraction_of_the_way_from_the_start_to_the_floor():
+    assert gap_closed(16.0, 16.0, 0.0) == 0
+    assert gap_closed(16.0, 8.0, 0.0) == 0.5
+    assert gap_closed(16.0, 1.0, 1.0) == 1
+    assert gap_closed(16.0, 18.0, 0.0) < 0
+
+
+def _held_out(tmp_path, family, count=4):
+    from data_prep.__main__ import main as data_prep_main
+    from leffa.data import LeffaDataModule
+    from leffa.data.batch import to_model_batch
+
+    folder = tmp_path / family
+    data_prep_main(["synthetic", "--out", str(folder), "--count", str(count), "--split", "test", "--height", "64",
+                    "--width", "48", "--seed", "0", "--texture", family])
+    data = LeffaDataModule(predict_shards=f"{folder}@test", height=64, width=48, val_batch_size=count, num_workers=0)
+    return to_model_batch(next(iter(data.predict_dataloader())))
+
+
+def test_free_queries_find_the_flow_on_ramp_references_and_not_on_periodic_ones(tmp_path):
+    grid, closed = (8, 6), {}
+    for family in ("ramp", "periodic"):
+        batch = _held_out(tmp_path, family)
+        gt = batch["flow"]
+        fit, losses = free_query_fit(batch, grid, steps=200, lr=1.0)
+        assert losses[-1] < losses[0]  # on both the warp loss falls ...
+        closed[family] = gap_closed(end_point_error(centre_flow(gt, grid), gt), end_point_error(fit, gt),
+                                    end_point_error(least_squares_floor(gt, grid), gt))
+    # ... but only a reference whose colour names the position leads the flow to the ground truth
+    assert closed["ramp"] > 0.5 and closed["periodic"] < 0.2, closed
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("replicate")
+    subprocess.run([sys.executable, str(ROOT / "replicate" / "run.py"), "--out", str(out), "--quick", "--threads", "1"],
                    check=True, capture_output=True)
-    summary = json.loads((tmp_path / "results.json").read_text())
-    runs = {"baseline", "no_leffa", "leffa", "leffa_per_head", "leffa_no_upsample", "leffa_all_timesteps",
-            "leffa_lambda_x10"}
-    assert set(summary["results"]) == runs
-    for name in runs:
-        result = summary["results"][name][0]
-        assert 0 < result["epe_px"] < 100 and result["warp_l2"] > 0 and result["denoise"] > 0
-        assert 0 < result["entropy"] <= 1 and result["spread_px"] >= 0
-    assert summary["overfit_check"]["steps"] == 2 and "epe_px" in summary["overfit_check"]["after"]
-    report = (tmp_path / "report.md").read_text()
-    assert all(f"| {name} |" in report for name in runs)
-    assert (tmp_path / "figures" / "flow_leffa.png").stat().st_size > 0
+    return out, json.loads((out / "results.json").read_text())
+
+
+def test_quick_run_has_step_zero_and_the_runs_of_every_family(quick_run):
+    out, summary = quick_run
+    grids = ["4x3", "8x6"]
+    assert list(summary["identifiability"]) == FAMILIES
+    for family, measures in summary["identifiability"].items():
+        assert list(measures) == [f"{g} at 64x48" for g in grids]
+        for m in measures.values():
+            # the least-squares floor is below the cell average, which is below the centre guess
+            assert m["floor_epe_px"] < m["cell_average_epe_px"] < m["centre_epe_px"]
+            assert math.isfinite(m["gap_closed"]) and m["fit_warp_l2"] < m["centre_warp_l2"]
+    assert set(summary["results"]) == set(FAMILIES)
+    for family, runs in summary["results"].items():
+        expected = {"baseline", "no_leffa", "leffa"}
+        if family == "ramp":
+            expected |= {"leffa_per_head", "leffa_no_upsample", "leffa_all_timesteps"}
+            assert list(runs["leffa"]) == ["2", "3"]  # the short and the long continuation
+        assert set(runs) == expected
+        centre = summary["scale"][family]["centre_epe_px"]
+        for name, lengths in runs.items():
+            for seeds in lengths.values():
+                assert len(seeds) == (1 if name == "baseline" else 2)
+                for r in seeds:
+                    assert list(r["by_grid"]) == grids
+                    # a model of a few steps attends almost uniformly: its flow sits near the centre guess
+                    assert all(abs(r["by_grid"][g]["epe_px"] - centre) < 2.0 for g in grids)
+                    assert all(0 < r["by_grid"][g]["entropy"] <= 1 for g in grids) and r["denoise"] > 0
+
+
+def test_quick_run_has_a_verdict_per_family_and_grid_and_the_report(quick_run):
+    out, summary = quick_run
+    table = summary["verdicts"]["2"]
+    assert set(table) == set(FAMILIES) and all(set(v) == {"4x3", "8x6"} for v in table.values())
+    assert set(summary["verdicts"]["3"]) == {"ramp"}
+    for family, grids in table.items():
+        for grid, v in grids.items():
+            valid = summary["identifiability"][family][f"{grid} at 64x48"]["gap_closed"] >= 0.5
+            assert v["checks"]["valid_test"] == valid
+            assert v["verdict"].startswith("effect" if valid else "not a valid test")
+    report = (out / "report.md").read_text()
+    # the criterion is stated before the results
+    assert report.index("## Step 0") < report.index("## Criterion") < report.index("## Results")
+    assert all(f"| {family} | 4x3 |" in report for family in FAMILIES)
+    for family in FAMILIES:
+        for run in ("baseline", "no_leffa", "leffa"):
+            assert (out / "figures" / f"{family}_{run}.png").stat().st_size > 0
+
+
+def test_report_only_rewrites_the_report_from_results_json(quick_run, tmp_path):
+    out, summary = quick_run
+    (tmp_path / "results.json").write_text(json.dumps(summary))
+    subprocess.run([sys.executable, str(ROOT / "replicate" / "run.py"), "--out", str(tmp_path), "--report-only"],
+                   check=True, capture_output=True)
+    assert "## Criterion" in (tmp_path / "report.md").read_text()
 
 
 def test_guess_epe_is_zero_for_its_own_flow_and_measures_pixels():
