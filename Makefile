@@ -58,7 +58,7 @@ bench: install
 
 # The paper's claim at CPU scale on the synthetic set, per texture family: writes replicate/report.md, results.json, figures/ (about 25 min on 2 free cores).
 replicate: install
-	$(PY) replicate/run.py --out replicate
+	$(PY) replicate/run.py --out replicate --vae trained
 
 clean:
 	rm -rf $(VENV) *.egg-info

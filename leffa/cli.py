@@ -25,6 +25,13 @@ from leffa.callbacks import ImageWriter
 from leffa.checkpoints import check_checkpoint
 from leffa.errors import UserError, user_errors_as_one_line
 
+DESCRIPTION = (
+    "leffa: training, sampling and evaluation for Leffa (learning flow fields in attention) person image "
+    "generation. fit, validate, test and predict are Lightning's, with the project's model and data; "
+    "also: `leffa eval` (FID, KID, SSIM, LPIPS on image folders), `leffa export` (a checkpoint as a "
+    "diffusers-style folder or in the released .pth layout) and `leffa visualize` (attention-flow "
+    "pictures of a checkpoint). `leffa <command> --help` for each."
+)
 EXTRA_COMMANDS = {
     "eval": "leffa.evaluate:eval_main",
     "visualize": "leffa.visualize:visualize_main",
@@ -147,7 +154,7 @@ def _main(args: list[str] | None) -> None:
             save_config_callback=RunConfigSaver,
             # one place for the optimizer and schedule: model.optimizer and model.lr_schedule
             auto_configure_optimizers=False,
-            parser_kwargs={"parser_mode": "omegaconf+"},
+            parser_kwargs={"parser_mode": "omegaconf+", "description": DESCRIPTION},
             args=expand_bases(argv),
         )
     except InterpolationResolutionError as error:

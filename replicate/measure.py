@@ -14,12 +14,19 @@ import torch
 import torch.nn.functional as F
 from torchvision.utils import make_grid
 
-from identifiability import end_point_error
-from leffa.flow_viz import capture_flows, flow_figure, flow_to_rgb, head_averaged_attention, noised_forward, \
-    query_attention, warp
+from leffa.flow_viz import (
+    capture_flows,
+    end_point_error,
+    flow_figure,
+    flow_to_rgb,
+    head_averaged_attention,
+    noised_forward,
+    query_attention,
+    warp,
+)
 from leffa.losses import coordinate_map, diffusion_loss, warp_loss
-from leffa.viz import save_png, to_unit
 from leffa.visualize import QUERY_POINTS
+from leffa.viz import save_png, to_unit
 
 EVAL_TIMESTEPS = [100, 250, 400]  # all below theta_timestep = 500
 

@@ -7,7 +7,7 @@ import os
 import statistics
 from pathlib import Path
 
-import criterion
+from replicate import criterion
 
 RUN_NOTES = {
     "baseline": "diffusion loss only, all families pooled: the start of every row below",

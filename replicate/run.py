@@ -29,20 +29,26 @@ import lightning as L
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(ROOT), str(ROOT / "replicate")]
+sys.path.insert(0, str(ROOT))
 
-import measure  # noqa: E402
-from criterion import verdict  # noqa: E402
 from data_prep.__main__ import main as data_prep_main  # noqa: E402
 from data_prep.synthetic_textures import TEXTURES  # noqa: E402
-from identifiability import (cell_average, centre_flow, end_point_error, free_query_fit, gap_closed,  # noqa: E402
-                             least_squares_floor)
 from leffa.data import LeffaDataModule  # noqa: E402
 from leffa.data.batch import to_model_batch  # noqa: E402
 from leffa.errors import UserError  # noqa: E402
 from leffa.losses import warp_loss  # noqa: E402
 from leffa.module import LeffaModule  # noqa: E402
-from report import write_report  # noqa: E402
+from replicate import measure  # noqa: E402
+from replicate.criterion import verdict  # noqa: E402
+from replicate.identifiability import (  # noqa: E402
+    cell_average,
+    centre_flow,
+    end_point_error,
+    free_query_fit,
+    gap_closed,
+    least_squares_floor,
+)
+from replicate.report import write_report  # noqa: E402
 
 # Continuations of the baseline: name -> module settings on top of the shared ones.
 RUNS = {

@@ -7,7 +7,7 @@
 #SBATCH --gpus-per-node=8
 #SBATCH --cpus-per-task=8        # data.num_workers (4) + the training process + headroom
 #SBATCH --time=24:00:00
-#SBATCH --signal=USR1@180        # 180 s before the time limit: checkpoint and requeue (Lightning)
+#SBATCH --signal=USR1@180        # 180 s before the time limit: checkpoint and requeue (leffa.requeue.SlurmRequeue)
 #SBATCH --requeue
 #SBATCH --open-mode=append
 #SBATCH --output=leffa-stage2-%j.out

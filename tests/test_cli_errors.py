@@ -63,3 +63,13 @@ def test_console_script_prints_one_line_and_exits_2(tmp_path):
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1].startswith(f"error: no diffusers unet at {tmp_path / 'none'}")
     assert "Traceback" not in result.stderr
+
+
+def test_help_says_what_leffa_is_and_lists_every_command(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["--help"])
+    assert exit_info.value.code == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "Lightning Trainer command line tool" not in out and out.count("leffa") > 1
+    for command in ("fit", "validate", "test", "predict", "leffa eval", "leffa export", "leffa visualize"):
+        assert command in out

@@ -13,11 +13,16 @@ import torch
 import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "replicate"))
 
-from identifiability import (cell_average, centre_flow, end_point_error, free_query_fit, gap_closed,  # noqa: E402
-                             least_squares_floor)
-from measure import attention_entropy, guess_epe  # noqa: E402
+from replicate.identifiability import (  # noqa: E402
+    cell_average,
+    centre_flow,
+    end_point_error,
+    free_query_fit,
+    gap_closed,
+    least_squares_floor,
+)
+from replicate.measure import attention_entropy, guess_epe  # noqa: E402
 
 FAMILIES = ["periodic", "ramp", "smooth", "prints", "mixed"]
 

@@ -4,8 +4,8 @@ machine (tests/slurm_cluster.py), the tiny model on CPU (configs/ci/slurm_cpu.ya
 - ``slurm/chain.sh`` runs the three try-on stages in order, each on two nodes (one rank per
   node, DDP over gloo), each stage starting from the previous stage's weights.
 - SIGUSR1 to a running stage (what ``--signal=USR1@180`` sends before the time limit) makes
-  Lightning save ``hpc_ckpt_1.ckpt`` and requeue the job; the requeued job resumes from it and
-  finishes at ``max_steps``.
+  ``leffa.requeue.SlurmRequeue`` save ``hpc_ckpt_1.ckpt`` at a step boundary and requeue the job;
+  the requeued job resumes from it and finishes at ``max_steps``.
 
 Needs root, the SLURM and munge packages (``make slurm-deps``) and network namespaces; skips
 otherwise. Takes a few minutes: deselect with ``-k "not slurm"``.
