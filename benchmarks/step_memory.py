@@ -126,12 +126,11 @@ def training_step(module, batch: dict, optimizer, clip: float | None = 1.0, bf16
     """One micro-batch of a step with gradient accumulation, then the optimizer step: forward and
     backward (adding to the gradients already there), clipping, step, gradients set to None."""
     generator = torch.Generator().manual_seed(0)
-    with contextlib.ExitStack() as stack:
-        if bf16:
-            stack.enter_context(cuda_autocast_policy())
-            stack.enter_context(torch.autocast("cpu", dtype=torch.bfloat16))
-        loss = module.compute_loss(batch, generator, train=False)[0]
-    loss.backward()
+    # the float32 policy stays on through backward: checkpointed blocks recompute under autocast there
+    with cuda_autocast_policy() if bf16 else contextlib.nullcontext():
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss = module.compute_loss(batch, generator, train=False)[0]
+        loss.backward()
     del loss
     params = [p for g in optimizer.param_groups for p in g["params"]]
     if clip is not None:

@@ -130,7 +130,7 @@ def main(argv=None):
                     variant = (f"{trainable}, {OPTIMIZERS[optimizer]}, checkpointing {ckpt}: "
                                f"{counted['trainable_params'] / 1e6:.1f} M trainable; fits "
                                + (f"{card} GB" if card else "no card up to 80 GB"))
-                    print(f"[train_memory] {variant}; peak {peak['Total'] / GIB:.2f} GiB "
+                    print(f"[train_memory] {variant}; "
                           f"{ {k: round(v / GIB, 2) for k, v in peak.items()} } "
                           f"counted { {k: round(v / GIB, 2) for k, v in counted.items() if k != 'trainable_params'} }",
                           file=sys.stderr, flush=True)
