@@ -9,8 +9,13 @@ What a CUDA bf16-mixed step does differently from the fake CPU step, and how it 
 
 * autocast: the step runs under CPU bf16 autocast with CUDA's policy for the normalisation layers
   (:func:`cuda_autocast_policy`: ``group_norm``, ``layer_norm`` and ``softmax`` in float32, as
-  CUDA autocast runs them; CPU autocast would keep them in bf16). Attention is the fused kernel
+  CUDA autocast runs them; CPU autocast would keep them in bf16). Other ops follow CPU autocast,
+  whose bf16 list (convolutions, matmuls, attention) is CUDA's. Attention is the fused kernel
   (CUDA: flash attention, saving its output and log-sum-exp, as the CPU flash kernel does).
+* autocast's weight cache is off (with it on, fake tensors crash the process): CUDA's cache keeps
+  the bf16 copy of every trainable weight until the forward ends, which costs nothing extra
+  where backward saves that copy anyway, but 2 bytes per trainable parameter under gradient
+  checkpointing; :func:`autocast_cache_bytes` adds that as a bound.
 * AdamW: ``foreach=True`` as ``torch.optim.AdamW`` defaults to on CUDA (its step holds one float32
   temporary per trainable parameter).
 * 8-bit AdamW (``bitsandbytes``, which needs a GPU): :class:`AdamW8bitState` allocates the state
@@ -32,12 +37,13 @@ import warnings
 import weakref
 
 import torch
+import torch.nn.functional as F
 from torch.distributed._tools.common_utils import get_untyped_storages
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_map_only
 
 __all__ = ["cuda_autocast_policy", "AdamW8bitState", "training_step", "tracked_peak", "profiled_peak",
-           "LiveBytes", "static_bytes", "smallest_card", "CARDS_GIB", "MARGIN_GIB", "FRAGMENTATION"]
+           "LiveBytes", "static_bytes", "autocast_cache_bytes", "smallest_card", "CARDS_GIB", "MARGIN_GIB", "FRAGMENTATION"]
 
 # common cards, GiB of memory; what must stay free besides the tracked peak: the CUDA context with
 # cuBLAS/cuDNN workspaces (about 1 GiB) and the caching allocator's fragmentation (10% of the peak)
@@ -46,34 +52,34 @@ MARGIN_GIB = 1.0
 FRAGMENTATION = 0.10
 GIB = 1024 ** 3
 # CUDA autocast runs these in float32 (CPU autocast leaves them in the input's dtype)
-FLOAT32_OPS = ("group_norm", "layer_norm", "softmax.int", "log_softmax.int")
+FLOAT32_OPS = ("group_norm", "layer_norm", "softmax", "log_softmax")
 
 
 @contextlib.contextmanager
 def cuda_autocast_policy():
-    """CPU bf16 autocast that runs :data:`FLOAT32_OPS` in float32, as CUDA autocast does."""
-    lib = torch.library.Library("aten", "IMPL")
-    autocast_cpu = torch._C.DispatchKeySet(torch._C.DispatchKey.AutocastCPU)
+    """CPU bf16 autocast that runs :data:`FLOAT32_OPS` in float32, as CUDA autocast does: while
+    on, those ``torch.nn.functional`` functions take float32 inputs under CPU autocast."""
+    originals = {name: getattr(F, name) for name in FLOAT32_OPS}
 
-    def in_float32(op):
-        def kernel(*args, **kwargs):
-            with torch._C._ExcludeDispatchKeyGuard(autocast_cpu):
-                args, kwargs = tree_map_only(
-                    torch.Tensor, lambda t: t.float() if t.dtype in (torch.bfloat16, torch.float16) else t,
-                    (args, kwargs))
-                return op(*args, **kwargs)
-        return kernel
+    def in_float32(function):
+        @functools.wraps(function)
+        def wrapper(input, *args, **kwargs):
+            if torch.is_autocast_enabled("cpu") and input.dtype in (torch.bfloat16, torch.float16):
+                with torch.autocast("cpu", enabled=False):
+                    args, kwargs = tree_map_only(
+                        torch.Tensor, lambda t: t.float() if t.dtype in (torch.bfloat16, torch.float16) else t,
+                        (args, kwargs))
+                    return function(input.float(), *args, **kwargs)
+            return function(input, *args, **kwargs)
+        return wrapper
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # "overriding a previously registered kernel"
-        for name in FLOAT32_OPS:
-            packet, _, overload = name.partition(".")
-            lib.impl(name, in_float32(getattr(getattr(torch.ops.aten, packet), overload or "default")),
-                     "AutocastCPU")
+    for name, function in originals.items():
+        setattr(F, name, in_float32(function))
     try:
         yield
     finally:
-        lib._destroy()
+        for name, function in originals.items():
+            setattr(F, name, function)
 
 
 class AdamW8bitState(torch.optim.Optimizer):
@@ -128,7 +134,7 @@ def training_step(module, batch: dict, optimizer, clip: float | None = 1.0, bf16
     generator = torch.Generator().manual_seed(0)
     # the float32 policy stays on through backward: checkpointed blocks recompute under autocast there
     with cuda_autocast_policy() if bf16 else contextlib.nullcontext():
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16, cache_enabled=False):
             loss = module.compute_loss(batch, generator, train=False)[0]
         loss.backward()
     del loss
@@ -179,6 +185,11 @@ class LiveBytes(TorchDispatchMode):
         if entry is not None:
             self.current -= entry[1]
 
+    def __exit__(self, *exc):
+        # drop the weak references (and their callbacks) once the count is over
+        self._live.clear()
+        return super().__exit__(*exc)
+
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         tree_map_only(torch.Tensor, self._add, out)
@@ -195,7 +206,8 @@ def tracked_peak(fn, *held) -> dict[str, int]:
         tracker.peak = start
         fn()
         gc.collect()
-    return {"start": start, "peak": tracker.peak, "end": tracker.current}
+        end = tracker.current
+    return {"start": start, "peak": tracker.peak, "end": end}
 
 
 def profiled_peak(fn) -> int:
@@ -235,6 +247,12 @@ def static_bytes(module, optimizer_kind: str, ema: bool = True) -> dict[str, int
         state += sum(2 * p.numel() + 8 * -(-p.numel() // AdamW8bitState.BLOCK) for p in large)
     return {"weights": weights, "gradients": grads, "optimizer": state, "ema": grads if ema else 0,
             "trainable_params": sum(p.numel() for p in trainable)}
+
+
+def autocast_cache_bytes(module, checkpointing: bool) -> int:
+    """What autocast's weight cache adds to the counted peak (see the module docstring): the bf16
+    copies of the trainable weights under gradient checkpointing, else nothing."""
+    return sum(2 * p.numel() for p in module.parameters() if p.requires_grad) if checkpointing else 0
 
 
 def smallest_card(peak_bytes: float) -> int | None:
