@@ -33,7 +33,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import gc
-import warnings
 import weakref
 
 import torch

@@ -24,8 +24,8 @@ from pathlib import Path
 
 import torch
 from step_memory import (
-    GIB, autocast_cache_bytes, init_optimizer_state, make_optimizer, profiled_peak, smallest_card, static_bytes, tracked_peak,
-    training_step,
+    GIB, autocast_cache_bytes, init_optimizer_state, make_optimizer, profiled_peak, smallest_card, static_bytes,
+    tracked_peak, training_step,
 )
 from table import add_output_flag, emit, row
 
