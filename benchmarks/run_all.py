@@ -31,13 +31,16 @@ SD15 = ["--unet-config", str(ROOT / "configs/model/sd15_unet.yaml"),
 
 def commands(args) -> dict[str, list[str]]:
     """Script -> its arguments. The GPU run uses SD1.5's shapes at 1024x768 in bf16."""
+    # train_memory.py counts GPU memory without a GPU (SD1.5 at 1024x768): the same row on every machine
+    memory = {"train_memory.py": []}
     if args.device == "cpu":
-        return {"leffa_overhead.py": [], "loader_throughput.py": [], "sampling_speed.py": []}
+        return {"leffa_overhead.py": [], "loader_throughput.py": [], "sampling_speed.py": [], **memory}
     gpu = ["--device", "cuda", "--bf16", "--height", "1024", "--width", "768"] + (SD15 if args.sd15 else [])
     return {
         "leffa_overhead.py": gpu + ["--batch", "2", "--token-counts", "3072", "6144", "12288"],
         "loader_throughput.py": ["--workers", "1", "2", "4", "8"],
         "sampling_speed.py": gpu + ["--batch", "1", "--steps", "30"],
+        **memory,
     }
 
 
