@@ -218,7 +218,7 @@ def make_strategy(case: str):
         return ModelParallelStrategy(data_parallel_size=WORLD, tensor_parallel_size=1)
     if case == "fsdp1":
         return fsdp_strategy_from_config(cpu_fsdp_strategy_class())
-    raise ValueError(f"unknown case {case!r}; valid: ddp, ddp_accumulate, ddp_nonfinite, fsdp2, fsdp2_bf16, fsdp2_resume, fsdp1")
+    raise ValueError(f"unknown case {case!r}; valid: ddp, ddp_accumulate, ddp_nonfinite, fsdp2, fsdp2_bf16, fsdp2_resume, fsdp2_attention, fsdp1")
 
 
 def fit(case: str, module: LeffaModule, out: Path, steps: int = STEPS, ckpt_path: Path | None = None,
@@ -269,7 +269,8 @@ def worker(case: str, out: Path) -> None:
         torch.save({"stopped": stopped, "weights": module.state_dict()}, out / f"rank{rank}.pt")
         return
     accumulate = ACCUMULATE if case == "ddp_accumulate" else 1
-    module = build_module(SGDLeffa, **(SELECTING if case == "ddp_accumulate" else {}))
+    overrides = SELECTING if case == "ddp_accumulate" else dict(trainable="attention") if case == "fsdp2_attention" else {}
+    module = build_module(SGDLeffa, **overrides)
     # the dtype a layer computes in: the parameter it sees during the forward (gathered, cast)
     compute_dtypes = set()
     layer = module.generative_unet.down_blocks[0].attentions[0].transformer_blocks[0].attn1.to_q
@@ -332,6 +333,7 @@ ddp_nonfinite_run = two_process_fixture("ddp_nonfinite")
 fsdp2_run = two_process_fixture("fsdp2")
 fsdp2_bf16_run = two_process_fixture("fsdp2_bf16")
 fsdp2_resume_run = two_process_fixture("fsdp2_resume")
+fsdp2_attention_run = two_process_fixture("fsdp2_attention")
 fsdp1_run = two_process_fixture("fsdp1")
 
 
@@ -343,16 +345,18 @@ def max_difference(a: dict, b: dict) -> float:
     return max((a[k] - b[k]).abs().max().item() for k in a if a[k].is_floating_point())
 
 
-def single_process(ranks: list[dict], **wrong) -> tuple[list[list[float]], dict]:
+def single_process(ranks: list[dict], module_settings: dict | None = None,
+                   **wrong) -> tuple[list[list[float]], dict]:
     """Per-rank losses and final weights of ``reference_run`` with the ranks' generators."""
-    module = build_module(SGDLeffa)
+    module = build_module(SGDLeffa, **(module_settings or {}))
     module.setup("fit")
     losses = reference_run(module, [r["generator"] for r in ranks], **wrong)
     return losses, module.state_dict()
 
 
-def assert_trains_like_one_process(ranks: list[dict], weights: dict, tolerance: float = 1e-5) -> None:
-    losses, expected = single_process(ranks)
+def assert_trains_like_one_process(ranks: list[dict], weights: dict, tolerance: float = 1e-5,
+                                   module_settings: dict | None = None) -> None:
+    losses, expected = single_process(ranks, module_settings)
     for rank in range(WORLD):
         assert len(ranks[rank]["losses"]) == STEPS
         torch.testing.assert_close(ranks[rank]["losses"], losses[rank], atol=tolerance, rtol=tolerance)
@@ -607,3 +611,14 @@ def test_fsdp_strategy_from_the_config_on_one_gpu(tmp_path, own_process_group):
 
 if __name__ == "__main__":
     main(sys.argv[1], Path(sys.argv[2]))
+
+
+@pytest.mark.distributed
+def test_fsdp2_with_only_the_attention_trainable_trains_like_one_process(fsdp2_attention_run):
+    ranks = load_ranks(fsdp2_attention_run)
+    full = torch.load(fsdp2_attention_run / "full.pt", weights_only=True)
+    assert_trains_like_one_process(ranks, full, module_settings=dict(trainable="attention"))
+    # the frozen weights stayed as they were; the self-attention moved
+    initial = build_module(trainable="attention").state_dict()
+    moved = {k for k in full if not torch.equal(full[k], initial[k])}
+    assert moved and all(".attn1." in k or "conv_in" in k for k in moved), sorted(moved)[:5]
