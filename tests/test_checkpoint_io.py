@@ -158,6 +158,8 @@ def test_every_training_config_writes_checkpoints_atomically(monkeypatch, capsys
 
     monkeypatch.setenv("LEFFA_SD15", "/nowhere")
     monkeypatch.setenv("LEFFA_SHARDS", "/nowhere")
+    monkeypatch.setenv("LEFFA_RELEASED", "/nowhere/virtual_tryon.pth")  # the fine-tuning recipes
+    monkeypatch.setenv("LEFFA_RELEASED_DC", "/nowhere/virtual_tryon_dc.pth")
     stages = sorted(p for p in (ROOT / "configs").glob("*.yaml") if p.name != "predict.yaml")
     combos = [[stage] for stage in stages] + [
         [ROOT / "configs" / "vton_512.yaml", ROOT / "configs" / "strategy" / "fsdp.yaml"],
