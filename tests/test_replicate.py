@@ -95,6 +95,7 @@ def quick_run(tmp_path_factory):
     return out, json.loads((out / "results.json").read_text())
 
 
+@pytest.mark.slow  # they share one --quick run of replicate/run.py (about 2 minutes)
 def test_quick_run_has_step_zero_and_the_runs_of_every_family(quick_run):
     out, summary = quick_run
     grids = ["4x3", "8x6"]
@@ -123,6 +124,7 @@ def test_quick_run_has_step_zero_and_the_runs_of_every_family(quick_run):
                     assert all(0 < r["by_grid"][g]["entropy"] <= 1 for g in grids) and r["denoise"] > 0
 
 
+@pytest.mark.slow  # they share one --quick run of replicate/run.py (about 2 minutes)
 def test_quick_run_has_a_verdict_per_family_and_grid_and_the_report(quick_run):
     out, summary = quick_run
     table = summary["verdicts"]["2"]
@@ -142,6 +144,7 @@ def test_quick_run_has_a_verdict_per_family_and_grid_and_the_report(quick_run):
             assert (out / "figures" / f"{family}_{run}.png").stat().st_size > 0
 
 
+@pytest.mark.slow  # they share one --quick run of replicate/run.py (about 2 minutes)
 def test_report_only_rewrites_the_report_from_results_json(quick_run, tmp_path):
     out, summary = quick_run
     (tmp_path / "results.json").write_text(json.dumps(summary))
