@@ -28,10 +28,10 @@ from pathlib import Path
 import numpy as np
 
 from data_prep.keypoints import draw_coco18
-from data_prep.load import check_file_names, load_rgb
+from data_prep.load import load_rgb
 from data_prep.sample import SampleError, build_sample
 from leffa.errors import UserError
-from leffa.pair_file import quote, read_text_lines
+from leffa.pair_file import check_file_names, quote, read_text_lines
 from leffa.schema import build_key
 
 DATASET = "deepfashion"

@@ -10,8 +10,7 @@ import numpy as np
 from PIL import Image
 
 from data_prep.sample import SampleError
-from leffa.errors import UserError
-from leffa.pair_file import read_pair_file
+from leffa.pair_file import check_file_names, read_pair_file
 
 # PIL raises OSError for missing, truncated or unidentified files, SyntaxError for broken PNG
 # chunks and ValueError/EOFError for some malformed headers. An image of more pixels than
@@ -80,12 +79,3 @@ def read_pair_lines(path: Path, columns: tuple[str, ...], root_hint: str) -> lis
     if not path.is_file():
         raise FileNotFoundError(f"pair file {path} not found; {root_hint}")
     return [(number, check_file_names(path, number, fields)) for number, fields in read_pair_file(path, columns)]
-
-
-def check_file_names(path: Path, number: int, names: list[str]) -> list[str]:
-    """`names` from line `number` of `path`, refused (UserError) unless each is a plain file name:
-    names from data files are joined to dataset folders, so none may lead out of them."""
-    for name in names:
-        if name in (".", "..") or Path(name).name != name or "\\" in name:
-            raise UserError(f"{path}:{number}: {name!r} is not a plain file name; pair files name files, not paths")
-    return names

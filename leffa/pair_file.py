@@ -12,7 +12,7 @@ from pathlib import Path
 
 from leffa.errors import UserError
 
-__all__ = ["read_text_lines", "read_pair_file"]
+__all__ = ["read_text_lines", "read_pair_file", "check_file_names"]
 
 _SHOWN = 80  # characters of an offending line quoted in an error
 
@@ -58,3 +58,12 @@ def read_pair_file(path: Path, columns: tuple[str, ...]) -> list[tuple[int, list
             )
         rows.append((number, fields))
     return rows
+
+
+def check_file_names(path: Path, number: int, names: list[str]) -> list[str]:
+    """`names` from line `number` of `path`, refused (UserError) unless each is a plain file name:
+    names from data files are joined to dataset folders, so none may lead out of them."""
+    for name in names:
+        if name in (".", "..") or Path(name).name != name or "\\" in name:
+            raise UserError(f"{path}:{number}: {name!r} is not a plain file name; pair files name files, not paths")
+    return names
