@@ -151,7 +151,7 @@ def report(summary: dict) -> str:
         lines += ["", *(f"![{Path(f).stem}]({f})" for f in files), ""]
     secs = summary.get("seconds", {})
     lines += ["## Wall time", "",
-              f"{secs.get('total', 0) / 60:.1f} min in all on {s.get('threads')} torch thread(s), "
+              f"{secs.get('total', 0) / 60:.1f} min in all on {s.get('processes')} one-thread worker processes, "
               f"{s.get('cpus')} CPUs seen. Per stage (s): "
               + ", ".join(f"{k} {v:.0f}" for k, v in secs.items() if k != "total"), ""]
     return "\n".join(lines)

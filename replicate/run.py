@@ -11,6 +11,8 @@
    pre-registered criterion (``criterion.py``) and its verdict per family/grid; ``report.md``,
    ``results.json`` and flow pictures per family (baseline, no_leffa, leffa; same samples).
 
+The jobs (``jobs.py``) run on ``--processes`` one-thread worker processes.
+
     python replicate/run.py --out replicate            # the full run (make replicate)
     python replicate/run.py --out /tmp/r --quick       # a handful of steps, for the test suite
     python replicate/run.py --out replicate --report-only   # report.md again from results.json
@@ -20,12 +22,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
-import lightning as L
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -33,31 +36,12 @@ sys.path.insert(0, str(ROOT))
 
 from data_prep.__main__ import main as data_prep_main  # noqa: E402
 from data_prep.synthetic_textures import TEXTURES  # noqa: E402
-from leffa.data import LeffaDataModule  # noqa: E402
-from leffa.data.batch import to_model_batch  # noqa: E402
 from leffa.errors import UserError  # noqa: E402
-from leffa.losses import warp_loss  # noqa: E402
 from leffa.module import LeffaModule  # noqa: E402
-from replicate import measure  # noqa: E402
+from replicate import jobs, measure  # noqa: E402
 from replicate.criterion import verdict  # noqa: E402
-from replicate.identifiability import (  # noqa: E402
-    cell_average,
-    centre_flow,
-    end_point_error,
-    free_query_fit,
-    gap_closed,
-    least_squares_floor,
-)
 from replicate.report import write_report  # noqa: E402
 
-# Continuations of the baseline: name -> module settings on top of the shared ones.
-RUNS = {
-    "no_leffa": dict(use_leffa_loss=False),
-    "leffa": dict(use_leffa_loss=True),
-    "leffa_per_head": dict(use_leffa_loss=True, average_heads=False),
-    "leffa_no_upsample": dict(use_leffa_loss=True, upsample_flow=False),
-    "leffa_all_timesteps": dict(use_leffa_loss=True, theta_timestep=1000),
-}
 ABLATIONS = ("leffa_per_head", "leffa_no_upsample", "leffa_all_timesteps")
 FAMILIES = list(TEXTURES)  # periodic (negative control), ramp (positive control), smooth, prints, mixed
 TRAINED_VAE = ROOT / "assets" / "tiny_vae_synthetic"
@@ -82,37 +66,13 @@ def module_settings(args) -> dict:
     return settings
 
 
-class EvaluateAt(L.Callback):
-    """Evaluate the module on held-out batches after the given optimizer steps (one run, several lengths)."""
-
-    def __init__(self, steps: list[int], batches: list[dict]):
-        self.steps, self.batches, self.results = set(steps), batches, {}
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        step = trainer.global_step
-        if step in self.steps and step not in self.results:
-            self.results[step] = measure.evaluate(pl_module, self.batches)
+def shard_folder(out: Path, family: str, size: tuple[int, int]) -> Path:
+    return out / "work" / f"shards_{size[0]}x{size[1]}" / family
 
 
-def train(module: LeffaModule, data: LeffaDataModule, lengths: list[int], seed: int, root: Path,
-          batches: list[dict] | None) -> tuple[dict, float]:
-    """Train for max(lengths) steps from ``seed``; evaluate after each length when ``batches`` are given."""
-    L.seed_everything(seed, verbose=False)
-    evaluator = EvaluateAt(lengths, batches or [])
-    trainer = L.Trainer(max_steps=max(lengths), accelerator="cpu", logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
-                        default_root_dir=root, callbacks=[evaluator] if batches else [])
-    start = time.perf_counter()
-    trainer.fit(module, datamodule=data)
-    if batches:
-        for length in lengths:  # a run that stopped early (it never does) is measured where it ended
-            evaluator.results.setdefault(length, measure.evaluate(module, batches))
-    return {str(k): v for k, v in sorted(evaluator.results.items())}, time.perf_counter() - start
-
-
-def make_shards(out: Path, family: str, args, size: tuple[int, int], train: int, test: int) -> Path:
+def make_shards(out: Path, family: str, size: tuple[int, int], train: int, test: int) -> Path:
     """Train and test shards of one texture family (every family: the same geometry per sample)."""
-    folder = out / "work" / f"shards_{size[0]}x{size[1]}" / family
+    folder = shard_folder(out, family, size)
     if not (folder / "manifest.json").is_file():
         common = ["--height", str(size[0]), "--width", str(size[1]), "--shard-size", "64", "--seed", "0",
                   "--texture", family]
@@ -122,73 +82,93 @@ def make_shards(out: Path, family: str, args, size: tuple[int, int], train: int,
     return folder
 
 
-def held_out(folder: Path, size: tuple[int, int], batch_size: int) -> list[dict]:
-    data = LeffaDataModule(predict_shards=f"{folder}@test", height=size[0], width=size[1],
-                           val_batch_size=batch_size, num_workers=0)
-    return [to_model_batch(b) for b in data.predict_dataloader()]
-
-
-def identifiability(batch: dict, grid: tuple[int, int], steps: int) -> dict:
-    """Step 0 on one batch: centre guess, cell average, least-squares floor and the free-query fit."""
-    gt = batch["flow"]
-    flows = {"centre": centre_flow(gt, grid), "cell_average": cell_average(gt, grid),
-             "floor": least_squares_floor(gt, grid)}
-    fit, losses = free_query_fit(batch, grid, steps=steps, lr=1.0, tau=2.0)
-    flows["fit"] = fit
-    out = {}
-    for name, flow in flows.items():
-        out[f"{name}_epe_px"] = end_point_error(flow, gt)
-        out[f"{name}_warp_l2"] = warp_loss(flow, batch["ref"], batch["tgt"], batch["mask"]).mean().item()
-    out["gap_closed"] = gap_closed(out["centre_epe_px"], out["fit_epe_px"], out["floor_epe_px"])
-    out["samples"] = int(gt.shape[0])
-    return out
-
-
-def step_zero(out: Path, args) -> dict:
-    """Identifiability per family and grid: 64x48 (4x3, 8x6) and, unless --quick, 128x96 (16x12)."""
-    sizes = [(tuple(args.size), [(args.size[0] // 16, args.size[1] // 16), (args.size[0] // 8, args.size[1] // 8)])]
+def step_zero_plan(out: Path, family: str, args) -> list:
+    """Step 0's data of one family: 64x48 (4x3, 8x6) and, unless switched off, 128x96 (16x12)."""
+    size = tuple(args.size)
+    plan = [(str(make_shards(out, family, size, args.train_samples, args.eval_samples)), size,
+             [(size[0] // 16, size[1] // 16), (size[0] // 8, size[1] // 8)])]
     if args.large_identifiability:
-        sizes.append(((2 * args.size[0], 2 * args.size[1]), [(args.size[0] // 4, args.size[1] // 4)]))
-    result = {}
-    for family in args.families:
-        for size, grids in sizes:
-            folder = make_shards(out, family, args, size, 0 if size != tuple(args.size) else args.train_samples,
-                                 args.eval_samples)
-            batch = held_out(folder, size, args.identifiability_samples)[0]
-            for grid in grids:
-                key = f"{measure.grid_name(grid)} at {size[0]}x{size[1]}"
-                result.setdefault(family, {})[key] = identifiability(batch, grid, args.identifiability_steps)
-                print(f"[replicate] step 0 {family} {key}: {result[family][key]['gap_closed']:.2f} of the gap",
-                      flush=True)
-    return result
+        large = (2 * size[0], 2 * size[1])
+        plan.append((str(make_shards(out, family, large, 0, args.identifiability_samples)), large,
+                     [(size[0] // 4, size[1] // 4)]))
+    return plan
 
 
-def run_family(family: str, base_state: dict, baseline: LeffaModule, args, out: Path, settings: dict,
-               summary: dict) -> None:
-    """Every continuation of one family, its measures, flow pictures and scale lines, into ``summary``."""
-    results, seconds = summary["results"], summary["seconds"]
-    folder = out / "work" / f"shards_{args.size[0]}x{args.size[1]}" / family
-    batches = held_out(folder, tuple(args.size), args.batch_size)
-    summary["scale"][family] = {f"{g}_epe_px": measure.guess_epe(batches, g) for g in ("identity", "centre")}
-    results[family] = {"baseline": {"0": [measure.evaluate(baseline, batches)]}}
-    runs = ["no_leffa", "leffa"] + (list(ABLATIONS) if family in args.ablation_families else [])
-    shown = {"baseline": baseline}
-    for name in runs:
-        lengths = [args.steps] + ([args.long_steps] if family in args.long_families and name in ("no_leffa", "leffa")
-                                  else [])
-        for seed in args.seeds:
-            data = LeffaDataModule(train_shards=str(folder), height=args.size[0], width=args.size[1],
-                                   batch_size=args.batch_size, num_workers=args.workers, shuffle_buffer=64,
-                                   hflip=False, seed=seed)
-            module = LeffaModule(**{**settings, **RUNS[name]})
-            module.load_state_dict(base_state)
-            print(f"[replicate] {family} {name} seed {seed}: {max(lengths)} steps", flush=True)
-            measured, seconds[f"{family}/{name}/{seed}"] = train(module, data, lengths, seed, out / "work", batches)
+def continuation_jobs(args) -> list[tuple[str, str, int, list[int]]]:
+    """(family, run, seed, lengths) of every continuation, longest first (the pool then ends together)."""
+    jobs = []
+    for family in args.continue_families:
+        for name in ["no_leffa", "leffa"] + (list(ABLATIONS) if family in args.ablation_families else []):
+            long = family in args.long_families and name in ("no_leffa", "leffa")
+            jobs += [(family, name, seed, [args.steps] + ([args.long_steps] if long else [])) for seed in args.seeds]
+    return sorted(jobs, key=lambda job: -max(job[3]))
+
+
+def run_matrix(out: Path, args, summary: dict) -> None:
+    """Step 0, the baseline and every continuation on a pool of one-thread workers, then the flow
+    pictures; the report is rewritten whenever a family's runs are complete."""
+    size, work, base_file = tuple(args.size), str(out / "work"), str(out / "work" / "baseline.pt")
+    settings, seconds, start = module_settings(args), summary["seconds"], time.perf_counter()
+    plans = {family: step_zero_plan(out, family, args) for family in args.families}
+    seconds["data"] = time.perf_counter() - start
+    folders = [str(shard_folder(out, f, size)) for f in args.families]
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(args.processes, mp_context=context, initializer=jobs.init_worker,
+                             initargs=(1, list(measure.EVAL_TIMESTEPS))) as pool:
+        base = pool.submit(jobs.baseline, settings, folders, size, args.batch_size, args.baseline_steps, base_file,
+                           work)
+        zero = [pool.submit(jobs.step_zero, f, plans[f], args.identifiability_samples, args.identifiability_steps)
+                for f in args.families]
+        for future in as_completed(zero):
+            family, result, secs = future.result()
+            summary["identifiability"][family] = result
+            seconds[f"step 0 {family}"] = secs
+        summary["identifiability"] = {f: summary["identifiability"][f] for f in args.families}
+        seconds["baseline"] = base.result()
+        work_list = continuation_jobs(args)
+        pending = {f: sum(job[0] == f for job in work_list) for f in args.continue_families}
+        futures = [pool.submit(jobs.continuation, settings, base_file, family, name, seed, lengths,
+                               str(shard_folder(out, family, size)), size, args.batch_size, work,
+                               seed == args.seeds[0] and name in ("no_leffa", "leffa"))
+                   for family, name, seed, lengths in work_list]
+        shown, collected = {}, {}
+        for future in as_completed(futures):
+            family, name, seed, measured, secs, weights = future.result()
+            seconds[f"{family}/{name}/{seed}"] = secs
+            runs = collected.setdefault(family, {})
             for length, metrics in measured.items():
-                results[family].setdefault(name, {}).setdefault(length, []).append(metrics)
-            if seed == args.seeds[0] and name in ("no_leffa", "leffa"):
-                shown[name] = module
-    summary["figures"][family] = [str(p.relative_to(out)) for p in measure.pictures(shown, batches[0], out / "figures", family)]
+                runs.setdefault(name, {}).setdefault(length, []).append((seed, metrics))
+            if weights is not None:
+                shown.setdefault(family, {})[name] = weights
+            pending[family] -= 1
+            if not pending[family]:
+                finish_family(family, collected.pop(family), out, args, settings, base_file, shown.pop(family, {}),
+                              summary)
+                seconds["total"] = time.perf_counter() - start
+                for part in ("results", "scale", "figures"):  # in the order of --continue-families
+                    summary[part] = {f: summary[part][f] for f in args.continue_families if f in summary[part]}
+                add_verdicts(summary)
+                write_report(summary, out, args.notes)
+
+
+def finish_family(family: str, runs: dict, out: Path, args, settings: dict, base_file: str, shown: dict,
+                  summary: dict) -> None:
+    """Into ``summary``: one family's runs ({run: {length: [(seed, measures)]}}, seeds put in order),
+    the baseline's measures, the guesses for scale and the flow pictures."""
+    size = tuple(args.size)
+    batches = jobs.held_out(shard_folder(out, family, size), size, args.batch_size)
+    for name, lengths in runs.items():
+        for length, per_seed in lengths.items():
+            lengths[length] = [metrics for _, metrics in sorted(per_seed, key=lambda item: item[0])]
+    modules = {"baseline": LeffaModule(**settings, use_leffa_loss=False)}
+    modules["baseline"].load_state_dict(torch.load(base_file, weights_only=True))
+    for name, weights in sorted(shown.items(), key=lambda item: item[0] != "no_leffa"):
+        modules[name] = LeffaModule(**{**settings, **jobs.RUNS[name]})
+        modules[name].load_state_dict(weights)
+    summary["results"][family] = {"baseline": {"0": [measure.evaluate(modules["baseline"], batches)]}, **runs}
+    summary["scale"][family] = {f"{g}_epe_px": measure.guess_epe(batches, g) for g in ("identity", "centre")}
+    summary["figures"][family] = [str(p.relative_to(out))
+                                  for p in measure.pictures(modules, batches[0], out / "figures", family)]
 
 
 def verdicts(summary: dict, length: str) -> dict:
@@ -222,8 +202,8 @@ def parse(argv=None):
     p.add_argument("--baseline-steps", type=int, default=600)
     p.add_argument("--steps", type=int, default=250, help="steps of each continuation (the criterion's length)")
     p.add_argument("--long-steps", type=int, default=750, help="the longer continuation of --long-families")
-    p.add_argument("--long-families", nargs="*", default=["ramp"])
-    p.add_argument("--ablation-families", nargs="*", default=["ramp"])
+    p.add_argument("--long-families", nargs="*", default=["smooth"])
+    p.add_argument("--ablation-families", nargs="*", default=["smooth"])
     p.add_argument("--lambda-leffa", type=float, default=0.1)
     p.add_argument("--learning-rate", type=float, default=1e-4)
     p.add_argument("--vae", choices=["random", "trained"], default="random",
@@ -233,8 +213,8 @@ def parse(argv=None):
     p.add_argument("--train-samples", type=int, default=256)
     p.add_argument("--eval-samples", type=int, default=16)
     p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--workers", type=int, default=1, help="data loader workers of each training run")
-    p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    p.add_argument("--processes", type=int, default=2,
+                   help="worker processes of one torch thread each (the tiny model runs no faster on two threads)")
     p.add_argument("--identifiability-samples", type=int, default=8)
     p.add_argument("--identifiability-steps", type=int, default=400)
     p.add_argument("--no-large-identifiability", dest="large_identifiability", action="store_false",
@@ -247,7 +227,7 @@ def parse(argv=None):
     args = p.parse_args(argv)
     if args.quick:
         args.seeds, args.baseline_steps, args.steps, args.long_steps = [0, 1], 2, 2, 3
-        args.train_samples, args.eval_samples, args.size, args.workers = 8, 4, [64, 48], 0
+        args.train_samples, args.eval_samples, args.size = 8, 4, [64, 48]
         args.identifiability_samples, args.identifiability_steps, args.large_identifiability = 4, 30, False
         measure.EVAL_TIMESTEPS[:] = [250]
     args.continue_families = args.continue_families or args.families
@@ -267,30 +247,12 @@ def main(argv=None):
         add_verdicts(summary)
         write_report(summary, out, args.notes)
         return
-    torch.set_num_threads(args.threads)
-    start = time.perf_counter()
-    seconds = {}
     summary = {"settings": {**{k: str(v) for k, v in vars(args).items() if k != "notes"},
                             "size": f"{args.size[0]}x{args.size[1]}", "eval_timesteps": list(measure.EVAL_TIMESTEPS),
-                            "threads": torch.get_num_threads(), "cpus": os.cpu_count()}}
-    summary["identifiability"] = step_zero(out, args)
-    seconds["step 0 and data"] = time.perf_counter() - start
-
-    settings = module_settings(args)
-    torch.manual_seed(0)
-    baseline = LeffaModule(**settings, use_leffa_loss=False)
-    folders = [str(out / "work" / f"shards_{args.size[0]}x{args.size[1]}" / f) for f in args.families]
-    data = LeffaDataModule(train_shards=folders, height=args.size[0], width=args.size[1], batch_size=args.batch_size,
-                           num_workers=args.workers, shuffle_buffer=64, hflip=False, seed=0)
-    print(f"[replicate] baseline: {args.baseline_steps} steps on {', '.join(args.families)}", flush=True)
-    _, seconds["baseline"] = train(baseline, data, [args.baseline_steps], 0, out / "work", None)
-    base_state = {k: v.clone() for k, v in baseline.state_dict().items()}
-    summary.update(results={}, figures={}, scale={}, seconds=seconds)
-    for family in args.continue_families:
-        run_family(family, base_state, baseline, args, out, settings, summary)
-        add_verdicts(summary)
-        seconds["total"] = time.perf_counter() - start
-        write_report(summary, out, args.notes)  # after every family, so that a stopped run leaves its part
+                            "threads": 1, "cpus": os.cpu_count()},
+               "identifiability": {}, "results": {}, "figures": {}, "scale": {}, "seconds": {}}
+    torch.set_num_threads(1)
+    run_matrix(out, args, summary)
 
 
 if __name__ == "__main__":

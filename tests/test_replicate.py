@@ -90,7 +90,7 @@ def test_free_queries_find_the_flow_on_ramp_references_and_not_on_periodic_ones(
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("replicate")
-    subprocess.run([sys.executable, str(ROOT / "replicate" / "run.py"), "--out", str(out), "--quick", "--threads", "1"],
+    subprocess.run([sys.executable, str(ROOT / "replicate" / "run.py"), "--out", str(out), "--quick"],
                    check=True, capture_output=True)
     return out, json.loads((out / "results.json").read_text())
 
@@ -109,7 +109,7 @@ def test_quick_run_has_step_zero_and_the_runs_of_every_family(quick_run):
     assert set(summary["results"]) == set(FAMILIES)
     for family, runs in summary["results"].items():
         expected = {"baseline", "no_leffa", "leffa"}
-        if family == "ramp":
+        if family == "smooth":
             expected |= {"leffa_per_head", "leffa_no_upsample", "leffa_all_timesteps"}
             assert list(runs["leffa"]) == ["2", "3"]  # the short and the long continuation
         assert set(runs) == expected
@@ -129,7 +129,7 @@ def test_quick_run_has_a_verdict_per_family_and_grid_and_the_report(quick_run):
     out, summary = quick_run
     table = summary["verdicts"]["2"]
     assert set(table) == set(FAMILIES) and all(set(v) == {"4x3", "8x6"} for v in table.values())
-    assert set(summary["verdicts"]["3"]) == {"ramp"}
+    assert set(summary["verdicts"]["3"]) == {"smooth"}
     for family, grids in table.items():
         for grid, v in grids.items():
             valid = summary["identifiability"][family][f"{grid} at 64x48"]["gap_closed"] >= 0.5
