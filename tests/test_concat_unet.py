@@ -6,6 +6,7 @@ SLURM switch."""
 import csv
 import math
 import os
+import socket
 import subprocess
 from pathlib import Path
 
@@ -205,6 +206,35 @@ def test_sampling_guides_against_the_zeroed_garment_and_repaints(tiny_configs):
         torch.testing.assert_close(cond[:, :4, :, w:], garment)
         torch.testing.assert_close(cond[:, 5:, :, w:], garment)
         torch.testing.assert_close(uncond[..., :w], cond[..., :w])  # the same person half
+
+
+# ---------------------------------------------------------------- sharding
+
+
+def test_shard_puts_fsdp2_over_the_one_unet(tiny_configs, own_process_group, monkeypatch):
+    from diffusers.models.attention import BasicTransformerBlock
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from leffa.parallel import is_sharded
+
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(port))
+    torch.distributed.init_process_group("gloo", rank=0, world_size=1)
+    module = concat_module(tiny_configs, use_leffa_loss=True, theta_timestep=1000, p_drop_ref=0.0)
+    batch, g = make_batch(), lambda: torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        before = module.compute_loss(batch, g(), train=True)[0]
+    module.denoiser.shard(init_device_mesh("cpu", (1,)), None)
+    unet = module.denoiser.unet
+    assert is_sharded(unet) and all(is_sharded(m) for m in unet.modules() if isinstance(m, BasicTransformerBlock))
+    loss, metrics = module.compute_loss(batch, g(), train=True)
+    loss.backward()
+    torch.testing.assert_close(loss, before)
+    assert torch.isfinite(metrics["leffa"])
+    assert all(p.grad is not None for n, p in unet.named_parameters() if ".attn1." in n)
 
 
 # ---------------------------------------------------------------- export
