@@ -28,14 +28,13 @@ from leffa.released import convert_released_state_dict, is_released_state_dict
 __all__ = [
     "read_state_dict", "read_settings", "load_weights",
     "load_checkpoint_file", "check_checkpoint", "guard_checkpoint_loading", "is_export_folder",
-    "read_export_state_dict", "is_sharded_checkpoint", "read_sharded_state_dict", "EXPORT_COMPONENTS",
-    "EXPORT_SETTINGS", "export_components",
+    "read_export_state_dict", "is_sharded_checkpoint", "read_sharded_state_dict", "EXPORT_SETTINGS",
+    "export_components",
 ]
 
 WEIGHTS = ("ema", "live")
 # a folder written by ``leffa export``: one diffusers folder per component (the architecture's
-# ``export_folders`` and the VAE), plus the module's settings; EXPORT_COMPONENTS is dual_unet's
-EXPORT_COMPONENTS = {"unet": "generative_unet", "reference_unet": "reference_unet", "vae": "vae"}
+# ``export_folders`` and the VAE, see export_components), plus the module's settings
 EXPORT_SETTINGS = "leffa.json"
 WEIGHTS_ONLY_HINT = ("it holds weights only, no model settings: give it as model.init_from together with a "
                      "config (leffa predict --config ... --model.init_from PATH)")

@@ -142,6 +142,14 @@ def test_a_forward_captures_the_selected_layers_on_the_person_grid(tiny_configs)
     assert {c.grid for c in module.bank.captures.values()} == {(8, 6)}
 
 
+def test_a_seam_inside_a_token_at_a_leffa_layer_is_a_one_line_error(tiny_configs):
+    # width 40: latent 8x5, so one level down the 4 x (2.5 + 2.5) grid of a selected layer is 4x5
+    module = concat_module(tiny_configs, use_leffa_loss=True, theta_timestep=1000, p_drop_ref=0.0)
+    with pytest.raises(UserError, match="data.width") as error, torch.no_grad():
+        module.compute_loss(make_batch(width=40), torch.Generator().manual_seed(0), train=True)
+    assert "\n" not in str(error.value)
+
+
 def test_leffa_loss_trains_through_the_captures(tiny_configs):
     module = concat_module(tiny_configs, use_leffa_loss=True, theta_timestep=1000, p_drop_ref=0.0)
     loss, metrics = module.compute_loss(make_batch(), torch.Generator().manual_seed(0), train=True)
@@ -288,6 +296,12 @@ def test_leffa_fit_on_the_tiny_concat_config_trains_both_losses(shards, tmp_path
     assert checkpoint["hyper_parameters"]["architecture"] == "concat_unet"
     assert {k.split(".")[0] for k in checkpoint["state_dict"]} == {"unet", "vae"}
     assert sorted(p.name for p in (run / "samples").glob("*.png")) == ["step_000002.png"]
+    # leffa export of the checkpoint: a diffusers UNet folder, read back whole
+    cli_main(["export", "--ckpt", str(run / "checkpoints" / "last.ckpt"), "--out", str(tmp_path / "export")])
+    assert UNet2DConditionModel.load_config(tmp_path / "export", subfolder="unet")["in_channels"] == 9
+    back = load_exported(tmp_path / "export")
+    for key, value in checkpoint["state_dict"].items():
+        torch.testing.assert_close(back.state_dict()[key], value, msg=key)
 
 
 def resolved(monkeypatch, capsys, config: Path) -> dict:
