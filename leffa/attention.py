@@ -7,6 +7,10 @@ queries over ``[generative keys ; reference keys (; register keys)]``. Queries a
 generative tokens only: the paper's "concatenate, attend, keep the first half" gives exactly this
 output, because each output row depends only on its own query. Layers selected for the Leffa loss
 also hand out their queries and reference keys (Sec. 3.2-3.3).
+
+:class:`WidthConcatAttention` is the single-UNet form (``concat_unet``): the UNet's input holds
+person and garment side by side, so its self-attention already spans both; a Leffa layer hands out
+the person half's queries and the garment half's keys.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import torch.nn.functional as F
 from diffusers.models.attention_processor import Attention
 from torch import nn
 
+from leffa.errors import UserError
 from leffa.losses import attention_flow
 
 __all__ = [
@@ -28,6 +33,8 @@ __all__ = [
     "ConcatAttention",
     "token_grid",
     "attach_reference_attention",
+    "WidthConcatAttention",
+    "attach_width_concat_attention",
 ]
 
 
@@ -226,4 +233,56 @@ def attach_reference_attention(generative_unet: nn.Module, reference_unet: nn.Mo
         **generative_unet.attn_processors,
         **{n: ConcatAttention(bank, n, layer.to_k.in_features, num_registers) for n, layer in gen_layers.items()},
     })
+    return bank
+
+
+class WidthConcatAttention:
+    """Self-attention of a UNet whose input is ``[person | garment]`` along the latent width
+    (``concat_unet``): plain self-attention over all tokens of the (h, 2w) grid. At layers selected
+    for the Leffa loss it captures, for the bank's ``capture_rows``, the queries of the person
+    half's h*w tokens and the keys of the garment half's h*w tokens, each row-major over its own
+    (h, w) grid (a row of the concatenated grid is w person tokens, then w garment tokens). The
+    selection uses the person half's grid against the image height, as :class:`ReferenceBank` does.
+    """
+
+    def __init__(self, bank: ReferenceBank, name: str):
+        self.bank, self.name = bank, name
+
+    def __call__(self, attn: Attention, hidden_states: torch.Tensor, encoder_hidden_states=None,
+                 attention_mask=None, temb=None, **kwargs) -> torch.Tensor:
+        _check_plain_self_attention(attn, hidden_states)
+        q = _heads(attn, attn.to_q, hidden_states, attn.norm_q)
+        k = _heads(attn, attn.to_k, hidden_states, attn.norm_k)
+        v = _heads(attn, attn.to_v, hidden_states, None)
+        self._maybe_capture(q, k)
+        return _finish(attn, F.scaled_dot_product_attention(q, k, v), hidden_states)
+
+    def _maybe_capture(self, q: torch.Tensor, k: torch.Tensor) -> None:
+        bank = self.bank
+        if bank.capture_rows is None or bank.capture_rows.numel() == 0:
+            return
+        if bank.latent_hw is None:
+            raise RuntimeError("ReferenceBank.latent_hw is unset: set it before running the UNet")
+        h, w = bank.latent_hw  # the person's latent; the UNet sees (h, 2w)
+        rows, width = token_grid(q.shape[2], (h, 2 * w))
+        if not bank.wants_capture((rows, width // 2)):
+            return
+        if width % 2:
+            raise UserError(f"concat_unet: the Leffa layer {self.name} has a {rows}x{width} token grid, whose "
+                            f"person|garment seam falls inside a token; choose a data.width whose latent width "
+                            f"({w}) halves evenly down to that layer")
+        picked = bank.capture_rows
+
+        def half(x: torch.Tensor, side: int) -> torch.Tensor:
+            # (B, heads, rows*width, d) -> the side's (b, heads, rows*width/2, d), row-major
+            x = x[picked].unflatten(2, (rows, 2, width // 2))[:, :, :, side]
+            return x.flatten(2, 3)
+
+        bank.captures[self.name] = LeffaCapture(half(q, 0), half(k, 1), None, (rows, width // 2))
+
+
+def attach_width_concat_attention(unet: nn.Module, bank: ReferenceBank) -> ReferenceBank:
+    """Install :class:`WidthConcatAttention` in every self-attention layer of ``unet``; returns ``bank``."""
+    layers = _self_attention_layers(unet)
+    unet.set_attn_processor({**unet.attn_processors, **{n: WidthConcatAttention(bank, n) for n in layers}})
     return bank

@@ -21,19 +21,20 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
 
+from leffa.architectures import ARCHITECTURES
 from leffa.errors import MissingFileError, UserError
 from leffa.released import convert_released_state_dict, is_released_state_dict
 
 __all__ = [
     "read_state_dict", "read_settings", "load_weights",
     "load_checkpoint_file", "check_checkpoint", "guard_checkpoint_loading", "is_export_folder",
-    "read_export_state_dict", "is_sharded_checkpoint", "read_sharded_state_dict", "EXPORT_COMPONENTS",
-    "EXPORT_SETTINGS",
+    "read_export_state_dict", "is_sharded_checkpoint", "read_sharded_state_dict", "EXPORT_SETTINGS",
+    "export_components",
 ]
 
 WEIGHTS = ("ema", "live")
-# a folder written by ``leffa export``: one diffusers folder per component, plus the module's settings
-EXPORT_COMPONENTS = {"unet": "generative_unet", "reference_unet": "reference_unet", "vae": "vae"}
+# a folder written by ``leffa export``: one diffusers folder per component (the architecture's
+# ``export_folders`` and the VAE, see export_components), plus the module's settings
 EXPORT_SETTINGS = "leffa.json"
 WEIGHTS_ONLY_HINT = ("it holds weights only, no model settings: give it as model.init_from together with a "
                      "config (leffa predict --config ... --model.init_from PATH)")
@@ -126,8 +127,9 @@ def read_settings(path: str | Path) -> dict:
             raise UserError(f"{path / EXPORT_SETTINGS}: not valid JSON ({error})") from error
         if not isinstance(settings, dict):
             raise UserError(f"{path / EXPORT_SETTINGS}: expected a mapping of settings")
-        settings.update(pretrained_model=str(path), reference_pretrained_model=str(path / "reference_unet"),
-                        unet_config=None, vae_config=None)
+        reference = path / "reference_unet"  # dual_unet's; a single-UNet export has none
+        settings.update(pretrained_model=str(path), reference_pretrained_model=str(reference) if reference.is_dir()
+                        else None, unet_config=None, vae_config=None)
     elif is_sharded_checkpoint(path):
         _read_shard_index(path)
         meta = path / LIGHTNING_META
@@ -182,10 +184,17 @@ def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
         raise UserError(f"{path}: cannot read this safetensors file ({_first_line(error)})") from error
 
 
+def export_components(architecture: str) -> dict[str, str]:
+    """The folders of a ``leffa export`` of ``architecture`` and the module attribute each holds."""
+    if architecture not in ARCHITECTURES:
+        raise UserError(f"model.architecture: unknown {architecture!r}; valid: {', '.join(ARCHITECTURES)}")
+    return {**ARCHITECTURES[architecture].export_folders, "vae": "vae"}
+
+
 def read_export_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """The module state dict of an exported folder (all three components, registers included)."""
+    """The module state dict of an exported folder (every component, registers included)."""
     state = {}
-    for folder, attribute in EXPORT_COMPONENTS.items():
+    for folder, attribute in export_components(read_settings(path).get("architecture", "dual_unet")).items():
         files = sorted((Path(path) / folder).glob("*.safetensors"))
         if not files:
             raise MissingFileError(f"no safetensors weights in {Path(path) / folder}")

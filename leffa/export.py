@@ -1,7 +1,8 @@
 """A trained model as a diffusers-style folder, and back; or as one ``.pth`` in the authors' layout.
 
 Layout: ``unet/`` (the Generative UNet), ``reference_unet/``, ``vae/``, ``scheduler/`` as diffusers'
-``save_pretrained`` writes them (safetensors), plus ``leffa.json`` with the module's settings.
+``save_pretrained`` writes them (safetensors), plus ``leffa.json`` with the module's settings; a
+``concat_unet`` model has no ``reference_unet/`` and its one UNet in ``unet/``.
 ``UNet2DConditionModel.from_pretrained(folder, subfolder="unet")`` reads a UNet back (its text
 cross-attention comes back randomly initialised and unused); :meth:`leffa.module.LeffaModule.from_checkpoint`
 (or :func:`load_exported`) rebuilds the whole module, register tokens included.
@@ -22,7 +23,7 @@ import torch
 
 from leffa.atomic_write import write_atomically
 from leffa.checkpoints import (
-    EXPORT_COMPONENTS, EXPORT_SETTINGS, is_export_folder, load_checkpoint_file, read_settings, read_state_dict,
+    EXPORT_SETTINGS, export_components, is_export_folder, load_checkpoint_file, read_settings, read_state_dict,
 )
 from leffa.errors import UserError
 from leffa.module import LeffaModule
@@ -53,7 +54,7 @@ def export_folder(module, out_dir: str | Path) -> Path:
     merge_lora(module)
     staging.mkdir()
     try:
-        for folder, attribute in EXPORT_COMPONENTS.items():
+        for folder, attribute in export_components(module.hparams.architecture).items():
             getattr(module, attribute).save_pretrained(staging / folder, safe_serialization=True)
         module.scheduler.save_pretrained(staging / "scheduler")
         settings = {k: v for k, v in dict(module.hparams).items()

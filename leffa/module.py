@@ -40,7 +40,9 @@ class LeffaModule(L.LightningModule):
         pretrained_model: local SD1.5 (or SD1.5-inpainting) diffusers folder: both UNets, the VAE
             and the scheduler come from it. Never downloaded.
         architecture: the denoiser with reference attention (``leffa.architectures``): ``dual_unet``,
-            the paper's Generative + Reference UNet.
+            the paper's Generative + Reference UNet; ``concat_unet``, a CatVTON-style single UNet
+            over person and garment side by side (try-on conditioning; its configs train
+            ``trainable: attention``).
         reference_pretrained_model: another folder for the Reference UNet (default: the same).
         unet_config: ``UNet2DConditionModel`` config (a mapping, or a JSON/YAML file such as a
             diffusers ``config.json``), used when no folder is given; tests and the demo use it.
@@ -133,7 +135,7 @@ class LeffaModule(L.LightningModule):
             in_channels=LATENT_CHANNELS + conditioning_channels(conditioning), num_registers=num_registers,
             theta_resolution=theta_resolution, freeze_reference=freeze_reference_unet,
             gradient_checkpointing=gradient_checkpointing, trainable=trainable,
-            lora=self.lora_settings,
+            lora=self.lora_settings, conditioning=conditioning,
         )
         for name, component in self.denoiser.components().items():
             self.add_module(name, component)  # their names are the checkpoint keys' prefixes

@@ -84,7 +84,7 @@ def fsdp_wrap_policy(module: nn.Module, recurse: bool, nonwrapped_numel: int) ->
 # ---------------------------------------------------------------- FSDP2 (ModelParallelStrategy)
 
 
-def shard_unets(generative_unet: nn.Module, reference_unet: nn.Module, mesh: DeviceMesh,
+def shard_unets(generative_unet: nn.Module, reference_unet: nn.Module | None, mesh: DeviceMesh,
                 param_dtype: torch.dtype | None = None) -> int:
     """Apply ``fully_shard`` over ``mesh`` to each block of both UNets, then to each UNet; returns
     the number of FSDP units made. A UNet that is already sharded is left alone, so the call is
@@ -97,7 +97,8 @@ def shard_unets(generative_unet: nn.Module, reference_unet: nn.Module, mesh: Dev
 
     Args:
         generative_unet: the Generative UNet.
-        reference_unet: the Reference UNet (its processors record into the bank).
+        reference_unet: the Reference UNet (its processors record into the bank); None for a
+            single-UNet architecture (``concat_unet``), whose blocks all reshard after forward.
         mesh: the 1-D data-parallel mesh (``device_mesh["data_parallel"]``).
         param_dtype: dtype the parameters are all-gathered and computed in (e.g. ``torch.bfloat16``);
             gradients are still reduced in float32 and the sharded master weights stay float32.
@@ -108,7 +109,7 @@ def shard_unets(generative_unet: nn.Module, reference_unet: nn.Module, mesh: Dev
     policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32 if param_dtype else None)
     units = 0
     for unet in (generative_unet, reference_unet):
-        if is_sharded(unet):
+        if unet is None or is_sharded(unet):
             continue
         for block in unet.modules():
             if isinstance(block, SHARDED_BLOCKS):

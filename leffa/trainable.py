@@ -1,4 +1,4 @@
-"""Which parameters of the two UNets train (``model.trainable``).
+"""Which parameters of the two UNets (or the one UNet of ``concat_unet``) train (``model.trainable``).
 
 * ``all``: every parameter (the paper).
 * ``attention``: the self-attention layers (``attn1``: ``to_q``, ``to_k``, ``to_v``, ``to_out``,
@@ -61,16 +61,19 @@ class LoraSettings:
                           lora_dropout=self.dropout, init_lora_weights=True)
 
 
-def select_trainable(generative_unet: nn.Module, reference_unet: nn.Module, kind: str,
-                     lora: LoraSettings | None = None) -> None:
+def select_trainable(generative_unet: nn.Module, reference_unet: nn.Module | None, kind: str,
+                     lora: LoraSettings | None = None, train_conv_in: bool = True) -> None:
     """Make ``kind`` (see the module docstring) the trainable parameters of both UNets, in place.
-    Parameters frozen before (e.g. a frozen Reference UNet) stay frozen."""
+    Parameters frozen before (e.g. a frozen Reference UNet) stay frozen. A single-UNet architecture
+    (``concat_unet``) gives its UNet as ``generative_unet`` and None as ``reference_unet``, and
+    ``train_conv_in=False`` when the pretrained ``conv_in`` already takes the conditioning channels."""
     if kind not in TRAINABLE:
         raise UserError(f"model.trainable: unknown {kind!r}; valid: {', '.join(TRAINABLE)}")
     if kind == "all":
         return
     # a UNet frozen as a whole (model.freeze_reference_unet) stays so, and gets no adapters
-    unets = [unet for unet in (generative_unet, reference_unet) if any(p.requires_grad for p in unet.parameters())]
+    unets = [unet for unet in (generative_unet, reference_unet)
+             if unet is not None and any(p.requires_grad for p in unet.parameters())]
     was_trainable = {id(p) for unet in unets for p in unet.parameters() if p.requires_grad}
     if kind == "lora":
         from peft import inject_adapter_in_model
@@ -88,7 +91,7 @@ def select_trainable(generative_unet: nn.Module, reference_unet: nn.Module, kind
                 wanted = _is_adapter(name)
             else:
                 wanted = ".attn1." in f".{name}"
-            wanted = wanted or (unet is generative_unet and name.startswith("conv_in."))
+            wanted = wanted or (train_conv_in and unet is generative_unet and name.startswith("conv_in."))
             # nothing frozen before becomes trainable, except the new adapters
             parameter.requires_grad_(wanted and (id(parameter) in was_trainable or _is_adapter(name)))
 

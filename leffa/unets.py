@@ -7,13 +7,15 @@ convolution is widened to take the conditioning channels, the new channels start
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 from diffusers import UNet2DConditionModel
 from diffusers.models.attention import BasicTransformerBlock
 
-from leffa.pretrained import load_unet
+from leffa.pretrained import component_location, load_unet
 
-__all__ = ["build_unet", "remove_cross_attention", "set_input_channels"]
+__all__ = ["build_unet", "remove_cross_attention", "set_input_channels", "pretrained_input_channels"]
 
 
 def remove_cross_attention(unet: UNet2DConditionModel) -> int:
@@ -59,3 +61,13 @@ def build_unet(pretrained: str | None, config: dict | None, in_channels: int) ->
     remove_cross_attention(unet)
     set_input_channels(unet, in_channels)
     return unet
+
+
+def pretrained_input_channels(pretrained: str | None, config: dict | None) -> int:
+    """The input channels of the UNet that :func:`build_unet` starts from (read from its config,
+    no weights loaded), i.e. before ``set_input_channels``."""
+    if pretrained is not None:
+        root, sub = component_location(pretrained, "unet")
+        config = UNet2DConditionModel.load_config(root, subfolder=sub, local_files_only=True)
+    default = inspect.signature(UNet2DConditionModel.__init__).parameters["in_channels"].default
+    return (config or {}).get("in_channels", default)

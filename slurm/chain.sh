@@ -3,6 +3,7 @@
 # previous one has succeeded (--dependency=afterok; a requeued stage keeps its job id, so its
 # successor waits for it). Extra arguments go to every sbatch call (e.g. --partition=...).
 #   LEFFA_TASK=vton LEFFA_SD15=/models/sd15-inpainting slurm/chain.sh
+# (LEFFA_ARCH=concat_unet: the same three stages with the single-UNet architecture, configs/concat/)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 one=$(sbatch --parsable "$@" slurm/stage1_512.sh)

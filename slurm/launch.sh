@@ -4,12 +4,15 @@
 #
 # Environment:
 #   LEFFA_TASK          vton (default), dresscode or pose: picks configs/<task>_<stage>.yaml
+#   LEFFA_ARCH          dual_unet (default: the paper's) or concat_unet (a CatVTON-style single UNet:
+#                       configs/concat/<task>_<stage>.yaml; vton and dresscode)
 #   LEFFA_HOME          the leffa checkout (default: the folder sbatch was run from)
 #   LEFFA_EXTRA_CONFIG  an optional config applied after the stage's (e.g. a cluster's paths)
 #   LEFFA_SD15, LEFFA_SHARDS, LEFFA_RUNS: read by the configs (see configs/base/train.yaml)
 set -euo pipefail
 stage="$1"
 task="${LEFFA_TASK:-vton}"
+arch="${LEFFA_ARCH:-dual_unet}"
 cd "${LEFFA_HOME:-${SLURM_SUBMIT_DIR:-.}}"
 
 case "$task:$stage" in
@@ -20,6 +23,12 @@ case "$task:$stage" in
   pose:2) config="configs/pose_512.yaml" ;;
   pose:3) config="configs/pose_512_leffa.yaml" ;;
   *) echo "error: LEFFA_TASK=$task stage $stage: valid tasks are vton, dresscode, pose; stages 1, 2, 3" >&2; exit 2 ;;
+esac
+case "$arch:$task" in
+  dual_unet:*) ;;
+  concat_unet:vton|concat_unet:dresscode) config="configs/concat/${config#configs/}" ;;
+  concat_unet:*) echo "error: LEFFA_ARCH=concat_unet takes try-on only: set LEFFA_TASK to vton or dresscode, got $task" >&2; exit 2 ;;
+  *) echo "error: LEFFA_ARCH=$arch: valid architectures are dual_unet, concat_unet" >&2; exit 2 ;;
 esac
 
 leffa="${LEFFA_BIN:-$PWD/.venv/bin/leffa}"

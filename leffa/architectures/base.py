@@ -30,6 +30,9 @@ class ReferenceDenoiser(Protocol):
 
     #: shared state of one forward pass: reference features, Leffa layer selection, captures
     bank: ReferenceBank
+    #: the folders of a ``leffa export`` and the component each holds (a class attribute, so an
+    #: export can be read without building the networks)
+    export_folders: dict[str, str]
 
     def components(self) -> dict[str, nn.Module]:
         """The trainable networks by name; the module registers them under these names, which are

@@ -33,12 +33,17 @@ class DualUNet:
         gradient_checkpointing: recompute UNet blocks in backward.
         trainable: which parameters train: ``all``, ``attention`` or ``lora`` (``leffa.trainable``).
         lora: the adapters of ``trainable="lora"``.
+        conditioning: the conditioning layout (``leffa.conditioning``); its channels are all this
+            architecture needs of it (``in_channels``).
     """
+
+    #: ``leffa export`` folder -> component
+    export_folders = {"unet": "generative_unet", "reference_unet": "reference_unet"}
 
     def __init__(self, pretrained_model: str | None, reference_pretrained_model: str | None, unet_config: dict | None,
                  in_channels: int, num_registers: int = 0, theta_resolution: float = 1.0 / 32,
                  freeze_reference: bool = False, gradient_checkpointing: bool = False, trainable: str = "all",
-                 lora: LoraSettings | None = None):
+                 lora: LoraSettings | None = None, conditioning: str = "tryon"):
         self.generative_unet = build_unet(pretrained_model, unet_config, in_channels)
         self.reference_unet = build_unet(reference_pretrained_model or pretrained_model, unet_config, LATENT_CHANNELS)
         self.bank = attach_reference_attention(self.generative_unet, self.reference_unet, num_registers,
