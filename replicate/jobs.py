@@ -10,6 +10,8 @@ a file the pool's parent wrote (``baseline.pt``, read with ``weights_only=True``
 
 from __future__ import annotations
 
+import os
+import threading
 import time
 from pathlib import Path
 
@@ -43,6 +45,14 @@ RUNS = {
 def init_worker(threads: int, eval_timesteps: list[int]) -> None:
     torch.set_num_threads(threads)
     measure.EVAL_TIMESTEPS[:] = eval_timesteps
+    threading.Thread(target=_exit_with_parent, args=(os.getppid(),), daemon=True).start()
+
+
+def _exit_with_parent(parent: int) -> None:
+    """A worker whose parent is gone (stopped with Ctrl-C or killed) stops too, mid-job."""
+    while os.getppid() == parent:
+        time.sleep(2)
+    os._exit(1)
 
 
 def held_out(folder: Path, size: tuple[int, int], batch_size: int) -> list[dict]:
@@ -115,23 +125,23 @@ def baseline(settings: dict, folders: list[str], size: tuple[int, int], batch_si
     module = LeffaModule(**settings, use_leffa_loss=False)
     data = LeffaDataModule(train_shards=folders, height=size[0], width=size[1], batch_size=batch_size,
                            num_workers=0, shuffle_buffer=64, hflip=False, seed=0)
-    print(f"[replicate] baseline: {steps} steps", flush=True)
+    print(f"[replicate] {settings.get('architecture')} baseline: {steps} steps", flush=True)
     train(module, data, [steps], 0, Path(work), None)
     torch.save(module.state_dict(), out_file)
     return time.perf_counter() - start
 
 
-def continuation(settings: dict, base_file: str, family: str, name: str, seed: int, lengths: list[int],
+def continuation(settings: dict, base_file: str, arch: str, family: str, name: str, seed: int, lengths: list[int],
                  folder: str, size: tuple[int, int], batch_size: int, work: str,
-                 keep_weights: bool) -> tuple[str, str, int, dict, float, dict | None]:
+                 keep_weights: bool) -> tuple[str, str, str, int, dict, float, dict | None]:
     """One run from the baseline: measured on the family's held-out samples after each length.
-    Returns (family, name, seed, {length: measures}, seconds, weights when ``keep_weights``)."""
+    Returns (architecture, family, name, seed, {length: measures}, seconds, weights when ``keep_weights``)."""
     start = time.perf_counter()
     batches = held_out(Path(folder), size, batch_size)
     data = LeffaDataModule(train_shards=folder, height=size[0], width=size[1], batch_size=batch_size,
                            num_workers=0, shuffle_buffer=64, hflip=False, seed=seed)
     module = LeffaModule(**{**settings, **RUNS[name]})
     module.load_state_dict(torch.load(base_file, weights_only=True))
-    print(f"[replicate] {family} {name} seed {seed}: {max(lengths)} steps", flush=True)
+    print(f"[replicate] {arch} {family} {name} seed {seed}: {max(lengths)} steps", flush=True)
     measured = train(module, data, lengths, seed, Path(work), batches)
-    return family, name, seed, measured, time.perf_counter() - start, module.state_dict() if keep_weights else None
+    return arch, family, name, seed, measured, time.perf_counter() - start, module.state_dict() if keep_weights else None

@@ -69,6 +69,12 @@ def report(summary: dict) -> str:
         f"- Baseline: {s['baseline_steps']} steps, diffusion loss only, all families pooled (seed 0). From it, per "
         f"family and seed {s['seeds']}: {s['steps']} steps without the Leffa loss (`no_leffa`) and with it "
         f"(`leffa`)" + _extras(s) + ".",
+        *([f"- Architectures: {s['architectures']}, each from its own baseline (same data, steps and seed). "
+           "`dual_unet` is the paper's (Generative + Reference UNet); `concat_unet` a CatVTON-style single UNet over "
+           "[person | garment] whose Leffa loss reads person queries against garment keys "
+           "(`leffa/architectures/`). The first runs the whole matrix; the others `no_leffa` and `leffa` on "
+           f"{s['other_families']}; every UNet weight trains (the tiny model starts from random weights)."]
+          if "architectures" in s else []),
         *([f"- This run: continuations of {s['continue_families']} only; {s['note']}."] if s.get("note") else []),
         f"- Leffa settings: the paper's tau 2.0, theta_resolution 1/32 (token grids 4x3 and 8x6 at 64x48) and "
         f"theta_timestep 500. **lambda_leffa {s['lambda_leffa']}**, 100x the paper's 1e-3: the paper fine-tunes "
@@ -126,29 +132,31 @@ def report(summary: dict) -> str:
         "",
     ]
     lines += _results_table(summary)
-    for length, table in summary.get("verdicts", {}).items():
-        if not table:
+    for length, by_arch in summary.get("verdicts", {}).items():
+        if not by_arch:
             continue
         lines += ["", f"### Verdicts at {length} steps", "",
-                  "| family | grid | EPE no_leffa | EPE leffa | drop (px) | seed SD | gap closed | > 5 SD | >= 25% gap "
-                  "| entropy falls | denoise ok | verdict |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-        for family, grids in table.items():
-            for grid, v in grids.items():
-                c = v["checks"]
-                lines.append(f"| {family} | {grid} | {v['no_leffa_epe']:.2f} | {v['leffa_epe']:.2f} | "
-                             f"{v['drop_px']:.2f} | {v['seed_sd']:.3f} | {v['gap_closed']:.0%} | "
-                             f"{_yes(c['below_by_5_sd'])} | {_yes(c['quarter_of_gap'])} | {_yes(c['entropy_falls'])} | "
-                             f"{_yes(c['denoise_no_worse'])} | **{v['verdict']}** |")
+                  "| architecture | family | grid | EPE no_leffa | EPE leffa | drop (px) | seed SD | gap closed | > 5 SD "
+                  "| >= 25% gap | entropy falls | denoise ok | verdict |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        for arch, table in by_arch.items():
+            for family, grids in table.items():
+                for grid, v in grids.items():
+                    c = v["checks"]
+                    lines.append(f"| {arch} | {family} | {grid} | {v['no_leffa_epe']:.2f} | {v['leffa_epe']:.2f} | "
+                                 f"{v['drop_px']:.2f} | {v['seed_sd']:.3f} | {v['gap_closed']:.0%} | "
+                                 f"{_yes(c['below_by_5_sd'])} | {_yes(c['quarter_of_gap'])} | "
+                                 f"{_yes(c['entropy_falls'])} | {_yes(c['denoise_no_worse'])} | **{v['verdict']}** |")
     lines += ["", "## Flow pictures", "",
               "Per family, the same held-out samples, t = 250, the baseline, then `no_leffa` and `leffa` (seed "
               f"{s['seeds'].strip('[]').split(',')[0]}, {s['steps']}+ steps); in each picture one block of rows (the "
               "samples) per Leffa layer, the 4x3 layers first, then the 8x6 layers. Columns: target, reference, attention-flow colour, reference "
               "warped by the attention flow, attention of three query points, ground-truth flow colour, reference "
               "warped by the ground truth.", ""]
-    for family, files in summary.get("figures", {}).items():
-        lines.append(f"**{family}**: " + " ".join(f"[{Path(f).stem}]({f})" for f in files))
-        lines += ["", *(f"![{Path(f).stem}]({f})" for f in files), ""]
+    for arch, families in summary.get("figures", {}).items():
+        for family, files in families.items():
+            lines.append(f"**{arch}, {family}**: " + " ".join(f"[{Path(f).stem}]({f})" for f in files))
+            lines += ["", *(f"![{Path(f).stem}]({f})" for f in files), ""]
     secs = summary.get("seconds", {})
     lines += ["## Wall time", "",
               f"{secs.get('total', 0) / 60:.1f} min in all on {s.get('processes')} one-thread worker processes, "
@@ -174,24 +182,31 @@ def _first(summary: dict) -> dict:
 
 def _results_table(summary: dict) -> list[str]:
     lines = []
-    for family, runs in summary.get("results", {}).items():
-        grids = list(runs["baseline"]["0"][0]["by_grid"])
-        scale = summary["scale"][family]
-        floors = {g: summary["identifiability"][family][f"{g} at {summary['settings']['size']}"]["floor_epe_px"]
-                  for g in grids}
-        lines += [f"**{family}** ({ROLE.get(family, '')}). For scale: centre guess {scale['centre_epe_px']:.2f} px, "
-                  f"identity {scale['identity_epe_px']:.2f} px, least-squares floor "
-                  + ", ".join(f"{g} {v:.2f} px" for g, v in floors.items()) + ".", "",
-                  "| run | steps | " + " | ".join(f"EPE {g} (px)" for g in grids) + " | "
-                  + " | ".join(f"entropy {g}" for g in grids) + " | warp L2 | reach (px) | denoise | what it is |",
-                  "|---|---|" + "---|" * (2 * len(grids)) + "---|---|---|---|"]
-        for name, lengths in runs.items():
-            for length, seeds in lengths.items():
-                cells = [_cell([r["by_grid"][g]["epe_px"] for r in seeds]) for g in grids]
-                cells += [_cell([r["by_grid"][g]["entropy"] for r in seeds], 3) for g in grids]
-                cells += [_cell([r["warp_l2"] for r in seeds], 4), _cell([r["spread_px"] for r in seeds]),
-                          _cell([r["denoise"] for r in seeds], 4)]
-                shown_length = summary["settings"]["baseline_steps"] if name == "baseline" else length
-                lines.append(f"| {name} | {shown_length} | " + " | ".join(cells) + f" | {RUN_NOTES.get(name, '')} |")
-        lines.append("")
+    for arch, families in summary.get("results", {}).items():
+        lines += [f"### {arch}", ""]
+        for family, runs in families.items():
+            lines += _family_table(summary, family, runs)
+    return lines
+
+
+def _family_table(summary: dict, family: str, runs: dict) -> list[str]:
+    grids = list(runs["baseline"]["0"][0]["by_grid"])
+    scale = summary["scale"][family]
+    floors = {g: summary["identifiability"][family][f"{g} at {summary['settings']['size']}"]["floor_epe_px"]
+              for g in grids}
+    lines = [f"**{family}** ({ROLE.get(family, '')}). For scale: centre guess {scale['centre_epe_px']:.2f} px, "
+             f"identity {scale['identity_epe_px']:.2f} px, least-squares floor "
+             + ", ".join(f"{g} {v:.2f} px" for g, v in floors.items()) + ".", "",
+             "| run | steps | " + " | ".join(f"EPE {g} (px)" for g in grids) + " | "
+             + " | ".join(f"entropy {g}" for g in grids) + " | warp L2 | reach (px) | denoise | what it is |",
+             "|---|---|" + "---|" * (2 * len(grids)) + "---|---|---|---|"]
+    for name, lengths in runs.items():
+        for length, seeds in lengths.items():
+            cells = [_cell([r["by_grid"][g]["epe_px"] for r in seeds]) for g in grids]
+            cells += [_cell([r["by_grid"][g]["entropy"] for r in seeds], 3) for g in grids]
+            cells += [_cell([r["warp_l2"] for r in seeds], 4), _cell([r["spread_px"] for r in seeds]),
+                      _cell([r["denoise"] for r in seeds], 4)]
+            shown_length = summary["settings"]["baseline_steps"] if name == "baseline" else length
+            lines.append(f"| {name} | {shown_length} | " + " | ".join(cells) + f" | {RUN_NOTES.get(name, '')} |")
+    lines.append("")
     return lines

@@ -36,6 +36,7 @@ sys.path.insert(0, str(ROOT))
 
 from data_prep.__main__ import main as data_prep_main  # noqa: E402
 from data_prep.synthetic_textures import TEXTURES  # noqa: E402
+from leffa.architectures import ARCHITECTURES  # noqa: E402
 from leffa.errors import UserError  # noqa: E402
 from leffa.module import LeffaModule  # noqa: E402
 from replicate import jobs, measure  # noqa: E402
@@ -94,29 +95,37 @@ def step_zero_plan(out: Path, family: str, args) -> list:
     return plan
 
 
-def continuation_jobs(args) -> list[tuple[str, str, int, list[int]]]:
-    """(family, run, seed, lengths) of every continuation, longest first (the pool then ends together)."""
+def continuation_jobs(args) -> list[tuple[str, str, str, int, list[int]]]:
+    """(architecture, family, run, seed, lengths) of every continuation, longest first (the pool then
+    ends together). The paper's architecture runs the whole matrix; the others ``no_leffa`` and
+    ``leffa`` on ``--other-families``."""
     jobs = []
-    for family in args.continue_families:
-        for name in ["no_leffa", "leffa"] + (list(ABLATIONS) if family in args.ablation_families else []):
-            long = family in args.long_families and name in ("no_leffa", "leffa")
-            jobs += [(family, name, seed, [args.steps] + ([args.long_steps] if long else [])) for seed in args.seeds]
-    return sorted(jobs, key=lambda job: -max(job[3]))
+    for arch in args.architectures:
+        first = arch == args.architectures[0]
+        for family in args.continue_families if first else args.other_families:
+            names = ["no_leffa", "leffa"] + (list(ABLATIONS) if first and family in args.ablation_families else [])
+            for name in names:
+                long = first and family in args.long_families and name in ("no_leffa", "leffa")
+                lengths = [args.steps] + ([args.long_steps] if long else [])
+                jobs += [(arch, family, name, seed, lengths) for seed in args.seeds]
+    return sorted(jobs, key=lambda job: -max(job[4]))
 
 
 def run_matrix(out: Path, args, summary: dict) -> None:
-    """Step 0, the baseline and every continuation on a pool of one-thread workers, then the flow
-    pictures; the report is rewritten whenever a family's runs are complete."""
-    size, work, base_file = tuple(args.size), str(out / "work"), str(out / "work" / "baseline.pt")
-    settings, seconds, start = module_settings(args), summary["seconds"], time.perf_counter()
+    """Step 0, the baselines and every continuation on a pool of one-thread workers, then the flow
+    pictures; the report is rewritten whenever an architecture's family is complete."""
+    size, work = tuple(args.size), str(out / "work")
+    seconds, start = summary["seconds"], time.perf_counter()
+    settings = {arch: {**module_settings(args), "architecture": arch} for arch in args.architectures}
+    base_files = {arch: str(out / "work" / f"baseline_{arch}.pt") for arch in args.architectures}
     plans = {family: step_zero_plan(out, family, args) for family in args.families}
     seconds["data"] = time.perf_counter() - start
     folders = [str(shard_folder(out, f, size)) for f in args.families]
     context = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(args.processes, mp_context=context, initializer=jobs.init_worker,
                              initargs=(1, list(measure.EVAL_TIMESTEPS))) as pool:
-        base = pool.submit(jobs.baseline, settings, folders, size, args.batch_size, args.baseline_steps, base_file,
-                           work)
+        bases = {arch: pool.submit(jobs.baseline, settings[arch], folders, size, args.batch_size, args.baseline_steps,
+                                   base_files[arch], work) for arch in args.architectures}
         zero = [pool.submit(jobs.step_zero, f, plans[f], args.identifiability_samples, args.identifiability_steps)
                 for f in args.families]
         for future in as_completed(zero):
@@ -124,37 +133,43 @@ def run_matrix(out: Path, args, summary: dict) -> None:
             summary["identifiability"][family] = result
             seconds[f"step 0 {family}"] = secs
         summary["identifiability"] = {f: summary["identifiability"][f] for f in args.families}
-        seconds["baseline"] = base.result()
+        for arch, base in bases.items():
+            seconds[f"{arch} baseline"] = base.result()
         work_list = continuation_jobs(args)
-        pending = {f: sum(job[0] == f for job in work_list) for f in args.continue_families}
-        futures = [pool.submit(jobs.continuation, settings, base_file, family, name, seed, lengths,
+        pending: dict = {}
+        for arch, family, *_ in work_list:
+            pending[arch, family] = pending.get((arch, family), 0) + 1
+        futures = [pool.submit(jobs.continuation, settings[arch], base_files[arch], arch, family, name, seed, lengths,
                                str(shard_folder(out, family, size)), size, args.batch_size, work,
                                seed == args.seeds[0] and name in ("no_leffa", "leffa"))
-                   for family, name, seed, lengths in work_list]
+                   for arch, family, name, seed, lengths in work_list]
         shown, collected = {}, {}
         for future in as_completed(futures):
-            family, name, seed, measured, secs, weights = future.result()
-            seconds[f"{family}/{name}/{seed}"] = secs
-            runs = collected.setdefault(family, {})
+            arch, family, name, seed, measured, secs, weights = future.result()
+            seconds[f"{arch}/{family}/{name}/{seed}"] = secs
+            runs = collected.setdefault((arch, family), {})
             for length, metrics in measured.items():
                 runs.setdefault(name, {}).setdefault(length, []).append((seed, metrics))
             if weights is not None:
-                shown.setdefault(family, {})[name] = weights
-            pending[family] -= 1
-            if not pending[family]:
-                finish_family(family, collected.pop(family), out, args, settings, base_file, shown.pop(family, {}),
-                              summary)
+                shown.setdefault((arch, family), {})[name] = weights
+            pending[arch, family] -= 1
+            if not pending[arch, family]:
+                finish_family(arch, family, collected.pop((arch, family)), out, args, settings[arch],
+                              base_files[arch], shown.pop((arch, family), {}), summary)
                 seconds["total"] = time.perf_counter() - start
-                for part in ("results", "scale", "figures"):  # in the order of --continue-families
-                    summary[part] = {f: summary[part][f] for f in args.continue_families if f in summary[part]}
+                order = [(a, f) for a in args.architectures for f in FAMILIES]
+                for part in ("results", "figures"):  # architectures in the order given, families in FAMILIES'
+                    summary[part] = {a: {f: summary[part][a][f] for a_, f in order if a_ == a and f in summary[part][a]}
+                                     for a in args.architectures if a in summary[part]}
+                summary["scale"] = {f: summary["scale"][f] for f in FAMILIES if f in summary["scale"]}
                 add_verdicts(summary)
                 write_report(summary, out, args.notes)
 
 
-def finish_family(family: str, runs: dict, out: Path, args, settings: dict, base_file: str, shown: dict,
+def finish_family(arch: str, family: str, runs: dict, out: Path, args, settings: dict, base_file: str, shown: dict,
                   summary: dict) -> None:
-    """Into ``summary``: one family's runs ({run: {length: [(seed, measures)]}}, seeds put in order),
-    the baseline's measures, the guesses for scale and the flow pictures."""
+    """Into ``summary``: one architecture's runs on one family ({run: {length: [(seed, measures)]}},
+    seeds put in order), its baseline's measures, the guesses for scale and the flow pictures."""
     size = tuple(args.size)
     batches = jobs.held_out(shard_folder(out, family, size), size, args.batch_size)
     for name, lengths in runs.items():
@@ -165,22 +180,25 @@ def finish_family(family: str, runs: dict, out: Path, args, settings: dict, base
     for name, weights in sorted(shown.items(), key=lambda item: item[0] != "no_leffa"):
         modules[name] = LeffaModule(**{**settings, **jobs.RUNS[name]})
         modules[name].load_state_dict(weights)
-    summary["results"][family] = {"baseline": {"0": [measure.evaluate(modules["baseline"], batches)]}, **runs}
+    baseline = {"baseline": {"0": [measure.evaluate(modules["baseline"], batches)]}}
+    summary["results"].setdefault(arch, {})[family] = {**baseline, **runs}
     summary["scale"][family] = {f"{g}_epe_px": measure.guess_epe(batches, g) for g in ("identity", "centre")}
-    summary["figures"][family] = [str(p.relative_to(out))
-                                  for p in measure.pictures(modules, batches[0], out / "figures", family)]
+    prefix = family if arch == args.architectures[0] else f"{arch}_{family}"
+    summary["figures"].setdefault(arch, {})[family] = [
+        str(p.relative_to(out)) for p in measure.pictures(modules, batches[0], out / "figures", prefix)]
 
 
 def verdicts(summary: dict, length: str) -> dict:
-    """The criterion per family and grid at one continuation length (where both runs have it)."""
+    """The criterion per architecture, family and grid at one continuation length (where both runs have it)."""
     out = {}
-    for family, runs in summary["results"].items():
-        if length not in runs.get("no_leffa", {}) or length not in runs.get("leffa", {}):
-            continue
-        for grid in runs["leffa"][length][0]["by_grid"]:
-            step0 = summary["identifiability"][family][f"{grid} at {summary['settings']['size']}"]
-            out.setdefault(family, {})[grid] = verdict(runs["no_leffa"][length], runs["leffa"][length], grid,
-                                                       step0["floor_epe_px"], step0["gap_closed"])
+    for arch, families in summary["results"].items():
+        for family, runs in families.items():
+            if length not in runs.get("no_leffa", {}) or length not in runs.get("leffa", {}):
+                continue
+            for grid in runs["leffa"][length][0]["by_grid"]:
+                step0 = summary["identifiability"][family][f"{grid} at {summary['settings']['size']}"]
+                out.setdefault(arch, {}).setdefault(family, {})[grid] = verdict(
+                    runs["no_leffa"][length], runs["leffa"][length], grid, step0["floor_epe_px"], step0["gap_closed"])
     return out
 
 
@@ -198,6 +216,10 @@ def parse(argv=None):
     p.add_argument("--continue-families", nargs="+", choices=FAMILIES,
                    help="the families whose continuations run (default: --families; the baseline still pools "
                         "every family of --families)")
+    p.add_argument("--architectures", nargs="+", choices=list(ARCHITECTURES), default=["dual_unet", "concat_unet"],
+                   help="the first runs the whole matrix, the others no_leffa and leffa on --other-families")
+    p.add_argument("--other-families", nargs="*", choices=FAMILIES, default=["periodic", "ramp", "smooth"],
+                   help="the families of the architectures after the first (default: both controls and smooth)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--baseline-steps", type=int, default=600)
     p.add_argument("--steps", type=int, default=250, help="steps of each continuation (the criterion's length)")

@@ -106,42 +106,49 @@ def test_quick_run_has_step_zero_and_the_runs_of_every_family(quick_run):
             # the least-squares floor is below the cell average, which is below the centre guess
             assert m["floor_epe_px"] < m["cell_average_epe_px"] < m["centre_epe_px"]
             assert math.isfinite(m["gap_closed"]) and m["fit_warp_l2"] < m["centre_warp_l2"]
-    assert set(summary["results"]) == set(FAMILIES)
-    for family, runs in summary["results"].items():
-        expected = {"baseline", "no_leffa", "leffa"}
-        if family == "smooth":
-            expected |= {"leffa_per_head", "leffa_no_upsample", "leffa_all_timesteps"}
-            assert list(runs["leffa"]) == ["2", "3"]  # the short and the long continuation
-        assert set(runs) == expected
-        centre = summary["scale"][family]["centre_epe_px"]
-        for name, lengths in runs.items():
-            for seeds in lengths.values():
-                assert len(seeds) == (1 if name == "baseline" else 2)
-                for r in seeds:
-                    assert list(r["by_grid"]) == grids
-                    # a model of a few steps attends almost uniformly: its flow sits near the centre guess
-                    assert all(abs(r["by_grid"][g]["epe_px"] - centre) < 2.0 for g in grids)
-                    assert all(0 < r["by_grid"][g]["entropy"] <= 1 for g in grids) and r["denoise"] > 0
+    assert list(summary["results"]) == ["dual_unet", "concat_unet"]
+    assert list(summary["results"]["dual_unet"]) == FAMILIES
+    # the second architecture: both controls and the garment-like smooth family, no ablations
+    assert list(summary["results"]["concat_unet"]) == ["periodic", "ramp", "smooth"]
+    for arch, families in summary["results"].items():
+        for family, runs in families.items():
+            expected = {"baseline", "no_leffa", "leffa"}
+            if family == "smooth" and arch == "dual_unet":
+                expected |= {"leffa_per_head", "leffa_no_upsample", "leffa_all_timesteps"}
+                assert list(runs["leffa"]) == ["2", "3"]  # the short and the long continuation
+            assert set(runs) == expected
+            centre = summary["scale"][family]["centre_epe_px"]
+            for name, lengths in runs.items():
+                for seeds in lengths.values():
+                    assert len(seeds) == (1 if name == "baseline" else 2)
+                    for r in seeds:
+                        assert list(r["by_grid"]) == grids
+                        # a model of a few steps attends almost uniformly: its flow sits near the centre guess
+                        assert all(abs(r["by_grid"][g]["epe_px"] - centre) < 2.0 for g in grids)
+                        assert all(0 < r["by_grid"][g]["entropy"] <= 1 for g in grids) and r["denoise"] > 0
 
 
 @pytest.mark.slow  # they share one --quick run of replicate/run.py (about 2 minutes)
 def test_quick_run_has_a_verdict_per_family_and_grid_and_the_report(quick_run):
     out, summary = quick_run
     table = summary["verdicts"]["2"]
-    assert set(table) == set(FAMILIES) and all(set(v) == {"4x3", "8x6"} for v in table.values())
-    assert set(summary["verdicts"]["3"]) == {"smooth"}
-    for family, grids in table.items():
-        for grid, v in grids.items():
-            valid = summary["identifiability"][family][f"{grid} at 64x48"]["gap_closed"] >= 0.5
-            assert v["checks"]["valid_test"] == valid
-            assert v["verdict"].startswith("effect" if valid else "not a valid test")
+    assert set(table["dual_unet"]) == set(FAMILIES) and set(table["concat_unet"]) == {"periodic", "ramp", "smooth"}
+    assert set(summary["verdicts"]["3"]) == {"dual_unet"} and set(summary["verdicts"]["3"]["dual_unet"]) == {"smooth"}
+    for arch, families in table.items():
+        for family, grids in families.items():
+            assert set(grids) == {"4x3", "8x6"}
+            for grid, v in grids.items():
+                valid = summary["identifiability"][family][f"{grid} at 64x48"]["gap_closed"] >= 0.5
+                assert v["checks"]["valid_test"] == valid
+                assert v["verdict"].startswith("effect" if valid else "not a valid test")
     report = (out / "report.md").read_text()
     # the criterion is stated before the results
     assert report.index("## Step 0") < report.index("## Criterion") < report.index("## Results")
-    assert all(f"| {family} | 4x3 |" in report for family in FAMILIES)
-    for family in FAMILIES:
+    assert all(f"| dual_unet | {family} | 4x3 |" in report for family in FAMILIES)
+    assert "| concat_unet | smooth | 4x3 |" in report
+    for prefix in FAMILIES + ["concat_unet_periodic", "concat_unet_ramp", "concat_unet_smooth"]:
         for run in ("baseline", "no_leffa", "leffa"):
-            assert (out / "figures" / f"{family}_{run}.png").stat().st_size > 0
+            assert (out / "figures" / f"{prefix}_{run}.png").stat().st_size > 0
 
 
 @pytest.mark.slow  # they share one --quick run of replicate/run.py (about 2 minutes)
