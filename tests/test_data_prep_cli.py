@@ -14,6 +14,7 @@ from data_prep.__main__ import main
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow  # over 10 s on 2 cores: make test runs it, make test-fast does not
 def test_make_shards_command_line(tmp_path):
     # The Makefile passes every flag; SRC is empty for the synthetic set.
     out = tmp_path / "shards"
@@ -33,6 +34,7 @@ def test_make_shards_command_line(tmp_path):
     assert [s["num_samples"] for s in manifest["splits"]["train"]["shards"]] == [3, 2]
 
 
+@pytest.mark.slow  # over 10 s on 2 cores: make test runs it, make test-fast does not
 def test_unknown_dataset_lists_the_valid_ones(tmp_path):
     with pytest.raises(
         ValueError, match="unknown dataset 'vitonhd2'; valid: vitonhd, dresscode, deepfashion, synthetic, folder"

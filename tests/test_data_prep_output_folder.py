@@ -43,6 +43,7 @@ def run_cli(argv: list[str]) -> subprocess.CompletedProcess:
                           timeout=120)  # fmt: skip
 
 
+@pytest.mark.slow  # over 10 s on 2 cores: make test runs it, make test-fast does not
 def test_second_dataset_is_refused_before_any_shard_is_touched(synthetic_shards, tmp_path):
     raw = make_vitonhd(tmp_path / "zalando-hd-resized")
     before = digests(synthetic_shards)

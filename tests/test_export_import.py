@@ -1,5 +1,6 @@
 """Round trips: our export folder, and the released checkpoints' layout."""
 
+import pytest
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 
@@ -9,6 +10,7 @@ from leffa.released import convert_released_state_dict, is_released_state_dict
 from leffa.testing import TINY_UNET, TINY_VAE, make_batch
 
 
+@pytest.mark.slow  # over 10 s on 2 cores: make test runs it, make test-fast does not
 def test_export_folder_round_trip_with_registers(tiny_configs, tmp_path):
     torch.manual_seed(0)
     module = LeffaModule(**tiny_configs, conditioning="released", num_registers=2).eval()

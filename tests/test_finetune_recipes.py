@@ -47,6 +47,7 @@ def test_a_missing_env_var_is_one_line(released_env, capsys, recipe):
     assert RECIPES[recipe] in str(exit_info.value) and len(str(exit_info.value).splitlines()) == 1
 
 
+@pytest.mark.slow  # over 10 s on 2 cores: make test runs it, make test-fast does not
 @pytest.mark.parametrize("trainable", ["attention", "lora"])
 def test_the_recipe_trains_and_exports_back_to_the_released_layout(released_env, shards, tmp_path, trainable):
     """The recipe as written, with the tiny architecture and a tiny released .pth in place of SD1.5's."""

@@ -58,6 +58,7 @@ def test_print_config_shows_the_optimizer_and_schedule(tmp_path, capsys):
 
 @pytest.mark.parametrize("decay,steps,lr", [("constant", 2, 1.0e-4), ("constant", 5, 2.0e-4),
                                             ("cosine", 6, 2.0e-4 * 0.5 * (1 + math.cos(math.pi * 2 / 4)))])
+@pytest.mark.slow  # over 10 s on 2 cores: make test runs it, make test-fast does not
 def test_lr_after_warmup_steps_from_yaml(shards, tmp_path, decay, steps, lr):
     args = fit_args(shards, tmp_path, steps=steps)
     cli_main([*args[:3], "--config", str(schedule_config(tmp_path, decay)), *args[3:], "--trainer.limit_val_batches=0"])
@@ -74,6 +75,7 @@ def test_adamw_8bit_is_one_clear_error_off_the_gpu():
         AdamW8bit([torch.nn.Parameter(torch.zeros(2))], lr=1e-5)
 
 
+@pytest.mark.slow  # over 10 s on 2 cores: make test runs it, make test-fast does not
 def test_resuming_reads_the_optimizer_back_from_the_checkpoint_and_goes_on_with_the_schedule(shards, tmp_path):
     config = schedule_config(tmp_path, "constant")
     args = [*fit_args(shards, tmp_path, steps=2)[:3], "--config", str(config), *fit_args(shards, tmp_path, 2)[3:],

@@ -92,6 +92,7 @@ def fit(root, recorder, ckpt_path=None):
     return trainer
 
 
+@pytest.mark.slow  # over 10 s on 2 cores: make test runs it, make test-fast does not
 def test_interrupted_and_resumed_run_follows_the_uninterrupted_one(tmp_path):
     whole = Recorder()
     fit(tmp_path / "whole", whole)

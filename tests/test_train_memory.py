@@ -36,6 +36,7 @@ def test_live_bytes_and_the_allocator_agree_on_a_hand_counted_case():
         assert tracker.current == 0 and tracker.peak == 30
 
 
+@pytest.mark.slow  # over 10 s on 2 cores: make test runs it, make test-fast does not
 @pytest.mark.parametrize("trainable, optimizer", [("all", "adamw"), ("attention", "adamw8bit"), ("lora", "adamw")])
 def test_held_bytes_are_weights_gradients_optimizer_state_and_ema(trainable, optimizer):
     from train_memory import build
@@ -62,6 +63,7 @@ def test_held_bytes_are_weights_gradients_optimizer_state_and_ema(trainable, opt
         assert n_train < n_all / 2
 
 
+@pytest.mark.slow  # over 10 s on 2 cores: make test runs it, make test-fast does not
 def test_fake_count_of_a_step_matches_the_cpu_allocator():
     """The script's own check (its own process: the profiler's threads stay there): the tiny model's
     step counted on fake tensors against the real CPU allocator's peak, per case."""
