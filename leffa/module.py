@@ -221,9 +221,8 @@ class LeffaModule(L.LightningModule):
     def configure_model(self) -> None:
         """Prepare for a sharding strategy (``leffa.parallel``); under DDP or one device, nothing.
 
-        Under ``ModelParallelStrategy`` (it gives a device mesh) the Reference UNet's head, which no
-        loss reaches, is frozen (so its checkpoints can be resumed) and both UNets are sharded with
-        FSDP2; ``FSDPStrategy`` wraps the model itself. Under either, callbacks that cannot work
+        Under ``ModelParallelStrategy`` (it gives a device mesh) both UNets are sharded with FSDP2;
+        ``FSDPStrategy`` wraps the model itself. Under either, callbacks that cannot work
         with a sharded model (``EMAWeightAveraging``, ``SampleGrid``, ``FlowPictures``) are an
         error. Safe to call more than once.
 

@@ -42,6 +42,7 @@ from leffa.testing import TINY_UNET, TINY_VAE, make_batch
 
 ROOT = Path(__file__).resolve().parents[1]
 FSDP_CONFIG = ROOT / "configs" / "strategy" / "fsdp.yaml"
+TRAIN_CONFIG = ROOT / "configs" / "base" / "train.yaml"  # the stages' DDPStrategy
 MODEL_KWARGS = dict(use_leffa_loss=True, theta_timestep=1000, p_drop_ref=0.0, num_registers=2, learning_rate=1e-3)
 STEPS = 2
 SGD_LR = 0.1
@@ -158,28 +159,33 @@ def global_batch_reference(module: LeffaModule, generator_states: list[torch.Ten
 # ---------------------------------------------------------------- the 2-process cases (script side)
 
 class Recorder(L.Callback):
-    """Per-step losses and the generator state each rank starts with."""
+    """Per-step losses, the generator state each rank starts with, and the trainable parameters
+    left without a gradient after a backward."""
 
     def __init__(self):
-        self.losses, self.generator = [], None
+        self.losses, self.generator, self.without_gradient = [], None, set()
 
     def on_train_start(self, trainer, pl_module):
         self.generator = pl_module.noise_generator.get_state()
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        self.without_gradient |= {n for n, p in pl_module.named_parameters() if p.requires_grad and p.grad is None}
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         self.losses.append(float(outputs["loss"]))
 
 
-def fsdp_strategy_from_config(strategy_class=None):
-    """The strategy exactly as configs/strategy/fsdp.yaml's ``trainer.strategy`` builds it through
-    the CLI's parser; ``strategy_class`` swaps in a subclass (the CPU shim), arguments kept."""
+def fsdp_strategy_from_config(strategy_class=None, config: Path = FSDP_CONFIG):
+    """The strategy exactly as ``config``'s (default configs/strategy/fsdp.yaml) ``trainer.strategy``
+    builds it through the CLI's parser; ``strategy_class`` swaps in a subclass (the CPU shim),
+    arguments kept."""
     import yaml
     from jsonargparse import ArgumentParser
     from lightning.pytorch.strategies import Strategy
 
     parser = ArgumentParser()
     parser.add_argument("--strategy", type=Strategy | str)
-    config = {"strategy": yaml.safe_load(FSDP_CONFIG.read_text())["trainer"]["strategy"]}
+    config = {"strategy": yaml.safe_load(config.read_text())["trainer"]["strategy"]}
     strategy = parser.instantiate(parser.parse_object(config)).strategy
     if strategy_class is not None:
         strategy.__class__ = strategy_class
@@ -211,9 +217,11 @@ def make_strategy(case: str):
     from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy
 
     if case.startswith("ddp"):
-        # the Reference UNet's head (conv_norm_out, conv_out, the last block after its
-        # self-attention) gets no gradient: plain DDP stops at the second step
-        return DDPStrategy(find_unused_parameters=True)
+        # the stages' DDPStrategy (configs/base/train.yaml), which does not look for unused
+        # parameters: the Reference UNet's head that no loss reaches is frozen when built
+        strategy = fsdp_strategy_from_config(config=TRAIN_CONFIG)
+        assert type(strategy) is DDPStrategy and not strategy._ddp_kwargs.get("find_unused_parameters")
+        return strategy
     if case.startswith("fsdp2"):
         return ModelParallelStrategy(data_parallel_size=WORLD, tensor_parallel_size=1)
     if case == "fsdp1":
@@ -288,6 +296,7 @@ def worker(case: str, out: Path) -> None:
         # the share of one parameter this rank holds: a DTensor's local shard when sharded (FSDP2)
         "local_numel": param.to_local().numel() if hasattr(param, "to_local") else param.numel(),
         "compute_dtypes": sorted(compute_dtypes),
+        "without_gradient": sorted(recorder.without_gradient),
         "weights": module.state_dict() if case.startswith("ddp") else None,
     }, out / f"rank{rank}.pt")
     if rank == 0 and full is not None:
@@ -367,6 +376,8 @@ def assert_trains_like_one_process(ranks: list[dict], weights: dict, tolerance: 
 @pytest.mark.distributed
 def test_ddp_averages_gradients_like_one_process_on_the_global_batch(ddp_run):
     ranks = load_ranks(ddp_run)
+    # without find_unused_parameters: every trainable parameter got a gradient at every step
+    assert [r["without_gradient"] for r in ranks] == [[]] * WORLD
     # every rank ends with the same weights, and draws its own noise stream
     assert all(torch.equal(v, ranks[1]["weights"][k]) for k, v in ranks[0]["weights"].items())
     assert not torch.equal(ranks[0]["generator"], ranks[1]["generator"])
@@ -384,6 +395,7 @@ def test_ddp_with_accumulation_and_uneven_selection_trains_like_one_process_on_t
     weights = ranks[0]["weights"]
     assert all(torch.equal(v, ranks[1]["weights"][k]) for k, v in weights.items())
     assert all(len(r["losses"]) == STEPS * ACCUMULATE for r in ranks)  # one per micro-batch
+    assert [r["without_gradient"] for r in ranks] == [[]] * WORLD
     module = build_module(SGDLeffa, **SELECTING)
     module.setup("fit")
     counts = global_batch_reference(module, [r["generator"] for r in ranks])
@@ -564,12 +576,15 @@ def test_unused_reference_parameters_are_those_without_gradient(checkpointing):
 
     module = LeffaModule(unet_config=dict(TINY_UNET), vae_config=dict(TINY_VAE), **MODEL_KWARGS,
                          gradient_checkpointing=checkpointing)
+    # frozen when the model was built; trainable again here, to see which get no gradient
+    built_frozen = set(module.denoiser.unused_reference_parameters)
+    module.reference_unet.requires_grad_(True)
     module.setup("fit")
     module.train()
     module.compute_loss(half(global_batch(0), 0), torch.Generator().manual_seed(0), train=True)[0].backward()
     no_gradient = {n for n, p in module.reference_unet.named_parameters() if p.grad is None}
     frozen = freeze_unused_reference_parameters(module.reference_unet, module.bank)
-    assert set(frozen) == no_gradient and "conv_out.weight" in no_gradient
+    assert set(frozen) == no_gradient == built_frozen and "conv_out.weight" in no_gradient
     assert all(not p.requires_grad for n, p in module.reference_unet.named_parameters() if n in no_gradient)
     assert not module.bank.features  # the probe leaves nothing behind
     assert module.reference_unet.is_gradient_checkpointing == checkpointing
