@@ -209,6 +209,14 @@ class LeffaModule(L.LightningModule):
         checkpoint["noise_generator"] = state.reshape(-1, state.shape[-1])
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        # the optimizer (configure_optimizers) holds every trainable tensor: a resumed one must match
+        saved = [group for state in checkpoint.get("optimizer_states", ()) if isinstance(state, dict)
+                 for group in state.get("param_groups", ())]
+        held, trainable = sum(len(g["params"]) for g in saved), sum(p.requires_grad for p in self.parameters())
+        if saved and held != trainable:
+            raise UserError(f"--ckpt_path: its optimizer state covers {held} parameter tensors, this model trains "
+                            f"{trainable} (another model.trainable, or written before the Reference UNet's unused "
+                            "head was frozen): start a new run from its weights with model.init_from instead")
         states = checkpoint.get("noise_generator")
         if states is None:
             return
