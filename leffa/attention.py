@@ -11,6 +11,7 @@ also hand out their queries and reference keys (Sec. 3.2-3.3).
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass, field
 
@@ -28,7 +29,16 @@ __all__ = [
     "ConcatAttention",
     "token_grid",
     "attach_reference_attention",
+    "float32_region",
 ]
+
+
+def float32_region(device: torch.device):
+    """A region computed in float32 also under bf16 autocast: autocast off on ``device``. (On the
+    meta device, where a copy of the module counts FLOPs, there is no autocast to turn off.)"""
+    if device.type == "meta":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, enabled=False)
 
 
 @dataclass
@@ -44,7 +54,7 @@ class LeffaCapture:
         """The layer's attention flow (Eq. 2-3) in float32, also under bf16 autocast (coordinates
         need the precision): (b, h, w, 2), or per head (b, heads, h, w, 2)."""
         h, w = self.grid
-        with torch.autocast(device_type=self.query.device.type, enabled=False):
+        with float32_region(self.query.device):
             register = None if self.register_key is None else self.register_key.float()
             flow = attention_flow(self.query.float(), self.key.float(), self.grid, tau, average_heads,
                                   register_key=register)
