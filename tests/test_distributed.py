@@ -52,6 +52,7 @@ ACCUMULATE = 2
 # weighting show in the weights
 SELECTING = dict(theta_timestep=500, p_drop_ref=0.1, lambda_leffa=1.0)
 POISONED_STEP = 1  # ddp_nonfinite: rank 1's batch of this step holds an inf
+CLIP = 1e-2  # the *_clip cases: gradient_clip_val, far below the gradients' norm
 
 
 # ---------------------------------------------------------------- shared by the ranks and the tests
@@ -96,10 +97,12 @@ class RankHalves(torch.utils.data.IterableDataset):
 
 
 def reference_run(module: LeffaModule, generator_states: list[torch.Tensor], scale: float = 1.0 / WORLD,
-                  contributing: tuple[int, ...] = tuple(range(WORLD))) -> list[list[float]]:
+                  contributing: tuple[int, ...] = tuple(range(WORLD)), clip: float | None = None,
+                  norms: list | None = None) -> list[list[float]]:
     """Single process: ``STEPS`` optimizer steps on ``scale * sum`` of the half-batch losses of the
     ``contributing`` ranks (default: all, scale 1/WORLD: the gradient mean that data parallelism
-    must compute); returns each rank's loss per step."""
+    must compute); returns each rank's loss per step. With ``clip``, the gradients' total norm is
+    clipped to it before each step, and appended to ``norms`` as it was before clipping."""
     generators = [torch.Generator().set_state(state) for state in generator_states]
     optimizer = module.configure_optimizers()
     module.train()
@@ -113,6 +116,8 @@ def reference_run(module: LeffaModule, generator_states: list[torch.Tensor], sca
             if rank in contributing:
                 total = total + scale * loss
         total.backward()
+        if clip is not None:
+            norms.append(torch.nn.utils.clip_grad_norm_([p for p in module.parameters() if p.requires_grad], clip))
         optimizer.step()
     return losses
 
@@ -163,7 +168,7 @@ class Recorder(L.Callback):
     left without a gradient after a backward."""
 
     def __init__(self):
-        self.losses, self.generator, self.without_gradient = [], None, set()
+        self.losses, self.generator, self.without_gradient, self.grad_norms = [], None, set(), []
 
     def on_train_start(self, trainer, pl_module):
         self.generator = pl_module.noise_generator.get_state()
@@ -173,6 +178,7 @@ class Recorder(L.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         self.losses.append(float(outputs["loss"]))
+        self.grad_norms.append(float(trainer.callback_metrics["train/grad_norm"]))
 
 
 def fsdp_strategy_from_config(strategy_class=None, config: Path = FSDP_CONFIG):
@@ -224,9 +230,10 @@ def make_strategy(case: str):
         return strategy
     if case.startswith("fsdp2"):
         return ModelParallelStrategy(data_parallel_size=WORLD, tensor_parallel_size=1)
-    if case == "fsdp1":
+    if case.startswith("fsdp1"):
         return fsdp_strategy_from_config(cpu_fsdp_strategy_class())
-    raise ValueError(f"unknown case {case!r}; valid: ddp, ddp_accumulate, ddp_nonfinite, fsdp2, fsdp2_bf16, fsdp2_resume, fsdp2_attention, fsdp1")
+    raise ValueError(f"unknown case {case!r}; valid: ddp, ddp_accumulate, ddp_nonfinite, fsdp2, fsdp2_bf16, "
+                     "fsdp2_resume, fsdp2_attention, fsdp2_clip, fsdp1, fsdp1_clip")
 
 
 def fit(case: str, module: LeffaModule, out: Path, steps: int = STEPS, ckpt_path: Path | None = None,
@@ -240,7 +247,8 @@ def fit(case: str, module: LeffaModule, out: Path, steps: int = STEPS, ckpt_path
     precision = "bf16-mixed" if case.endswith("bf16") else "32-true"
     trainer = L.Trainer(max_steps=steps, accelerator="cpu", devices=WORLD, strategy=make_strategy(case),
                         precision=precision, logger=False, callbacks=[recorder, saver], enable_progress_bar=False,
-                        enable_model_summary=False, default_root_dir=out, accumulate_grad_batches=accumulate)
+                        enable_model_summary=False, default_root_dir=out, accumulate_grad_batches=accumulate,
+                        gradient_clip_val=CLIP if case.endswith("_clip") else None)
     # a resumed run starts at the checkpoint's step: so do its data (an iterable restarts)
     start = STEPS if ckpt_path else 0
     loader = torch.utils.data.DataLoader(RankHalves(int(os.environ["RANK"]), start, poison_at), batch_size=None)
@@ -297,6 +305,7 @@ def worker(case: str, out: Path) -> None:
         "local_numel": param.to_local().numel() if hasattr(param, "to_local") else param.numel(),
         "compute_dtypes": sorted(compute_dtypes),
         "without_gradient": sorted(recorder.without_gradient),
+        "grad_norms": recorder.grad_norms,
         "weights": module.state_dict() if case.startswith("ddp") else None,
     }, out / f"rank{rank}.pt")
     if rank == 0 and full is not None:
@@ -344,6 +353,8 @@ fsdp2_bf16_run = two_process_fixture("fsdp2_bf16")
 fsdp2_resume_run = two_process_fixture("fsdp2_resume")
 fsdp2_attention_run = two_process_fixture("fsdp2_attention")
 fsdp1_run = two_process_fixture("fsdp1")
+fsdp2_clip_run = two_process_fixture("fsdp2_clip")
+fsdp1_clip_run = two_process_fixture("fsdp1_clip")
 
 
 def load_ranks(out: Path) -> list[dict]:
@@ -434,6 +445,23 @@ def test_fsdp2_shards_the_unets_and_trains_like_one_process(fsdp2_run):
     initial = build_module().state_dict()
     registers = [k for k in full if k.endswith("processor.registers")]
     assert registers and all(not torch.equal(full[k], initial[k]) for k in registers)
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("run", ["fsdp2_clip_run", "fsdp1_clip_run"])
+def test_sharded_strategies_clip_the_total_gradient_norm_like_one_process(run, request):
+    out = request.getfixturevalue(run)
+    ranks = load_ranks(out)
+    module = build_module(SGDLeffa)
+    module.setup("fit")
+    norms = []
+    reference_run(module, [r["generator"] for r in ranks], clip=CLIP, norms=norms)
+    # train/grad_norm: the norm over all ranks' shards before clipping, the same on every rank
+    assert min(norms) > 10 * CLIP  # so the clipping changed every step
+    for r in ranks:
+        torch.testing.assert_close(r["grad_norms"], [float(n) for n in norms], rtol=1e-4, atol=0)
+    # the clipped steps: the weights of one process clipping the global batch's gradient
+    assert max_difference(torch.load(out / "full.pt", weights_only=True), module.state_dict()) < 1e-5
 
 
 @pytest.mark.distributed
