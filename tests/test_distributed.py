@@ -178,7 +178,8 @@ class Recorder(L.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         self.losses.append(float(outputs["loss"]))
-        self.grad_norms.append(float(trainer.callback_metrics["train/grad_norm"]))
+        if "train/grad_norm" in trainer.callback_metrics:  # logged at each optimizer step
+            self.grad_norms.append(float(trainer.callback_metrics["train/grad_norm"]))
 
 
 def fsdp_strategy_from_config(strategy_class=None, config: Path = FSDP_CONFIG):
