@@ -15,6 +15,7 @@ the person half's queries and the garment half's keys.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass, field
 
@@ -35,7 +36,16 @@ __all__ = [
     "attach_reference_attention",
     "WidthConcatAttention",
     "attach_width_concat_attention",
+    "float32_region",
 ]
+
+
+def float32_region(device: torch.device):
+    """A region computed in float32 also under bf16 autocast: autocast off on ``device``. (On the
+    meta device, where a copy of the module counts FLOPs, there is no autocast to turn off.)"""
+    if device.type == "meta":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, enabled=False)
 
 
 @dataclass
@@ -51,7 +61,7 @@ class LeffaCapture:
         """The layer's attention flow (Eq. 2-3) in float32, also under bf16 autocast (coordinates
         need the precision): (b, h, w, 2), or per head (b, heads, h, w, 2)."""
         h, w = self.grid
-        with torch.autocast(device_type=self.query.device.type, enabled=False):
+        with float32_region(self.query.device):
             register = None if self.register_key is None else self.register_key.float()
             flow = attention_flow(self.query.float(), self.key.float(), self.grid, tau, average_heads,
                                   register_key=register)

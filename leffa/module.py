@@ -16,14 +16,16 @@ from jsonargparse.typing import Path_fr, path_type
 from lightning.pytorch.cli import OptimizerCallable
 
 from leffa.architectures import ARCHITECTURES, LATENT_CHANNELS, ReferenceDenoiser
-from leffa.attention import ReferenceBank
+from leffa.attention import ReferenceBank, float32_region
 from leffa.checkpoints import guard_checkpoint_loading, load_weights, read_settings, read_state_dict
 from leffa.conditioning import build_conditioning, conditioning_channels
 from leffa.errors import UserError
 from leffa.losses import diffusion_loss, warp_loss
+from leffa.parallel import is_sharding
 from leffa.pretrained import load_scheduler, load_vae, load_vae_folder, read_config
 from leffa.sampling import SamplingConfig, key_generators, make_scheduler, sample
 from leffa.schedules import LRSchedule, build_scheduler
+from leffa.throughput import report_training_start
 from leffa.trainable import LORA_MARKERS, LoraSettings, base_layer_names, has_lora
 
 __all__ = ["LeffaModule"]
@@ -83,6 +85,9 @@ class LeffaModule(L.LightningModule):
         init_from_weights: ``ema`` or ``live`` weights of ``init_from``.
         sampling: how ``leffa predict`` samples (scheduler, steps, guidance, ...).
     """
+
+    #: FLOPs of one training batch, for ThroughputMonitor's MFU (set at the first batch: leffa.throughput)
+    flops_per_batch: int | None = None
 
     def __init__(
         self,
@@ -211,6 +216,14 @@ class LeffaModule(L.LightningModule):
         checkpoint["noise_generator"] = state.reshape(-1, state.shape[-1])
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        # the optimizer (configure_optimizers) holds every trainable tensor: a resumed one must match
+        saved = [group for state in checkpoint.get("optimizer_states", ()) if isinstance(state, dict)
+                 for group in state.get("param_groups", ())]
+        held, trainable = sum(len(g["params"]) for g in saved), sum(p.requires_grad for p in self.parameters())
+        if saved and held != trainable:
+            raise UserError(f"--ckpt_path: its optimizer state covers {held} parameter tensors, this model trains "
+                            f"{trainable} (another model.trainable, or written before the Reference UNet's unused "
+                            "head was frozen): start a new run from its weights with model.init_from instead")
         states = checkpoint.get("noise_generator")
         if states is None:
             return
@@ -223,9 +236,8 @@ class LeffaModule(L.LightningModule):
     def configure_model(self) -> None:
         """Prepare for a sharding strategy (``leffa.parallel``); under DDP or one device, nothing.
 
-        Under ``ModelParallelStrategy`` (it gives a device mesh) the Reference UNet's head, which no
-        loss reaches, is frozen (so its checkpoints can be resumed) and both UNets are sharded with
-        FSDP2; ``FSDPStrategy`` wraps the model itself. Under either, callbacks that cannot work
+        Under ``ModelParallelStrategy`` (it gives a device mesh) both UNets are sharded with FSDP2;
+        ``FSDPStrategy`` wraps the model itself. Under either, callbacks that cannot work
         with a sharded model (``EMAWeightAveraging``, ``SampleGrid``, ``FlowPictures``) are an
         error. Safe to call more than once.
 
@@ -248,6 +260,18 @@ class LeffaModule(L.LightningModule):
         # the sharded master weights and the gradient reduction stay float32
         param_dtype = torch.bfloat16 if str(self.trainer.precision).startswith("bf16") else None
         self.denoiser.shard(mesh["data_parallel"], param_dtype)
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        """Lightning's clipping (``trainer.gradient_clip_val``), except by norm under
+        ``FSDPStrategy``: its precision plugin refuses that (a norm over one rank's shards is not
+        the total), so the FSDP root module's own ``clip_grad_norm_`` (over all ranks) clips."""
+        from lightning.pytorch.strategies import FSDPStrategy
+
+        strategy = self.trainer.strategy
+        if gradient_clip_val and gradient_clip_algorithm in (None, "norm") and isinstance(strategy, FSDPStrategy):
+            strategy.model.clip_grad_norm_(gradient_clip_val)
+            return
+        self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     def configure_optimizers(self):
         """The optimizer over the trainable parameters only, and the learning-rate schedule."""
@@ -318,7 +342,7 @@ class LeffaModule(L.LightningModule):
         hp = self.hparams
         total = tgt_image.new_zeros(tgt_image.shape[0], dtype=torch.float32)
         # float32 even under bf16 autocast (the flow is too: see LeffaCapture.flow)
-        with torch.autocast(device_type=tgt_image.device.type, enabled=False):
+        with float32_region(tgt_image.device):
             for capture in self.bank.captures.values():
                 flow = capture.flow(hp.tau, hp.average_heads)
                 if hp.average_heads:
@@ -356,8 +380,10 @@ class LeffaModule(L.LightningModule):
         with the Leffa loss on ``rows`` (the selected samples) and ``leffa`` (one per row captured
         by the bank; absent when no layer took part)."""
         hp = self.hparams
+        # the selected rows from the draws on the CPU: no device sync, and a copy of the module on
+        # the meta device (leffa.throughput counts its FLOPs) gets them too
+        rows = self.leffa_rows(timesteps.cpu(), keep_ref.cpu()).to(self.device) if hp.use_leffa_loss else None
         timesteps, keep_ref = timesteps.to(self.device), keep_ref.to(self.device)
-        rows = self.leffa_rows(timesteps, keep_ref) if hp.use_leffa_loss else None
         prediction, noise = self.noised_forward(batch, generator, timesteps, keep_ref, rows)
         tgt, ref, mask = batch["tgt"], batch["ref"], batch["mask"]
         terms = {"diffusion": diffusion_loss(prediction, noise)}
@@ -449,15 +475,22 @@ class LeffaModule(L.LightningModule):
         flags = self._nonfinite if self._nonfinite is not None else torch.zeros(len(LOSS_TERMS), dtype=torch.bool)
         self._nonfinite = None
         flags = flags.to(self.device, torch.float32)
+        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        grads = [g.to_local() if hasattr(g, "to_local") else g for g in grads]  # sharded: this rank's part
         # under a GradScaler (16-mixed) inf gradients are routine: it skips those steps itself
         if getattr(self.trainer.precision_plugin, "scaler", None) is None:
-            grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-            grads = [g.to_local() if hasattr(g, "to_local") else g for g in grads]  # sharded: this rank's part
             # the largest magnitude: finite exactly when every entry is (no overflow, unlike a 2-norm)
             largest = torch.nn.utils.get_total_norm(grads, norm_type=float("inf")) if grads else flags.new_zeros(())
             flags = torch.cat([flags, (~torch.isfinite(largest)).float().view(1).to(flags.device)])
+        # train/grad_norm: the total 2-norm before clipping (Lightning clips after this hook); a
+        # sharded rank holds a part of the gradients, so the squares are summed over the ranks
+        norm = torch.nn.utils.get_total_norm(grads, norm_type=2.0) if grads else flags.new_zeros(())
+        sharded = is_sharding(self.trainer.strategy)
+        flags = torch.cat([flags, norm.float().square().view(1).to(flags.device) if sharded else flags.new_zeros(1)])
         if self.trainer.world_size > 1:
             flags = self.trainer.strategy.reduce(flags, reduce_op="sum")
+        flags, squares = flags[:-1], flags[-1]
+        self.log("train/grad_norm", squares.sqrt() if sharded else norm.float())
         bad = [name for name, flag in zip((*LOSS_TERMS, "gradient"), flags.tolist()) if flag]
         if bad:
             what = f"{bad[0]} loss" if bad[0] in LOSS_TERMS else "gradient (the losses were finite)"
@@ -474,6 +507,14 @@ class LeffaModule(L.LightningModule):
             self.log(f"{stage}/{name}", value, batch_size=b, sync_dist=stage != "train", prog_bar=name == "loss")
         if "skipped" in batch:
             self.log("data/skipped", batch["skipped"].sum().float(), reduce_fx="sum", batch_size=b)
+
+    def on_train_start(self) -> None:
+        self._starting = True
+
+    def on_train_batch_start(self, batch: dict, batch_idx: int) -> None:
+        if getattr(self, "_starting", False):  # the global batch, and FLOPs for ThroughputMonitor
+            self._starting = False
+            report_training_start(self, batch)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         return self._step("train", batch, self.noise_generator, batch_idx)

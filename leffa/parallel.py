@@ -158,12 +158,13 @@ def freeze_unused_reference_parameters(reference_unet: nn.Module, bank: Referenc
     self-attention input, ``proj_out``, ``conv_norm_out``, ``conv_out``), whose output nothing
     reads, in training or sampling. They never get a gradient, so training is unchanged.
 
-    Why, under ``ModelParallelStrategy``: the optimizer holds no state for such parameters, while
-    its resume (``--ckpt_path``) loads optimizer state for every parameter the optimizer has and
-    fails ("Missing key in checkpoint state_dict: optimizer_0.state.reference_unet....step").
-    Frozen, they leave the optimizer. (FSDPStrategy's resume tolerates the gap; under DDP they stay
-    trainable, so existing checkpoints keep their optimizer layout, and DDP needs
-    ``find_unused_parameters=True`` for them.)
+    Called when the model is built (``leffa.architectures.dual_unet``), so every strategy trains
+    the same set, each member of which gets a gradient at every step. Why: DDP would otherwise
+    need ``find_unused_parameters=True`` (a walk of the autograd graph at every step); under
+    ``ModelParallelStrategy`` the optimizer holds no state for such parameters, while its resume
+    (``--ckpt_path``) loads optimizer state for every parameter the optimizer has and fails
+    ("Missing key in checkpoint state_dict: optimizer_0.state.reference_unet....step"); and the
+    optimizer and the EMA would carry tensors that never move. Frozen, they leave all of them.
 
     Found by one forward of the Reference UNet traced on the meta device (no memory, no compute):
     autograd says which parameters the recorded features depend on.

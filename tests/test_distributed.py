@@ -42,6 +42,7 @@ from leffa.testing import TINY_UNET, TINY_VAE, make_batch
 
 ROOT = Path(__file__).resolve().parents[1]
 FSDP_CONFIG = ROOT / "configs" / "strategy" / "fsdp.yaml"
+TRAIN_CONFIG = ROOT / "configs" / "base" / "train.yaml"  # the stages' DDPStrategy
 MODEL_KWARGS = dict(use_leffa_loss=True, theta_timestep=1000, p_drop_ref=0.0, num_registers=2, learning_rate=1e-3)
 STEPS = 2
 SGD_LR = 0.1
@@ -51,6 +52,7 @@ ACCUMULATE = 2
 # weighting show in the weights
 SELECTING = dict(theta_timestep=500, p_drop_ref=0.1, lambda_leffa=1.0)
 POISONED_STEP = 1  # ddp_nonfinite: rank 1's batch of this step holds an inf
+CLIP = 1e-2  # the *_clip cases: gradient_clip_val, far below the gradients' norm
 
 
 # ---------------------------------------------------------------- shared by the ranks and the tests
@@ -95,10 +97,12 @@ class RankHalves(torch.utils.data.IterableDataset):
 
 
 def reference_run(module: LeffaModule, generator_states: list[torch.Tensor], scale: float = 1.0 / WORLD,
-                  contributing: tuple[int, ...] = tuple(range(WORLD))) -> list[list[float]]:
+                  contributing: tuple[int, ...] = tuple(range(WORLD)), clip: float | None = None,
+                  norms: list | None = None) -> list[list[float]]:
     """Single process: ``STEPS`` optimizer steps on ``scale * sum`` of the half-batch losses of the
     ``contributing`` ranks (default: all, scale 1/WORLD: the gradient mean that data parallelism
-    must compute); returns each rank's loss per step."""
+    must compute); returns each rank's loss per step. With ``clip``, the gradients' total norm is
+    clipped to it before each step, and appended to ``norms`` as it was before clipping."""
     generators = [torch.Generator().set_state(state) for state in generator_states]
     optimizer = module.configure_optimizers()
     module.train()
@@ -112,6 +116,8 @@ def reference_run(module: LeffaModule, generator_states: list[torch.Tensor], sca
             if rank in contributing:
                 total = total + scale * loss
         total.backward()
+        if clip is not None:
+            norms.append(torch.nn.utils.clip_grad_norm_([p for p in module.parameters() if p.requires_grad], clip))
         optimizer.step()
     return losses
 
@@ -158,28 +164,35 @@ def global_batch_reference(module: LeffaModule, generator_states: list[torch.Ten
 # ---------------------------------------------------------------- the 2-process cases (script side)
 
 class Recorder(L.Callback):
-    """Per-step losses and the generator state each rank starts with."""
+    """Per-step losses, the generator state each rank starts with, and the trainable parameters
+    left without a gradient after a backward."""
 
     def __init__(self):
-        self.losses, self.generator = [], None
+        self.losses, self.generator, self.without_gradient, self.grad_norms = [], None, set(), []
 
     def on_train_start(self, trainer, pl_module):
         self.generator = pl_module.noise_generator.get_state()
 
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        self.without_gradient |= {n for n, p in pl_module.named_parameters() if p.requires_grad and p.grad is None}
+
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         self.losses.append(float(outputs["loss"]))
+        if "train/grad_norm" in trainer.callback_metrics:  # logged at each optimizer step
+            self.grad_norms.append(float(trainer.callback_metrics["train/grad_norm"]))
 
 
-def fsdp_strategy_from_config(strategy_class=None):
-    """The strategy exactly as configs/strategy/fsdp.yaml's ``trainer.strategy`` builds it through
-    the CLI's parser; ``strategy_class`` swaps in a subclass (the CPU shim), arguments kept."""
+def fsdp_strategy_from_config(strategy_class=None, config: Path = FSDP_CONFIG):
+    """The strategy exactly as ``config``'s (default configs/strategy/fsdp.yaml) ``trainer.strategy``
+    builds it through the CLI's parser; ``strategy_class`` swaps in a subclass (the CPU shim),
+    arguments kept."""
     import yaml
     from jsonargparse import ArgumentParser
     from lightning.pytorch.strategies import Strategy
 
     parser = ArgumentParser()
     parser.add_argument("--strategy", type=Strategy | str)
-    config = {"strategy": yaml.safe_load(FSDP_CONFIG.read_text())["trainer"]["strategy"]}
+    config = {"strategy": yaml.safe_load(config.read_text())["trainer"]["strategy"]}
     strategy = parser.instantiate(parser.parse_object(config)).strategy
     if strategy_class is not None:
         strategy.__class__ = strategy_class
@@ -211,14 +224,17 @@ def make_strategy(case: str):
     from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy
 
     if case.startswith("ddp"):
-        # the Reference UNet's head (conv_norm_out, conv_out, the last block after its
-        # self-attention) gets no gradient: plain DDP stops at the second step
-        return DDPStrategy(find_unused_parameters=True)
+        # the stages' DDPStrategy (configs/base/train.yaml), which does not look for unused
+        # parameters: the Reference UNet's head that no loss reaches is frozen when built
+        strategy = fsdp_strategy_from_config(config=TRAIN_CONFIG)
+        assert type(strategy) is DDPStrategy and not strategy._ddp_kwargs.get("find_unused_parameters")
+        return strategy
     if case.startswith("fsdp2"):
         return ModelParallelStrategy(data_parallel_size=WORLD, tensor_parallel_size=1)
-    if case == "fsdp1":
+    if case.startswith("fsdp1"):
         return fsdp_strategy_from_config(cpu_fsdp_strategy_class())
-    raise ValueError(f"unknown case {case!r}; valid: ddp, ddp_accumulate, ddp_nonfinite, fsdp2, fsdp2_bf16, fsdp2_resume, fsdp2_attention, fsdp1")
+    raise ValueError(f"unknown case {case!r}; valid: ddp, ddp_accumulate, ddp_nonfinite, fsdp2, fsdp2_bf16, "
+                     "fsdp2_resume, fsdp2_attention, fsdp2_clip, fsdp1, fsdp1_clip")
 
 
 def fit(case: str, module: LeffaModule, out: Path, steps: int = STEPS, ckpt_path: Path | None = None,
@@ -232,7 +248,8 @@ def fit(case: str, module: LeffaModule, out: Path, steps: int = STEPS, ckpt_path
     precision = "bf16-mixed" if case.endswith("bf16") else "32-true"
     trainer = L.Trainer(max_steps=steps, accelerator="cpu", devices=WORLD, strategy=make_strategy(case),
                         precision=precision, logger=False, callbacks=[recorder, saver], enable_progress_bar=False,
-                        enable_model_summary=False, default_root_dir=out, accumulate_grad_batches=accumulate)
+                        enable_model_summary=False, default_root_dir=out, accumulate_grad_batches=accumulate,
+                        gradient_clip_val=CLIP if case.endswith("_clip") else None)
     # a resumed run starts at the checkpoint's step: so do its data (an iterable restarts)
     start = STEPS if ckpt_path else 0
     loader = torch.utils.data.DataLoader(RankHalves(int(os.environ["RANK"]), start, poison_at), batch_size=None)
@@ -288,6 +305,8 @@ def worker(case: str, out: Path) -> None:
         # the share of one parameter this rank holds: a DTensor's local shard when sharded (FSDP2)
         "local_numel": param.to_local().numel() if hasattr(param, "to_local") else param.numel(),
         "compute_dtypes": sorted(compute_dtypes),
+        "without_gradient": sorted(recorder.without_gradient),
+        "grad_norms": recorder.grad_norms,
         "weights": module.state_dict() if case.startswith("ddp") else None,
     }, out / f"rank{rank}.pt")
     if rank == 0 and full is not None:
@@ -335,6 +354,8 @@ fsdp2_bf16_run = two_process_fixture("fsdp2_bf16")
 fsdp2_resume_run = two_process_fixture("fsdp2_resume")
 fsdp2_attention_run = two_process_fixture("fsdp2_attention")
 fsdp1_run = two_process_fixture("fsdp1")
+fsdp2_clip_run = two_process_fixture("fsdp2_clip")
+fsdp1_clip_run = two_process_fixture("fsdp1_clip")
 
 
 def load_ranks(out: Path) -> list[dict]:
@@ -367,6 +388,8 @@ def assert_trains_like_one_process(ranks: list[dict], weights: dict, tolerance: 
 @pytest.mark.distributed
 def test_ddp_averages_gradients_like_one_process_on_the_global_batch(ddp_run):
     ranks = load_ranks(ddp_run)
+    # without find_unused_parameters: every trainable parameter got a gradient at every step
+    assert [r["without_gradient"] for r in ranks] == [[]] * WORLD
     # every rank ends with the same weights, and draws its own noise stream
     assert all(torch.equal(v, ranks[1]["weights"][k]) for k, v in ranks[0]["weights"].items())
     assert not torch.equal(ranks[0]["generator"], ranks[1]["generator"])
@@ -384,6 +407,7 @@ def test_ddp_with_accumulation_and_uneven_selection_trains_like_one_process_on_t
     weights = ranks[0]["weights"]
     assert all(torch.equal(v, ranks[1]["weights"][k]) for k, v in weights.items())
     assert all(len(r["losses"]) == STEPS * ACCUMULATE for r in ranks)  # one per micro-batch
+    assert [r["without_gradient"] for r in ranks] == [[]] * WORLD
     module = build_module(SGDLeffa, **SELECTING)
     module.setup("fit")
     counts = global_batch_reference(module, [r["generator"] for r in ranks])
@@ -422,6 +446,23 @@ def test_fsdp2_shards_the_unets_and_trains_like_one_process(fsdp2_run):
     initial = build_module().state_dict()
     registers = [k for k in full if k.endswith("processor.registers")]
     assert registers and all(not torch.equal(full[k], initial[k]) for k in registers)
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("run", ["fsdp2_clip_run", "fsdp1_clip_run"])
+def test_sharded_strategies_clip_the_total_gradient_norm_like_one_process(run, request):
+    out = request.getfixturevalue(run)
+    ranks = load_ranks(out)
+    module = build_module(SGDLeffa)
+    module.setup("fit")
+    norms = []
+    reference_run(module, [r["generator"] for r in ranks], clip=CLIP, norms=norms)
+    # train/grad_norm: the norm over all ranks' shards before clipping, the same on every rank
+    assert min(norms) > 10 * CLIP  # so the clipping changed every step
+    for r in ranks:
+        torch.testing.assert_close(r["grad_norms"], [float(n) for n in norms], rtol=1e-4, atol=0)
+    # the clipped steps: the weights of one process clipping the global batch's gradient
+    assert max_difference(torch.load(out / "full.pt", weights_only=True), module.state_dict()) < 1e-5
 
 
 @pytest.mark.distributed
@@ -564,12 +605,15 @@ def test_unused_reference_parameters_are_those_without_gradient(checkpointing):
 
     module = LeffaModule(unet_config=dict(TINY_UNET), vae_config=dict(TINY_VAE), **MODEL_KWARGS,
                          gradient_checkpointing=checkpointing)
+    # frozen when the model was built; trainable again here, to see which get no gradient
+    built_frozen = set(module.denoiser.unused_reference_parameters)
+    module.reference_unet.requires_grad_(True)
     module.setup("fit")
     module.train()
     module.compute_loss(half(global_batch(0), 0), torch.Generator().manual_seed(0), train=True)[0].backward()
     no_gradient = {n for n, p in module.reference_unet.named_parameters() if p.grad is None}
     frozen = freeze_unused_reference_parameters(module.reference_unet, module.bank)
-    assert set(frozen) == no_gradient and "conv_out.weight" in no_gradient
+    assert set(frozen) == no_gradient == built_frozen and "conv_out.weight" in no_gradient
     assert all(not p.requires_grad for n, p in module.reference_unet.named_parameters() if n in no_gradient)
     assert not module.bank.features  # the probe leaves nothing behind
     assert module.reference_unet.is_gradient_checkpointing == checkpointing

@@ -125,3 +125,37 @@ def test_interrupted_and_resumed_run_follows_the_uninterrupted_one(tmp_path):
     # EMA and live weights differ, so both comparisons above mean something
     key = "generative_unet.conv_in.weight"
     assert not torch.equal(final[0]["state_dict"][key], final[0]["current_model_state"][key])
+
+
+def test_a_checkpoint_that_trained_the_reference_head_initialises_but_does_not_resume(tmp_path):
+    """Checkpoints written while the Reference UNet's unused head was still trainable (before it
+    was frozen when the model is built): their optimizer state covers more tensors. Resuming them
+    is a one-line error that names the way on (``model.init_from``), which loads their weights."""
+    from leffa.errors import UserError
+
+    def build():
+        torch.manual_seed(0)
+        return LeffaModule(unet_config=dict(TINY_UNET), vae_config=dict(TINY_VAE))
+
+    def trainer(steps):
+        saver = ModelCheckpoint(dirpath=tmp_path, filename="old", every_n_train_steps=steps)
+        return L.Trainer(max_steps=steps, accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+                         enable_model_summary=False, callbacks=[EMAWeightAveraging(decay=0.5), saver],
+                         default_root_dir=tmp_path)
+
+    old = build()
+    head = old.denoiser.unused_reference_parameters
+    for name in head:  # as the earlier code left them
+        old.reference_unet.get_parameter(name).requires_grad_(True)
+    trainer(2).fit(old, datamodule=StepData())
+    checkpoint = tmp_path / "old.ckpt"
+    saved = torch.load(checkpoint, weights_only=True)["optimizer_states"][0]["param_groups"][0]["params"]
+    trainable = sum(p.requires_grad for p in build().parameters())
+    assert head and len(saved) == trainable + len(head)
+
+    with pytest.raises(UserError, match=rf"^--ckpt_path: .*{len(saved)} parameter tensors.*{trainable}.*model\.init_from"):
+        trainer(3).fit(build(), datamodule=StepData(), ckpt_path=checkpoint)
+    module = LeffaModule(unet_config=dict(TINY_UNET), vae_config=dict(TINY_VAE), init_from=str(checkpoint),
+                         init_from_weights="live")
+    live = torch.load(checkpoint, weights_only=True)["current_model_state"]
+    assert all(torch.equal(v, live[k]) for k, v in module.state_dict().items())

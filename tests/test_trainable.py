@@ -46,14 +46,20 @@ def test_only_the_intended_parameters_get_gradients_and_sit_in_the_optimizer(tin
     loss.backward()
     names = dict(module.named_parameters())
     wanted = {n for n in names if intended(n, kind)}
-    assert {n for n, p in names.items() if p.requires_grad} == wanted
+    trainable = {n for n, p in names.items() if p.requires_grad}
     with_grad = {n for n, p in names.items() if p.grad is not None}
-    assert with_grad <= wanted
-    # every intended tensor of the Generative UNet and the recorded Reference UNet layers learns
+    # every trainable tensor learns: none is left without a gradient, so DDP needs no
+    # find_unused_parameters (and the optimizer and the EMA hold nothing that never moves)
+    assert with_grad == trainable
+    # the intended ones, less the Reference UNet's head that no loss reaches (frozen when built)
+    head = wanted - trainable
+    assert trainable <= wanted and head and all(n.startswith("reference_unet.") for n in head)
     assert {n for n in wanted if n.startswith("generative_unet.")} <= with_grad
+    if kind == "all":
+        assert {"reference_unet.conv_out.weight", "reference_unet.conv_norm_out.weight"} <= head
     optimizer = module.configure_optimizers()
     in_optimizer = {id(p) for group in optimizer.param_groups for p in group["params"]}
-    assert in_optimizer == {id(names[n]) for n in wanted}
+    assert in_optimizer == {id(names[n]) for n in trainable}
     if kind == "attention":
         assert any(".attn1.to_q." in n for n in wanted) and any(n.startswith("reference_unet.") for n in wanted)
         assert not any(".ff." in n or "resnets" in n for n in wanted)

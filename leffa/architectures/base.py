@@ -36,7 +36,8 @@ class ReferenceDenoiser(Protocol):
 
     def components(self) -> dict[str, nn.Module]:
         """The trainable networks by name; the module registers them under these names, which are
-        the prefixes of their weights in checkpoints."""
+        the prefixes of their weights in checkpoints. Every parameter that requires a gradient
+        must get one from the loss (DDP runs without ``find_unused_parameters``): freeze the rest."""
         ...
 
     def encode_reference(self, ref_latent: torch.Tensor, timesteps: torch.Tensor) -> None:

@@ -52,6 +52,10 @@ class DualUNet:
         if freeze_reference:
             self.reference_unet.requires_grad_(False)
         select_trainable(self.generative_unet, self.reference_unet, trainable, lora)
+        # the Reference UNet's head (after its last recorded self-attention input) feeds no loss:
+        # frozen here, so every strategy (DDP without find_unused_parameters, FSDP, one device),
+        # the optimizer and the EMA see the same trainable set, each of which gets a gradient
+        self.unused_reference_parameters = freeze_unused_reference_parameters(self.reference_unet, self.bank)
         if gradient_checkpointing:
             self.generative_unet.enable_gradient_checkpointing()
             self.reference_unet.enable_gradient_checkpointing()
@@ -72,7 +76,5 @@ class DualUNet:
         return self.generative_unet(x, timesteps, encoder_hidden_states=None).sample
 
     def shard(self, mesh: DeviceMesh, param_dtype: torch.dtype | None) -> None:
-        """Freeze the Reference UNet's head that no loss reaches (so sharded checkpoints resume),
-        then FSDP2 over both UNets (see ``leffa.parallel``)."""
-        freeze_unused_reference_parameters(self.reference_unet, self.bank)
+        """FSDP2 over both UNets (see ``leffa.parallel``)."""
         shard_unets(self.generative_unet, self.reference_unet, mesh, param_dtype)
