@@ -34,10 +34,12 @@ def commands(args) -> dict[str, list[str]]:
     # train_memory.py counts GPU memory without a GPU (SD1.5 at 1024x768): the same row on every machine
     memory = {"train_memory.py": []}
     if args.device == "cpu":
-        return {"leffa_overhead.py": [], "loader_throughput.py": [], "sampling_speed.py": [], **memory}
+        return {"leffa_overhead.py": [], "architectures.py": [], "loader_throughput.py": [], "sampling_speed.py": [],
+                **memory}
     gpu = ["--device", "cuda", "--bf16", "--height", "1024", "--width", "768"] + (SD15 if args.sd15 else [])
     return {
         "leffa_overhead.py": gpu + ["--batch", "2", "--token-counts", "3072", "6144", "12288"],
+        "architectures.py": gpu + ["--batch", "2", "--peak-tflops", str(args.peak_tflops)],
         "loader_throughput.py": ["--workers", "1", "2", "4", "8"],
         "sampling_speed.py": gpu + ["--batch", "1", "--steps", "30"],
         **memory,
@@ -55,6 +57,8 @@ def main(argv=None):
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--sd15", action="store_true", help="SD1.5's UNet/VAE shapes (random weights) on the GPU")
     p.add_argument("--only", nargs="+", metavar="SCRIPT", help="run only these scripts")
+    p.add_argument("--peak-tflops", type=float, default=989.0,
+                   help="the GPU's dense bf16 peak for MFU (H100 SXM: 989; H200: 989)")
     p.add_argument("--out", type=Path, help="also write the table (Markdown) here")
     args = p.parse_args(argv)
     scripts = commands(args)
