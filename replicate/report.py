@@ -67,7 +67,7 @@ def report(summary: dict) -> str:
         "family shares the garment region, the flow and the background, only the reference differs: "
         + "; ".join(f"`{f}` ({ROLE.get(f, '')})" for f in summary["identifiability"]) + ".",
         f"- Baseline: {s['baseline_steps']} steps, diffusion loss only, all families pooled (seed 0). From it, per "
-        f"family and seed {s['seeds']}: {s['steps']} steps without the Leffa loss (`no_leffa`) and with it "
+        f"family of {s['continue_families']} and seed {s['seeds']}: {s['steps']} steps without the Leffa loss (`no_leffa`) and with it "
         f"(`leffa`)" + _extras(s) + ".",
         *([f"- Architectures: {s['architectures']}, each from its own baseline (same data, steps and seed). "
            "`dual_unet` is the paper's (Generative + Reference UNet); `concat_unet` a CatVTON-style single UNet over "
@@ -147,6 +147,15 @@ def report(summary: dict) -> str:
                                  f"{v['drop_px']:.2f} | {v['seed_sd']:.3f} | {v['gap_closed']:.0%} | "
                                  f"{_yes(c['below_by_5_sd'])} | {_yes(c['quarter_of_gap'])} | "
                                  f"{_yes(c['entropy_falls'])} | {_yes(c['denoise_no_worse'])} | **{v['verdict']}** |")
+        first = next(iter(summary["results"]))
+        for family, grids in summary["identifiability"].items():
+            if family in summary["results"][first] or length != s["steps"]:
+                continue
+            for key, m in grids.items():
+                grid, at = key.split(" at ")
+                if at == s["size"]:
+                    lines.append(f"| {first} | {family} | {grid} | - | - | - | - | - | - | - | - | - | **not a valid "
+                                 f"test (step 0 closes {m['gap_closed']:.0%} of the gap; not continued)** |")
     lines += ["", "## Flow pictures", "",
               "Per family, the same held-out samples, t = 250, the baseline, then `no_leffa` and `leffa` (seed "
               f"{s['seeds'].strip('[]').split(',')[0]}, {s['steps']}+ steps); in each picture one block of rows (the "

@@ -21,6 +21,7 @@ The jobs (``jobs.py``) run on ``--processes`` one-thread worker processes.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import multiprocessing
 import os
@@ -58,6 +59,8 @@ def module_settings(args) -> dict:
         learning_rate=args.learning_rate,
         lambda_leffa=args.lambda_leffa,
         p_drop_ref=0.0,
+        # one fused kernel for the ~700 small tensors of the tiny model: a step 20% faster on a CPU
+        optimizer=functools.partial(torch.optim.AdamW, lr=args.learning_rate, weight_decay=1e-2, fused=True),
     )
     if args.vae != "random":
         folder = Path(args.vae_folder or TRAINED_VAE)
@@ -213,9 +216,10 @@ def parse(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default=str(ROOT / "replicate"))
     p.add_argument("--families", nargs="+", choices=FAMILIES, default=FAMILIES)
-    p.add_argument("--continue-families", nargs="+", choices=FAMILIES,
-                   help="the families whose continuations run (default: --families; the baseline still pools "
-                        "every family of --families)")
+    p.add_argument("--continue-families", nargs="+", choices=FAMILIES, default=["periodic", "ramp", "smooth"],
+                   help="the families whose continuations run (default: both controls and smooth, the families "
+                        "step 0 finds valid or that are the negative control; prints and mixed close under half "
+                        "the gap: not valid tests, reported from step 0); the baseline pools all of --families")
     p.add_argument("--architectures", nargs="+", choices=list(ARCHITECTURES), default=["dual_unet", "concat_unet"],
                    help="the first runs the whole matrix, the others no_leffa and leffa on --other-families")
     p.add_argument("--other-families", nargs="*", choices=FAMILIES, default=["periodic", "ramp", "smooth"],
@@ -252,7 +256,6 @@ def parse(argv=None):
         args.train_samples, args.eval_samples, args.size = 8, 4, [64, 48]
         args.identifiability_samples, args.identifiability_steps, args.large_identifiability = 4, 30, False
         measure.EVAL_TIMESTEPS[:] = [250]
-    args.continue_families = args.continue_families or args.families
     unknown = set(args.long_families + args.ablation_families) - set(FAMILIES)
     if unknown:
         raise UserError(f"--long-families/--ablation-families: unknown families {sorted(unknown)}; use {FAMILIES}")
