@@ -1,9 +1,11 @@
-"""Reverse diffusion for the dual-UNet model, with classifier-free guidance over the reference.
+"""Reverse diffusion for any architecture behind ``model.architecture``, with classifier-free
+guidance over the reference.
 
-The unconditional branch is the zero reference latent, the same as reference dropout in training.
-A diffusers scheduler does the stepping (DDIM by default, any by name). With
-``reference_timestep`` set, the Reference UNet runs once at that timestep and its features serve
-every step ("reference acceleration", as the released inference code does).
+The unconditional branch is the zero reference latent, the same as reference dropout in training
+(for ``concat_unet``: the garment half zeroed). A diffusers scheduler does the stepping (DDIM by
+default, any by name). With ``reference_timestep`` set, the reference is encoded once at that
+timestep and serves every step (for ``dual_unet``, the Reference UNet runs once: "reference
+acceleration", as the released inference code does).
 """
 
 from __future__ import annotations
@@ -100,7 +102,7 @@ def sample(
     """Generate the target images of ``batch``; returns (B, 3, H, W) in [-1, 1].
 
     Args:
-        module: a ``LeffaModule`` (its VAE, both UNets and conditioning layout are used).
+        module: a ``LeffaModule`` (its VAE, denoiser and conditioning layout are used).
         batch: ``tgt`` (the source person; only its unmasked part is seen), ``ref``, ``mask``,
             ``densepose`` as in training.
         scheduler: a diffusers scheduler (see :func:`make_scheduler`); its state is reset here.
