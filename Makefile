@@ -7,6 +7,11 @@ TORCH  ?= torch==2.14.1 torchvision==0.29.1
 
 .PHONY: install test test-fast demo shards bench replicate clean
 
+# One torch (OpenMP) thread per process for every target: the tiny CPU models run as fast on one
+# thread as on two, and beside another busy process two spinning OpenMP threads slow to a crawl,
+# where one thread takes its fair share (README, "Threads"). Override: make demo OMP_NUM_THREADS=2
+export OMP_NUM_THREADS ?= 1
+
 # make shards DATASET=vitonhd SRC=/data/VITON-HD OUT=shards/vitonhd [SPLIT=all] [SHARD_SIZE=1000] [WORKERS=2]
 # make shards DATASET=folder SRC=my_data OUT=shards/my_data   (your own photos: see data_prep/folder.py)
 DATASET    ?=
@@ -42,7 +47,7 @@ shards: install
 # a pixel came from), the tiny model with the Leffa loss and the committed tiny VAE, on CPU.
 demo: install
 	rm -rf demo_out
-	$(PY) -m data_prep synthetic --texture smooth --out demo_out/shards --count 64 --split all --shard-size 16 --workers 2
+	$(PY) -m data_prep synthetic --texture smooth --out demo_out/shards --count 64 --split all --shard-size 16 --workers 2 --height 64 --width 48
 	$(VENV)/bin/leffa fit --config configs/tiny_synthetic.yaml
 	@run=$$(ls -d demo_out/tiny_synthetic/version_* | tail -n 1); \
 	echo; echo "demo finished:"; \

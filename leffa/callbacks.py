@@ -43,15 +43,18 @@ class SampleGrid(L.Callback):
         guidance_scale: classifier-free guidance over the reference.
         scheduler: sampling scheduler name (see ``leffa.sampling.SCHEDULERS``).
         seed: seed of the initial noise, the same at every validation.
+        repaint: paste the unmasked region of the person back onto the generated image, as
+            ``leffa predict`` does by default (the grid then shows what the model generates: the
+            masked region).
     """
 
     # runs the model on rank 0 alone: refused under sharding (leffa.parallel), with this advice
     unsharded_forward = "sample with `leffa predict`"
 
     def __init__(self, num_samples: int = 4, num_steps: int = 20, guidance_scale: float = 2.5,
-                 scheduler: str = "ddim", seed: int = 0):
+                 scheduler: str = "ddim", seed: int = 0, repaint: bool = True):
         self.num_samples, self.num_steps, self.guidance_scale = num_samples, num_steps, guidance_scale
-        self.scheduler_name, self.seed = scheduler, seed
+        self.scheduler_name, self.seed, self.repaint = scheduler, seed, repaint
         self.last_path: Path | None = None
 
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
@@ -60,7 +63,7 @@ class SampleGrid(L.Callback):
         batch = {k: v[: self.num_samples] for k, v in batch.items() if k in ("tgt", "ref", "mask", "densepose")}
         scheduler = make_scheduler(self.scheduler_name, pl_module.scheduler)
         prediction = sample(pl_module, batch, scheduler, self.num_steps, self.guidance_scale,
-                            generator=torch.Generator().manual_seed(self.seed))
+                            generator=torch.Generator().manual_seed(self.seed), repaint=self.repaint)
         grid = sample_grid(batch, prediction)
         log_dir = rank_zero_log_dir(trainer)
         self.last_path = save_png(grid, log_dir / "samples" / f"step_{trainer.global_step:06d}.png")

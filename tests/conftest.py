@@ -2,12 +2,18 @@
 
 import os
 
-import pytest
-import torch
+# One torch thread in this process and in the subprocesses tests start (unless set): the tiny
+# models run as fast so, and the suite degrades to its fair share beside other busy processes.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-from data_prep.__main__ import main as data_prep_main
-from leffa.testing import make_batch
-from leffa.testing import tiny_configs as _tiny_configs
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
+from data_prep.__main__ import main as data_prep_main  # noqa: E402
+from leffa.testing import make_batch  # noqa: E402
+from leffa.testing import tiny_configs as _tiny_configs  # noqa: E402
 
 
 @pytest.fixture

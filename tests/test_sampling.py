@@ -117,3 +117,24 @@ def test_key_generators_depend_on_the_key_and_the_seed():
     (a0,), (a0_again,), (b0,), (a1,) = draw(["a"], 0), draw(["a"], 0), draw(["b"], 0), draw(["a"], 1)
     torch.testing.assert_close(a0, a0_again)
     assert not torch.allclose(a0, b0) and not torch.allclose(a0, a1)
+
+
+@pytest.mark.parametrize("repaint", [True, False])
+def test_sample_grid_callback_repaints_by_default_like_predict(module, tmp_path, repaint):
+    from types import SimpleNamespace
+
+    from torchvision.io import read_image
+
+    from leffa.callbacks import SampleGrid
+
+    batch = make_batch(batch_size=2, height=32, width=24)
+    trainer = SimpleNamespace(sanity_checking=False, is_global_zero=True, global_step=7, logger=None,
+                              default_root_dir=str(tmp_path))
+    callback = SampleGrid(num_samples=2, num_steps=2) if repaint else SampleGrid(num_samples=2, num_steps=2,
+                                                                                  repaint=False)
+    callback.on_validation_batch_end(trainer, module, None, batch, 0)
+    grid = read_image(str(callback.last_path)).float() / 255  # rows: target | ref | mask | densepose | generated
+    tile = lambda row, col: grid[:, 2 + row * 34: 2 + row * 34 + 32, 2 + col * 26: 2 + col * 26 + 24]  # noqa: E731
+    outside = batch["mask"][0].expand(3, -1, -1) == 0
+    same = torch.allclose(tile(0, 4)[outside], tile(0, 0)[outside], atol=1 / 255)
+    assert same == repaint  # the generated column shows the person outside the mask only when repainting
