@@ -216,10 +216,9 @@ def parse(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default=str(ROOT / "replicate"))
     p.add_argument("--families", nargs="+", choices=FAMILIES, default=FAMILIES)
-    p.add_argument("--continue-families", nargs="+", choices=FAMILIES, default=["periodic", "ramp", "smooth"],
-                   help="the families whose continuations run (default: both controls and smooth, the families "
-                        "step 0 finds valid or that are the negative control; prints and mixed close under half "
-                        "the gap: not valid tests, reported from step 0); the baseline pools all of --families")
+    p.add_argument("--continue-families", nargs="+", choices=FAMILIES,
+                   help="the families whose continuations run (default: --families; a family left out is "
+                        "judged from step 0 alone); the baseline pools all of --families")
     p.add_argument("--architectures", nargs="+", choices=list(ARCHITECTURES), default=["dual_unet", "concat_unet"],
                    help="the first runs the whole matrix, the others no_leffa and leffa on --other-families")
     p.add_argument("--other-families", nargs="*", choices=FAMILIES, default=["periodic", "ramp", "smooth"],
@@ -251,6 +250,7 @@ def parse(argv=None):
                    help="rewrite report.md from the results.json already in --out (no training)")
     p.add_argument("--quick", action="store_true", help="a handful of steps on tiny sets, to check the pipeline")
     args = p.parse_args(argv)
+    args.continue_families = args.continue_families or args.families
     if args.quick:
         args.seeds, args.baseline_steps, args.steps, args.long_steps = [0, 1], 2, 2, 3
         args.train_samples, args.eval_samples, args.size = 8, 4, [64, 48]

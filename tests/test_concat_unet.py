@@ -278,6 +278,7 @@ def test_export_round_trip_is_a_diffusers_unet_folder(tiny_configs, tmp_path):
 # ---------------------------------------------------------------- leffa fit, configs, SLURM
 
 
+@pytest.mark.slow  # over 10 s on 2 cores: make test runs it, make test-fast does not
 def test_leffa_fit_on_the_tiny_concat_config_trains_both_losses(shards, tmp_path, one_thread):
     cli_main([
         "fit", "--config", str(CONCAT / "tiny_synthetic.yaml"),

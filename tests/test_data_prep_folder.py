@@ -113,6 +113,7 @@ def test_keypoints_instead_of_densepose(tmp_path):
         convert(src, tmp_path / "other", "--split", "train")
 
 
+@pytest.mark.slow  # over 10 s on 2 cores: make test runs it, make test-fast does not
 def test_missing_masks_and_densepose_are_one_error_before_writing(tmp_path):
     src, out = make_folder(tmp_path / "my_data"), tmp_path / "shards"
     for name in ("mask/p1.png", "densepose/p1.jpeg", "person/p2.jpg", "mask/p2.png", "densepose/p2.jpeg"):

@@ -70,6 +70,7 @@ def test_other_schema_version_is_refused_before_writing(synthetic_shards):
     assert digests(synthetic_shards) == before
 
 
+@pytest.mark.slow  # over 10 s on 2 cores: make test runs it, make test-fast does not
 def test_unreadable_manifest_is_named(synthetic_shards):
     manifest = synthetic_shards / "manifest.json"
     manifest.write_text('{"dataset": "synth')

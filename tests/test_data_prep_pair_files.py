@@ -36,6 +36,7 @@ def test_one_column_line_is_named_and_nothing_is_written(raw, tmp_path):
     assert not out.exists() or list(out.iterdir()) == []
 
 
+@pytest.mark.slow  # over 10 s on 2 cores: make test runs it, make test-fast does not
 def test_bytes_that_are_not_utf8_are_named_by_line(raw, tmp_path):
     (raw / "train_pairs.txt").write_bytes(b"00001_00.jpg 00001_00.jpg\n\n00002_00\xff.jpg 00002_00.jpg\n")
     out = tmp_path / "shards"

@@ -145,6 +145,7 @@ def test_a_few_adamw_steps_lower_the_loss_on_a_fixed_batch(tiny_configs):
     assert losses[-1] < 0.7 * losses[0], losses
 
 
+@pytest.mark.slow  # over 10 s on 2 cores: make test runs it, make test-fast does not
 def test_trainer_fit_with_ema_then_init_from_live_and_ema(tiny_configs, tmp_path):
     from lightning.pytorch.callbacks import ModelCheckpoint
 

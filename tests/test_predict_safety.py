@@ -134,6 +134,7 @@ def test_predict_refuses_to_overwrite_a_config_yaml_in_the_output_folder(test_sh
 
 # -- point 12: a sample's image depends on its key, not on the batch it came in ------------------
 
+@pytest.mark.slow  # over 10 s on 2 cores: make test runs it, make test-fast does not
 def test_a_samples_image_does_not_depend_on_batch_size_or_order(test_shard, tmp_path):
     samples = _samples(test_shard)
     reversed_shard = write_shard(tmp_path / "reversed.tar", samples[::-1])

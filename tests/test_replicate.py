@@ -107,8 +107,7 @@ def test_quick_run_has_step_zero_and_the_runs_of_every_family(quick_run):
             assert m["floor_epe_px"] < m["cell_average_epe_px"] < m["centre_epe_px"]
             assert math.isfinite(m["gap_closed"]) and m["fit_warp_l2"] < m["centre_warp_l2"]
     assert list(summary["results"]) == ["dual_unet", "concat_unet"]
-    # continued: both controls and smooth; prints and mixed are judged from step 0 alone
-    assert list(summary["results"]["dual_unet"]) == ["periodic", "ramp", "smooth"]
+    assert list(summary["results"]["dual_unet"]) == FAMILIES
     # the second architecture: both controls and the garment-like smooth family, no ablations
     assert list(summary["results"]["concat_unet"]) == ["periodic", "ramp", "smooth"]
     for arch, families in summary["results"].items():
@@ -133,7 +132,7 @@ def test_quick_run_has_step_zero_and_the_runs_of_every_family(quick_run):
 def test_quick_run_has_a_verdict_per_family_and_grid_and_the_report(quick_run):
     out, summary = quick_run
     table = summary["verdicts"]["2"]
-    assert set(table["dual_unet"]) == set(table["concat_unet"]) == {"periodic", "ramp", "smooth"}
+    assert set(table["dual_unet"]) == set(FAMILIES) and set(table["concat_unet"]) == {"periodic", "ramp", "smooth"}
     assert set(summary["verdicts"]["3"]) == {"dual_unet"} and set(summary["verdicts"]["3"]["dual_unet"]) == {"smooth"}
     for arch, families in table.items():
         for family, grids in families.items():
@@ -146,9 +145,9 @@ def test_quick_run_has_a_verdict_per_family_and_grid_and_the_report(quick_run):
     # the criterion is stated before the results
     assert report.index("## Step 0") < report.index("## Criterion") < report.index("## Results")
     assert all(f"| dual_unet | {family} | 4x3 |" in report for family in FAMILIES)
-    assert report.count("not continued)** |") == 4  # prints and mixed, 4x3 and 8x6
+    assert "not continued" not in report
     assert "| concat_unet | smooth | 4x3 |" in report
-    for prefix in ["periodic", "ramp", "smooth", "concat_unet_periodic", "concat_unet_ramp", "concat_unet_smooth"]:
+    for prefix in FAMILIES + ["concat_unet_periodic", "concat_unet_ramp", "concat_unet_smooth"]:
         for run in ("baseline", "no_leffa", "leffa"):
             assert (out / "figures" / f"{prefix}_{run}.png").stat().st_size > 0
 
@@ -156,10 +155,16 @@ def test_quick_run_has_a_verdict_per_family_and_grid_and_the_report(quick_run):
 @pytest.mark.slow  # they share one --quick run of replicate/run.py (about 2 minutes)
 def test_report_only_rewrites_the_report_from_results_json(quick_run, tmp_path):
     out, summary = quick_run
+    summary = json.loads(json.dumps(summary))
+    del summary["results"]["dual_unet"]["mixed"]  # as if run with --continue-families leaving mixed out
     (tmp_path / "results.json").write_text(json.dumps(summary))
     subprocess.run([sys.executable, str(ROOT / "replicate" / "run.py"), "--out", str(tmp_path), "--report-only"],
                    check=True, capture_output=True)
-    assert "## Criterion" in (tmp_path / "report.md").read_text()
+    report = (tmp_path / "report.md").read_text()
+    assert "## Criterion" in report
+    # the verdicts follow the results: a family without continuations is judged from step 0 alone
+    assert "mixed" not in json.loads((tmp_path / "results.json").read_text())["verdicts"]["2"]["dual_unet"]
+    assert report.count("| dual_unet | mixed |") == 2 and report.count("not continued)** |") == 2
 
 
 def test_guess_epe_is_zero_for_its_own_flow_and_measures_pixels():
