@@ -61,7 +61,7 @@ demo: install
 bench: install
 	$(PY) benchmarks/run_all.py --out benchmarks/results.md
 
-# The paper's claim at CPU scale on the synthetic set, per texture family: writes replicate/report.md, results.json, figures/ (about 25 min on 2 free cores).
+# The paper's claim at CPU scale on the synthetic set, per texture family and architecture: writes replicate/report.md, results.json, figures/ (under 25 min on 2 free cores).
 replicate: install
 	$(PY) replicate/run.py --out replicate --vae trained
 
