@@ -27,6 +27,7 @@ import multiprocessing
 import os
 import sys
 import time
+from collections import Counter
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
@@ -139,9 +140,7 @@ def run_matrix(out: Path, args, summary: dict) -> None:
         for arch, base in bases.items():
             seconds[f"{arch} baseline"] = base.result()
         work_list = continuation_jobs(args)
-        pending: dict = {}
-        for arch, family, *_ in work_list:
-            pending[arch, family] = pending.get((arch, family), 0) + 1
+        pending = Counter((arch, family) for arch, family, *_ in work_list)
         futures = [pool.submit(jobs.continuation, settings[arch], base_files[arch], arch, family, name, seed, lengths,
                                str(shard_folder(out, family, size)), size, args.batch_size, work,
                                seed == args.seeds[0] and name in ("no_leffa", "leffa"))
@@ -160,13 +159,16 @@ def run_matrix(out: Path, args, summary: dict) -> None:
                 finish_family(arch, family, collected.pop((arch, family)), out, args, settings[arch],
                               base_files[arch], shown.pop((arch, family), {}), summary)
                 seconds["total"] = time.perf_counter() - start
-                order = [(a, f) for a in args.architectures for f in FAMILIES]
                 for part in ("results", "figures"):  # architectures in the order given, families in FAMILIES'
-                    summary[part] = {a: {f: summary[part][a][f] for a_, f in order if a_ == a and f in summary[part][a]}
-                                     for a in args.architectures if a in summary[part]}
-                summary["scale"] = {f: summary["scale"][f] for f in FAMILIES if f in summary["scale"]}
+                    summary[part] = {a: in_family_order(summary[part][a]) for a in args.architectures
+                                     if a in summary[part]}
+                summary["scale"] = in_family_order(summary["scale"])
                 add_verdicts(summary)
                 write_report(summary, out, args.notes)
+
+
+def in_family_order(by_family: dict) -> dict:
+    return {f: by_family[f] for f in FAMILIES if f in by_family}
 
 
 def finish_family(arch: str, family: str, runs: dict, out: Path, args, settings: dict, base_file: str, shown: dict,
@@ -175,7 +177,7 @@ def finish_family(arch: str, family: str, runs: dict, out: Path, args, settings:
     seeds put in order), its baseline's measures, the guesses for scale and the flow pictures."""
     size = tuple(args.size)
     batches = jobs.held_out(shard_folder(out, family, size), size, args.batch_size)
-    for name, lengths in runs.items():
+    for lengths in runs.values():
         for length, per_seed in lengths.items():
             lengths[length] = [metrics for _, metrics in sorted(per_seed, key=lambda item: item[0])]
     modules = {"baseline": LeffaModule(**settings, use_leffa_loss=False)}
@@ -185,7 +187,8 @@ def finish_family(arch: str, family: str, runs: dict, out: Path, args, settings:
         modules[name].load_state_dict(weights)
     baseline = {"baseline": {"0": [measure.evaluate(modules["baseline"], batches)]}}
     summary["results"].setdefault(arch, {})[family] = {**baseline, **runs}
-    summary["scale"][family] = {f"{g}_epe_px": measure.guess_epe(batches, g) for g in ("identity", "centre")}
+    if family not in summary["scale"]:  # the same held-out samples for every architecture
+        summary["scale"][family] = {f"{g}_epe_px": measure.guess_epe(batches, g) for g in ("identity", "centre")}
     prefix = family if arch == args.architectures[0] else f"{arch}_{family}"
     summary["figures"].setdefault(arch, {})[family] = [
         str(p.relative_to(out)) for p in measure.pictures(modules, batches[0], out / "figures", prefix)]
