@@ -39,7 +39,7 @@ sys.path.insert(0, str(ROOT))
 from data_prep.__main__ import main as data_prep_main  # noqa: E402
 from data_prep.synthetic_textures import TEXTURES  # noqa: E402
 from leffa.architectures import ARCHITECTURES  # noqa: E402
-from leffa.errors import UserError  # noqa: E402
+from leffa.errors import UserError, user_errors_as_one_line  # noqa: E402
 from leffa.module import LeffaModule  # noqa: E402
 from replicate import jobs, measure  # noqa: E402
 from replicate.criterion import verdict  # noqa: E402
@@ -284,4 +284,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    user_errors_as_one_line(main)

@@ -191,3 +191,11 @@ def test_attention_entropy_is_one_for_uniform_and_near_zero_for_one_hot_attentio
     keys = torch.nn.functional.normalize(torch.randn(b, heads, h * w, d), dim=-1)
     sharp = SimpleNamespace(query=keys * 100, key=keys, grid=(h, w))  # each query matches its own key
     assert attention_entropy(sharp, 2.0, valid) < 0.05
+
+
+def test_a_user_error_of_the_script_is_one_line(tmp_path):
+    result = subprocess.run([sys.executable, str(ROOT / "replicate" / "run.py"), "--out", str(tmp_path), "--report-only"],
+                            capture_output=True, text=True)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [f"error: --report-only: no {tmp_path / 'results.json'}; run without "
+                                                  "--report-only first"]
