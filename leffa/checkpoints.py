@@ -21,7 +21,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
 
-from leffa.architectures import ARCHITECTURES
+from leffa.architectures import architecture_class
 from leffa.errors import MissingFileError, UserError
 from leffa.released import convert_released_state_dict, is_released_state_dict
 
@@ -186,9 +186,7 @@ def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
 
 def export_components(architecture: str) -> dict[str, str]:
     """The folders of a ``leffa export`` of ``architecture`` and the module attribute each holds."""
-    if architecture not in ARCHITECTURES:
-        raise UserError(f"model.architecture: unknown {architecture!r}; valid: {', '.join(ARCHITECTURES)}")
-    return {**ARCHITECTURES[architecture].export_folders, "vae": "vae"}
+    return {**architecture_class(architecture).export_folders, "vae": "vae"}
 
 
 def read_export_state_dict(path: str | Path) -> dict[str, torch.Tensor]:

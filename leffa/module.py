@@ -15,7 +15,7 @@ import torch
 from jsonargparse.typing import Path_fr, path_type
 from lightning.pytorch.cli import OptimizerCallable
 
-from leffa.architectures import ARCHITECTURES, LATENT_CHANNELS, ReferenceDenoiser
+from leffa.architectures import LATENT_CHANNELS, ReferenceDenoiser, architecture_class
 from leffa.attention import ReferenceBank, float32_region
 from leffa.checkpoints import guard_checkpoint_loading, load_weights, read_settings, read_state_dict
 from leffa.conditioning import build_conditioning, conditioning_channels
@@ -133,9 +133,7 @@ class LeffaModule(L.LightningModule):
                             vae_pretrained=None if vae_pretrained is None else os.fspath(vae_pretrained))
         if not 0.0 <= p_drop_ref < 1.0:
             raise UserError(f"model.p_drop_ref must be in [0, 1), got {p_drop_ref}")
-        if architecture not in ARCHITECTURES:
-            raise UserError(f"model.architecture: unknown {architecture!r}; valid: {', '.join(ARCHITECTURES)}")
-        self.denoiser: ReferenceDenoiser = ARCHITECTURES[architecture](
+        self.denoiser: ReferenceDenoiser = architecture_class(architecture)(
             pretrained_model, reference_pretrained_model, unet_config,
             in_channels=LATENT_CHANNELS + conditioning_channels(conditioning), num_registers=num_registers,
             theta_resolution=theta_resolution, freeze_reference=freeze_reference_unet,
