@@ -64,14 +64,12 @@ def test_gap_closed_is_the_fraction_of_the_way_from_the_start_to_the_floor():
 
 def _held_out(tmp_path, family, count=4):
     from data_prep.__main__ import main as data_prep_main
-    from leffa.data import LeffaDataModule
-    from leffa.data.batch import to_model_batch
+    from replicate.jobs import held_out
 
     folder = tmp_path / family
     data_prep_main(["synthetic", "--out", str(folder), "--count", str(count), "--split", "test", "--height", "64",
                     "--width", "48", "--seed", "0", "--texture", family])
-    data = LeffaDataModule(predict_shards=f"{folder}@test", height=64, width=48, val_batch_size=count, num_workers=0)
-    return to_model_batch(next(iter(data.predict_dataloader())))
+    return held_out(folder, (64, 48), count)[0]
 
 
 def test_free_queries_find_the_flow_on_ramp_references_and_not_on_periodic_ones(tmp_path):
