@@ -55,8 +55,7 @@ def run(args) -> list[dict]:
     from leffa.testing import make_batch
     from leffa.throughput import training_flops
 
-    batch = {k: v.to(args.device) if torch.is_tensor(v) else v
-             for k, v in make_batch(args.batch, args.height, args.width).items()}
+    batch = make_batch(args.batch, args.height, args.width, device=args.device)
     built = {name: build(args, options) for name, options in VARIANTS.items()}
     flops = {name: training_flops(module, batch) for name, (module, _) in built.items()}
     trained = {name: sum(p.numel() for p in module.parameters() if p.requires_grad)

@@ -97,8 +97,7 @@ def case_step(args) -> dict:
 
     from leffa.testing import make_batch
 
-    batch = {k: v.to(args.device) if torch.is_tensor(v) else v
-             for k, v in make_batch(args.batch, args.height, args.width).items()}
+    batch = make_batch(args.batch, args.height, args.width, device=args.device)
     modules, optimizers = {}, {}
     for name, options in STEP_VARIANTS.items():
         torch.manual_seed(0)

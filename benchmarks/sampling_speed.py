@@ -41,8 +41,7 @@ def main(argv=None):
     torch.manual_seed(0)
     module = LeffaModule(unet_config=args.unet_config, vae_config=args.vae_config,
                          conditioning="released").to(args.device).eval()
-    batch = {k: v.to(args.device) if torch.is_tensor(v) else v
-             for k, v in make_batch(args.batch, args.height, args.width).items()}
+    batch = make_batch(args.batch, args.height, args.width, device=args.device)
     variants = {"reference at every step": None, "reference once (t=500)": 500}
     times = {name: [] for name in variants}
     for i in range(args.repeat + 1):

@@ -44,16 +44,18 @@ def tiny_configs() -> dict:
     return dict(unet_config=dict(TINY_UNET), vae_config=dict(TINY_VAE))
 
 
-def make_batch(batch_size: int = 2, height: int = 64, width: int = 48, seed: int = 0) -> dict:
-    """A random batch of the float contract: images in [-1, 1], mask in {0, 1} over the centre half."""
+def make_batch(batch_size: int = 2, height: int = 64, width: int = 48, seed: int = 0,
+               device: str | torch.device = "cpu") -> dict:
+    """A random batch of the float contract: images in [-1, 1], mask in {0, 1} over the centre half;
+    drawn on the CPU (the same values on every device), its tensors then moved to ``device``."""
     g = torch.Generator().manual_seed(seed)
     mask = torch.zeros(batch_size, 1, height, width)
     mask[:, :, height // 4: 3 * height // 4, width // 4: 3 * width // 4] = 1.0
     return {
-        "tgt": torch.rand(batch_size, 3, height, width, generator=g) * 2 - 1,
-        "ref": torch.rand(batch_size, 3, height, width, generator=g) * 2 - 1,
-        "densepose": torch.rand(batch_size, 3, height, width, generator=g) * 2 - 1,
-        "mask": mask,
+        "tgt": (torch.rand(batch_size, 3, height, width, generator=g) * 2 - 1).to(device),
+        "ref": (torch.rand(batch_size, 3, height, width, generator=g) * 2 - 1).to(device),
+        "densepose": (torch.rand(batch_size, 3, height, width, generator=g) * 2 - 1).to(device),
+        "mask": mask.to(device),
         "key": [f"test_{i}" for i in range(batch_size)],
     }
 
