@@ -141,7 +141,10 @@ def read_settings(path: str | Path) -> dict:
         settings = load_checkpoint_file(path, mmap=True).get("hyper_parameters")
     if not isinstance(settings, dict):
         raise UserError(f"{path}: {WEIGHTS_ONLY_HINT}")
-    return {k: v for k, v in settings.items() if not k.startswith("_")}
+    settings = {k: v for k, v in settings.items() if not k.startswith("_")}
+    # written before model.cross_attention existed, when the text cross-attention was always removed
+    settings.setdefault("cross_attention", "removed")
+    return settings
 
 
 def load_weights(module: nn.Module, state_dict: dict[str, torch.Tensor], optional: tuple[str, ...] = (),

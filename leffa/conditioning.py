@@ -6,7 +6,13 @@ The UNet input is ``[noisy latent (4) ; conditioning]``, the conditioning parts 
 - ``pose``: DensePose latent (4), 8 channels;
 - ``pose_image``: DensePose image resized to the latent grid (3), 7 channels;
 - ``released``: mask (1) + masked-image latent (4) + resized DensePose (3), 12 channels, the layout
-  of the released ``virtual_tryon*.pth`` checkpoints, used for both tasks (all-ones mask for pose).
+  of the released checkpoints (``virtual_tryon*.pth``, ``pose_transfer.pth``), used for both tasks
+  (all-ones mask for pose), computed as the released pipeline computes it: the DensePose image
+  resized to the latent grid with nearest, the masked image ``tgt * (mask < 0.5)``, and the
+  masked-image and reference latents drawn from the VAE posterior (:func:`samples_posterior`).
+
+The other layouts are the project's own: DensePose resized with antialiased bilinear, the masked
+image ``tgt * (1 - mask)``, latents at the posterior mode.
 """
 
 from __future__ import annotations
@@ -18,7 +24,7 @@ import torch.nn.functional as F
 
 from leffa.errors import UserError
 
-__all__ = ["LAYOUTS", "conditioning_channels", "build_conditioning"]
+__all__ = ["LAYOUTS", "conditioning_channels", "build_conditioning", "samples_posterior"]
 
 LAYOUTS: dict[str, tuple[str, ...]] = {
     "tryon": ("mask", "masked_image"),
@@ -27,6 +33,8 @@ LAYOUTS: dict[str, tuple[str, ...]] = {
     "released": ("mask", "masked_image", "densepose_image"),
 }
 PART_CHANNELS = {"mask": 1, "masked_image": 4, "densepose_latent": 4, "densepose_image": 3}
+# the layouts computed as the released pipeline computes them (module docstring)
+RELEASED_RULES = frozenset({"released"})
 
 
 def _layout(name: str) -> tuple[str, ...]:
@@ -40,21 +48,33 @@ def conditioning_channels(name: str) -> int:
     return sum(PART_CHANNELS[p] for p in _layout(name))
 
 
+def samples_posterior(name: str) -> bool:
+    """Whether the layout's image latents (masked image, and the reference with it) are samples of
+    the VAE posterior, as the released pipeline draws them; else the posterior mode."""
+    _layout(name)
+    return name in RELEASED_RULES
+
+
 def build_conditioning(name: str, batch: dict, encode: Callable[[torch.Tensor], torch.Tensor],
                        latent_hw: tuple[int, int]) -> torch.Tensor:
     """(B, conditioning_channels(name), h, w) from the batch's ``tgt``, ``mask`` and ``densepose``.
 
-    ``encode`` maps an image (B, 3, H, W) in [-1, 1] to its scaled latent (B, 4, h, w).
+    ``encode`` maps an image (B, 3, H, W) in [-1, 1] to its scaled latent (B, 4, h, w) (a posterior
+    sample for the layouts of :func:`samples_posterior`: the caller's choice of ``encode``).
     The masked image keeps the person outside the mask and is 0 (grey) inside it.
     """
+    released = name in RELEASED_RULES
     parts = []
     for part in _layout(name):
         if part == "mask":
             parts.append(F.interpolate(batch["mask"], size=latent_hw, mode="nearest"))
         elif part == "masked_image":
-            parts.append(encode(batch["tgt"] * (1.0 - batch["mask"])))
+            keep = (batch["mask"] < 0.5).to(batch["tgt"].dtype) if released else 1.0 - batch["mask"]
+            parts.append(encode(batch["tgt"] * keep))
         elif part == "densepose_latent":
             parts.append(encode(batch["densepose"]))
+        elif released:  # densepose_image, as the released pipeline resizes it
+            parts.append(F.interpolate(batch["densepose"], size=latent_hw, mode="nearest"))
         else:  # densepose_image
             parts.append(F.interpolate(batch["densepose"], size=latent_hw, mode="bilinear", antialias=True))
     return torch.cat(parts, dim=1)

@@ -12,21 +12,24 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from diffusers.utils.torch_utils import randn_tensor
 from jsonargparse.typing import Path_fr, path_type
 from lightning.pytorch.cli import OptimizerCallable
 
 from leffa.architectures import LATENT_CHANNELS, ReferenceDenoiser, architecture_class
 from leffa.attention import ReferenceBank, float32_region
 from leffa.checkpoints import guard_checkpoint_loading, load_weights, read_settings, read_state_dict
-from leffa.conditioning import build_conditioning, conditioning_channels
+from leffa.conditioning import build_conditioning, conditioning_channels, samples_posterior
 from leffa.errors import UserError
 from leffa.losses import diffusion_loss, warp_loss
 from leffa.parallel import is_sharding
 from leffa.pretrained import load_scheduler, load_vae, load_vae_folder, read_config
+from leffa.released import RELEASED_CROSS_ATTENTION, has_cross_attention_norm
 from leffa.sampling import SamplingConfig, key_generators, make_scheduler, sample
 from leffa.schedules import LRSchedule, build_scheduler
 from leffa.throughput import report_training_start
 from leffa.trainable import LORA_MARKERS, LoraSettings, base_layer_names, has_lora
+from leffa.unets import CROSS_ATTENTION, is_sdxl
 
 __all__ = ["LeffaModule"]
 
@@ -39,8 +42,10 @@ class LeffaModule(L.LightningModule):
     """Dual-UNet latent diffusion for virtual try-on and pose transfer, with the Leffa loss.
 
     Args:
-        pretrained_model: local SD1.5 (or SD1.5-inpainting) diffusers folder: both UNets, the VAE
-            and the scheduler come from it. Never downloaded.
+        pretrained_model: local SD1.5(-inpainting) or SDXL(-inpainting) diffusers folder: both
+            UNets, the VAE and the scheduler come from it. Never downloaded. An SDXL UNet (its
+            config has the ``text_time`` added embedding) trains, as the released pose-transfer
+            model does, without that embedding and with betas rescaled to zero terminal SNR.
         architecture: the denoiser with reference attention (``leffa.architectures``): ``dual_unet``,
             the paper's Generative + Reference UNet; ``concat_unet``, a CatVTON-style single UNet
             over person and garment side by side (try-on conditioning; its configs train
@@ -55,6 +60,10 @@ class LeffaModule(L.LightningModule):
             ``pretrained_model``'s VAE.
         conditioning: Generative UNet input layout: ``tryon``, ``pose``, ``pose_image`` or
             ``released`` (see ``leffa.conditioning``).
+        cross_attention: what becomes of the UNets' text cross-attention: ``passthrough`` (the
+            authors' code and checkpoints: each transformer block adds ``norm2(h)``) or
+            ``removed`` (the paper's text: the step is gone); see ``leffa.unets``. A checkpoint
+            loads only into a module with its own setting.
         use_leffa_loss: add lambda * Leffa (Eq. 5); the paper turns it on in the last stage.
         lambda_leffa: weight of the Leffa loss (paper: 1e-3).
         theta_resolution: only layers whose token grid height h satisfies h/H > theta take part
@@ -98,6 +107,7 @@ class LeffaModule(L.LightningModule):
         vae_config: Path_fr | dict | None = None,
         vae_pretrained: Path_dr | str | None = None,
         conditioning: str = "tryon",
+        cross_attention: str = "passthrough",
         use_leffa_loss: bool = False,
         lambda_leffa: float = 1e-3,
         theta_resolution: float = 1.0 / 32,
@@ -133,19 +143,22 @@ class LeffaModule(L.LightningModule):
                             vae_pretrained=None if vae_pretrained is None else os.fspath(vae_pretrained))
         if not 0.0 <= p_drop_ref < 1.0:
             raise UserError(f"model.p_drop_ref must be in [0, 1), got {p_drop_ref}")
+        if cross_attention not in CROSS_ATTENTION:
+            raise UserError(f"model.cross_attention: unknown {cross_attention!r}; valid: {', '.join(CROSS_ATTENTION)}")
         self.denoiser: ReferenceDenoiser = architecture_class(architecture)(
             pretrained_model, reference_pretrained_model, unet_config,
             in_channels=LATENT_CHANNELS + conditioning_channels(conditioning), num_registers=num_registers,
             theta_resolution=theta_resolution, freeze_reference=freeze_reference_unet,
             gradient_checkpointing=gradient_checkpointing, trainable=trainable,
-            lora=self.lora_settings, conditioning=conditioning,
+            lora=self.lora_settings, conditioning=conditioning, cross_attention=cross_attention,
         )
         for name, component in self.denoiser.components().items():
             self.add_module(name, component)  # their names are the checkpoint keys' prefixes
         self.bank: ReferenceBank = self.denoiser.bank
         vae = load_vae_folder(vae_pretrained) if vae_pretrained else load_vae(pretrained_model, vae_config)
         self.vae = vae.requires_grad_(False).eval()
-        self.scheduler = load_scheduler(pretrained_model)
+        # the released code rescales SDXL's betas to zero terminal SNR (and SD1.5's not)
+        self.scheduler = load_scheduler(pretrained_model, zero_terminal_snr=is_sdxl(pretrained_model, unet_config))
         # Why a generator of our own: each data-parallel rank needs its own stream of noise, timesteps
         # and reference drops, and its state goes into checkpoints so a resumed run draws what an
         # uninterrupted one would have drawn. Seeded per rank in setup().
@@ -176,6 +189,7 @@ class LeffaModule(L.LightningModule):
     def init_weights(self, path: str, weights: str = "ema") -> None:
         """Load the weights of ``path`` (``model.init_from``); see the class docstring."""
         state, optional = read_state_dict(path, weights), ("processor.registers",)
+        self.check_cross_attention(state, f"model.init_from={path}")
         if has_lora(self) and not has_lora(state):
             # a plain checkpoint: its adapted layers' weights go to their base_layer; new adapters
             state, optional = base_layer_names(state, self.state_dict().keys()), optional + LORA_MARKERS
@@ -183,6 +197,17 @@ class LeffaModule(L.LightningModule):
             raise UserError(f"model.init_from={path} holds LoRA adapters: set model.trainable: lora (with the same "
                             "model.lora) to go on training them, or export it merged first (leffa export)")
         load_weights(self, state, optional=optional, source=f"model.init_from={path}")
+
+    def check_cross_attention(self, state: dict, source: str) -> None:
+        """One error line when ``state`` was written with the other ``model.cross_attention`` (its
+        transformer blocks' ``norm2`` tells: ``passthrough`` keeps it, ``removed`` has none)."""
+        theirs = "passthrough" if has_cross_attention_norm(state) else "removed"
+        ours = self.hparams.cross_attention
+        if theirs == ours or not any(".transformer_blocks." in k for k in state):
+            return
+        hint = " (the released checkpoints compute with passthrough)" if theirs == RELEASED_CROSS_ATTENTION else ""
+        raise UserError(f"{source} was written with model.cross_attention: {theirs}, this model is built with "
+                        f"{ours}; set model.cross_attention: {theirs}{hint}")
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, weights: str = "ema", **overrides) -> LeffaModule:
@@ -214,6 +239,7 @@ class LeffaModule(L.LightningModule):
         checkpoint["noise_generator"] = state.reshape(-1, state.shape[-1])
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.check_cross_attention(checkpoint.get("state_dict", {}), "--ckpt_path")
         # the optimizer (configure_optimizers) holds every trainable tensor: a resumed one must match
         saved = [group for state in checkpoint.get("optimizer_states", ()) if isinstance(state, dict)
                  for group in state.get("param_groups", ())]
@@ -287,17 +313,33 @@ class LeffaModule(L.LightningModule):
     # ---------------------------------------------------------------- model
 
     @torch.no_grad()
-    def encode(self, image: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    def encode(self, image: torch.Tensor, generator: torch.Generator | list[torch.Generator] | None = None
+               ) -> torch.Tensor:
         """(B, 3, H, W) in [-1, 1] -> scaled VAE latent (B, 4, H/8, W/8).
 
-        With a generator, a sample of the VAE's posterior drawn from it (the diffusion target, so a
-        run's randomness stays in the module's own generator); without, the posterior mode.
+        With a generator, a sample of the VAE's posterior drawn from it on the CPU (so a run's
+        randomness stays in the module's own generator), or from one generator per sample (each
+        draws its own sample's noise); without, the posterior mode.
         """
         dist = self.vae.encode(image.to(self.vae.dtype)).latent_dist
         latent = dist.mode()
         if generator is not None:
-            latent = latent + dist.std * torch.randn(latent.shape, generator=generator).to(latent)
+            noise = randn_tensor(latent.shape, generator=generator, device=torch.device("cpu"), dtype=torch.float32)
+            latent = latent + dist.std * noise.to(latent)
         return latent * self.vae.config.scaling_factor
+
+    def encode_inputs(self, batch: dict, generator: torch.Generator | list[torch.Generator] | None = None
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The reference latent and the conditioning channels of ``batch``. For a layout that draws
+        posterior samples (``leffa.conditioning.samples_posterior``: ``released``) they come from
+        ``generator``, the conditioning's first and the reference's second, the released pipeline's
+        order; otherwise both are posterior modes and nothing is drawn."""
+        encode_with = generator if samples_posterior(self.hparams.conditioning) else None
+        height, width = batch["ref"].shape[-2:]
+        factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        conditioning = build_conditioning(self.hparams.conditioning, batch, lambda x: self.encode(x, encode_with),
+                                          (height // factor, width // factor))
+        return self.encode(batch["ref"], encode_with), conditioning
 
     def run_reference(self, ref_latent: torch.Tensor, timesteps: torch.Tensor) -> None:
         """Encode the reference for the next ``denoise`` calls (the Reference UNet, for ``dual_unet``)."""
@@ -320,11 +362,11 @@ class LeffaModule(L.LightningModule):
         to ``timesteps`` (B,), the references zeroed where ``keep_ref`` is False, both UNets run,
         Leffa captures taken for ``capture_rows`` (in ``self.bank.captures``); returns
         (prediction, noise). Draws from ``generator`` (CPU): the VAE posterior sample of the
-        targets, then the noise."""
+        targets, those of the conditioning and the reference where the layout samples them
+        (:meth:`encode_inputs`), then the noise."""
         tgt = batch["tgt"]
         latents = self.encode(tgt, generator)
-        ref_latent = self.encode(batch["ref"])
-        conditioning = build_conditioning(self.hparams.conditioning, batch, self.encode, tuple(latents.shape[-2:]))
+        ref_latent, conditioning = self.encode_inputs(batch, generator)
         # random draws on the CPU generator, then moved: cheap, and identical on every device type
         noise = torch.randn(latents.shape, generator=generator).to(latents)
         timesteps = timesteps.to(self.device)

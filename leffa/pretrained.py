@@ -1,4 +1,4 @@
-"""Local-only loading of diffusers components (UNet, VAE, scheduler) from an SD1.5-style folder.
+"""Local-only loading of diffusers components (UNet, VAE, scheduler) from an SD1.5- or SDXL-style folder.
 
 Nothing is ever fetched from a hub: a path must exist on disk, and a missing one is one clear
 error that says what to put where.
@@ -60,8 +60,8 @@ def component_location(path: str | Path, component: str) -> tuple[Path, str | No
     if (root / "config.json").is_file() or (root / "scheduler_config.json").is_file():
         return root, None
     raise MissingFileError(
-        f"no diffusers {component} at {root}: expected {root / component / 'config.json'} (an SD1.5 or "
-        f"SD1.5-inpainting folder saved with diffusers, e.g. stable-diffusion-v1-5/) or {root / 'config.json'}"
+        f"no diffusers {component} at {root}: expected {root / component / 'config.json'} (an SD1.5(-inpainting) "
+        f"or SDXL(-inpainting) folder saved with diffusers, e.g. stable-diffusion-inpainting/) or {root / 'config.json'}"
     )
 
 
@@ -102,10 +102,13 @@ def load_vae_folder(path: str | Path) -> AutoencoderKL:
     return AutoencoderKL.from_pretrained(root, local_files_only=True, use_safetensors=True)
 
 
-def load_scheduler(path: str | Path | None = None) -> DDPMScheduler:
-    """The DDPM training scheduler: the folder's own ``scheduler/`` when there is one, else SD1.5's settings."""
+def load_scheduler(path: str | Path | None = None, zero_terminal_snr: bool = False) -> DDPMScheduler:
+    """The DDPM training scheduler: the folder's own ``scheduler/`` when there is one, else SD1.5's
+    settings. ``zero_terminal_snr``: betas rescaled to zero terminal SNR (Lin et al. 2023), as the
+    released code loads its scheduler for an SDXL base (``rescale_betas_zero_snr=True``)."""
     if path is not None:
         root = Path(path).expanduser()
         if (root / "scheduler" / "scheduler_config.json").is_file():
-            return DDPMScheduler.from_pretrained(root, subfolder="scheduler", local_files_only=True)
-    return DDPMScheduler(**SD15_SCHEDULER)
+            return DDPMScheduler.from_pretrained(root, subfolder="scheduler", local_files_only=True,
+                                                 rescale_betas_zero_snr=zero_terminal_snr)
+    return DDPMScheduler(**SD15_SCHEDULER, rescale_betas_zero_snr=zero_terminal_snr)

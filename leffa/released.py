@@ -1,11 +1,14 @@
-"""The authors' released checkpoints (``virtual_tryon.pth``, ``virtual_tryon_dc.pth``) in our layout.
+"""The authors' released checkpoints in our layout: ``virtual_tryon.pth``, ``virtual_tryon_dc.pth``
+(SD1.5-inpainting UNets) and ``pose_transfer.pth`` (SDXL-inpainting UNets).
 
-They are one flat state dict: ``unet.*`` the Generative UNet (12 input channels: noisy latent 4,
+Each is one flat state dict: ``unet.*`` the Generative UNet (12 input channels: noisy latent 4,
 mask 1, masked-image latent 4, DensePose resized to the latent grid 3, i.e. our ``released``
 conditioning), ``unet_encoder.*`` the Reference UNet, ``vae.*``; stock diffusers module names.
-Their text cross-attention weights are present but unused; we drop them, as our UNets have no
-such modules. :func:`to_released_state_dict` goes back: our weights in the released layout, the
-cross-attention tensors taken from a released file.
+What the released code never uses is dropped on import: the text cross-attention's projections
+(``attn2``: its processor returns its input) and SDXL's added text/time embedding
+(``add_embedding``: ``addition_embed_type`` is set to None). ``norm2`` stays: each transformer
+block adds ``norm2(h)``, our ``model.cross_attention: passthrough``. :func:`to_released_state_dict`
+goes back: our weights in the released layout, the unused tensors taken from a released file.
 """
 
 from __future__ import annotations
@@ -14,9 +17,12 @@ import torch
 
 from leffa.errors import UserError
 
-__all__ = ["is_released_state_dict", "convert_released_state_dict", "to_released_state_dict", "RELEASED_CONDITIONING"]
+__all__ = ["is_released_state_dict", "convert_released_state_dict", "to_released_state_dict", "RELEASED_CONDITIONING",
+           "RELEASED_CROSS_ATTENTION", "has_cross_attention_norm"]
 
 RELEASED_CONDITIONING = "released"
+#: the ``model.cross_attention`` that computes what the released code computes
+RELEASED_CROSS_ATTENTION = "passthrough"
 PREFIXES = {"unet.": "generative_unet.", "unet_encoder.": "reference_unet.", "vae.": "vae."}
 
 
@@ -25,22 +31,30 @@ def is_released_state_dict(state_dict: dict) -> bool:
     return any(k.startswith("unet.") for k in state_dict) and any(k.startswith("unet_encoder.") for k in state_dict)
 
 
-def _is_cross_attention(name: str) -> bool:
+def _is_unused(name: str) -> bool:
+    """A weight the released code holds but never uses: cross-attention projections, added embedding."""
     parts = name.split(".")
-    return "transformer_blocks" in parts and ("attn2" in parts or "norm2" in parts)
+    return ("transformer_blocks" in parts and "attn2" in parts) or parts[1] == "add_embedding"
+
+
+def has_cross_attention_norm(state_dict) -> bool:
+    """Whether a (``LeffaModule``-keyed) state dict holds the transformer blocks' ``norm2``: it
+    was written with ``model.cross_attention: passthrough`` (not ``removed``)."""
+    return any(".transformer_blocks." in k and ".norm2." in k for k in state_dict)
 
 
 def own_name(name: str) -> str | None:
-    """The ``LeffaModule`` key of a released key; None for the unused cross-attention weights."""
+    """The ``LeffaModule`` key of a released key; None for the weights the released code never uses."""
     # longest prefix first: "unet_encoder." before "unet."
     prefix = next((p for p in sorted(PREFIXES, key=len, reverse=True) if name.startswith(p)), None)
     if prefix is None:
         raise UserError(f"unexpected key in a released checkpoint: {name} (expected unet.*, unet_encoder.*, vae.*)")
-    return None if _is_cross_attention(name) else PREFIXES[prefix] + name[len(prefix):]
+    return None if _is_unused(name) else PREFIXES[prefix] + name[len(prefix):]
 
 
 def convert_released_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Released keys -> ``LeffaModule`` keys, without the unused cross-attention weights."""
+    """Released keys -> ``LeffaModule`` keys (a ``cross_attention: passthrough`` module), without
+    the weights the released code never uses."""
     return {own: tensor for name, tensor in state_dict.items() if (own := own_name(name)) is not None}
 
 
@@ -50,14 +64,20 @@ def to_released_state_dict(
     """``own`` (``LeffaModule`` keys) in the layout of ``base`` (a released state dict).
 
     The result has exactly ``base``'s keys, in its order, with its shapes and dtypes: every tensor
-    is ours (cast to the base's dtype) except the text cross-attention ones, which our UNets do not
-    have and which are taken from ``base``. A tensor of another shape (another architecture or
-    conditioning layout), a tensor the base needs and ``own`` lacks, or one of ``own`` that has no
-    place in the released layout (register tokens, ...) is a :class:`UserError` naming it.
+    is ours (cast to the base's dtype) except the ones the released code never uses (text
+    cross-attention projections, SDXL's added embedding), which our UNets do not have and which are
+    taken from ``base``. A tensor of another shape (another architecture, conditioning layout or
+    base model), a tensor the base needs and ``own`` lacks (``model.cross_attention: removed``
+    has no ``norm2``), or one of ``own`` that has no place in the released layout (register
+    tokens, ...) is a :class:`UserError` naming it.
     """
     if not is_released_state_dict(base):
         raise UserError("the base is not a released checkpoint (no unet.* and unet_encoder.* keys); give "
-                        "the authors' virtual_tryon.pth or virtual_tryon_dc.pth")
+                        "the authors' virtual_tryon.pth, virtual_tryon_dc.pth or pose_transfer.pth")
+    if has_cross_attention_norm(base) and not has_cross_attention_norm(own):
+        raise UserError(f"{source} was trained with model.cross_attention: removed (no norm2 in its transformer "
+                        f"blocks); the released layout computes with model.cross_attention: "
+                        f"{RELEASED_CROSS_ATTENTION}, so it cannot be exported to it")
     released, used = {}, set()
     for name, base_tensor in base.items():
         key = own_name(name)

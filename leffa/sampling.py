@@ -5,7 +5,12 @@ The unconditional branch is the zero reference latent, the same as reference dro
 (for ``concat_unet``: the garment half zeroed). A diffusers scheduler does the stepping (DDIM by
 default, any by name). With ``reference_timestep`` set, the reference is encoded once at that
 timestep and serves every step (for ``dual_unet``, the Reference UNet runs once: "reference
-acceleration", as the released inference code does).
+acceleration", as the released inference code does at ``"middle"``, the sampling schedule's
+middle timestep).
+
+``configs/predict_released.yaml`` sets what the released pipeline does: DDPM with the training
+schedule, 50 steps, guidance 2.5 followed by the guidance rescale at the guidance scale (2.5: their
+code passes the one as the other), the Reference UNet at every step, no repaint.
 """
 
 from __future__ import annotations
@@ -14,12 +19,12 @@ import hashlib
 import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 import diffusers
 import torch
 from diffusers.utils.torch_utils import randn_tensor
 
-from leffa.conditioning import build_conditioning
 from leffa.errors import UserError
 
 __all__ = ["SamplingConfig", "make_scheduler", "key_generators", "sample"]
@@ -44,8 +49,10 @@ class SamplingConfig:
         guidance_scale: classifier-free guidance over the reference (released code: 2.5); 1 turns it off
             and halves the cost.
         guidance_rescale: rescale of Lin et al. 2023 (0: off).
-        reference_timestep: run the Reference UNet once at this timestep and reuse it at every step
-            (the released code's acceleration, at the middle timestep: 500); None recomputes it per step.
+        reference_timestep: run the Reference UNet once at this timestep and reuse it at every step;
+            ``middle``: at the sampling schedule's middle timestep, ``timesteps[num_steps // 2]``, as
+            the released code's acceleration does (481 for DDPM's 50 steps over 1000); None
+            recomputes it at every step with that step's timestep (the released default).
         repaint: paste the unmasked region of the person back onto the result.
         seed: added to each sample's own seed, which comes from its key (see :func:`key_generators`),
             so a sample's image depends on its key and this seed, not on the batch size, the order
@@ -56,7 +63,7 @@ class SamplingConfig:
     num_steps: int = 50
     guidance_scale: float = 2.5
     guidance_rescale: float = 0.0
-    reference_timestep: int | None = 500
+    reference_timestep: int | Literal["middle"] | None = 500
     repaint: bool = True
     seed: int = 0
 
@@ -96,7 +103,7 @@ def sample(
     guidance_scale: float = 2.5,
     guidance_rescale: float = 0.0,
     generator: torch.Generator | Sequence[torch.Generator] | None = None,
-    reference_timestep: int | None = None,
+    reference_timestep: int | str | None = None,
     repaint: bool = False,
 ) -> torch.Tensor:
     """Generate the target images of ``batch``; returns (B, 3, H, W) in [-1, 1].
@@ -111,16 +118,22 @@ def sample(
         guidance_rescale: the rescale of Lin et al. 2023 (Sec. 3.4 of arXiv 2305.08891), 0 = off.
         generator: CPU generator for the initial noise and the steps of stochastic schedulers; or
             one generator per sample (see :func:`key_generators`), each drawing all of its sample's
-            noise, so that a sample's result does not depend on the batch it is in.
+            noise, so that a sample's result does not depend on the batch it is in. Its draws, in
+            order: the posterior samples of the conditioning and the reference where the layout
+            takes them (``LeffaModule.encode_inputs``), the initial noise, the scheduler's steps.
         reference_timestep: run the Reference UNet once at this timestep and reuse its features;
-            None recomputes them at every step with that step's timestep.
+            ``"middle"``: at ``scheduler.timesteps[num_steps // 2]``; None recomputes them at every
+            step with that step's timestep.
         repaint: paste the unmasked region of the source person back onto the result.
     """
     device = batch["tgt"].device
     b = batch["tgt"].shape[0]
-    ref_latent = module.encode(batch["ref"])
+    if generator is not None and not isinstance(generator, torch.Generator):
+        generator = list(generator)
+        if len(generator) != b:
+            raise ValueError(f"{len(generator)} generators for a batch of {b} samples; give one per sample")
+    ref_latent, conditioning = module.encode_inputs(batch, generator)
     latent_hw = tuple(ref_latent.shape[-2:])
-    conditioning = build_conditioning(module.hparams.conditioning, batch, module.encode, latent_hw)
     guided = guidance_scale != 1.0
     if guided:
         # (2B, ...): unconditional (zero reference) first, conditional second
@@ -131,17 +144,18 @@ def sample(
     # deterministic schedulers (UniPC) take no generator
     step_kwargs = {"generator": generator} if "generator" in inspect.signature(scheduler.step).parameters else {}
     scheduler.set_timesteps(num_steps, device=device)
-    if generator is not None and not isinstance(generator, torch.Generator):
-        generator = list(generator)
-        if len(generator) != b:
-            raise ValueError(f"{len(generator)} generators for a batch of {b} samples; give one per sample")
     # diffusers' randn_tensor draws a sample's slice from its own generator when given a list, as
     # the stochastic schedulers' step() does with the same list
     x = randn_tensor((b, ref_latent.shape[1], *latent_hw), generator=generator, device=torch.device("cpu"))
     x = x.to(device, ref_latent.dtype)
     x = x * scheduler.init_noise_sigma
+    if reference_timestep == "middle":
+        reference_timestep = scheduler.timesteps[num_steps // 2]
+    elif isinstance(reference_timestep, str):
+        raise UserError(f"model.sampling.reference_timestep: an integer timestep, 'middle' or null, "
+                        f"got {reference_timestep!r}")
     if reference_timestep is not None:
-        module.run_reference(ref_latent, torch.full((ref_latent.shape[0],), reference_timestep, device=device))
+        module.run_reference(ref_latent, torch.full((ref_latent.shape[0],), int(reference_timestep), device=device))
 
     for t in scheduler.timesteps:
         x_in = scheduler.scale_model_input(torch.cat([x, x]) if guided else x, t)

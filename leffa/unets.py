@@ -1,7 +1,9 @@
-"""The two UNets of the Leffa baseline (paper Sec. 3.1), built from stock diffusers classes.
+"""The UNets of the Leffa architectures (paper Sec. 3.1), built from stock diffusers classes.
 
-Both are ``UNet2DConditionModel``s from a local SD1.5 (or SD1.5-inpainting) folder or an inline
-config. Text cross-attention is removed (its modules are gone) and the Generative UNet's input
+Each is a ``UNet2DConditionModel`` from a local SD1.5(-inpainting) or SDXL(-inpainting) folder, or
+an inline config. There is no text: the text cross-attention of every transformer block goes
+(``model.cross_attention``, see :func:`set_cross_attention`), SDXL's added text/time embedding goes
+(as the released code sets ``addition_embed_type = None``), and the Generative UNet's input
 convolution is widened to take the conditioning channels, the new channels starting at zero.
 """
 
@@ -12,25 +14,63 @@ import inspect
 import torch
 from diffusers import UNet2DConditionModel
 from diffusers.models.attention import BasicTransformerBlock
+from torch import nn
 
+from leffa.errors import UserError
 from leffa.pretrained import component_location, load_unet
 
-__all__ = ["build_unet", "remove_cross_attention", "set_input_channels", "pretrained_input_channels"]
+__all__ = ["CROSS_ATTENTION", "CrossAttentionPassthrough", "build_unet", "set_cross_attention",
+           "drop_added_embedding", "set_input_channels", "unet_config_of", "is_sdxl", "pretrained_input_channels"]
+
+#: ``model.cross_attention``: what becomes of each transformer block's text cross-attention
+CROSS_ATTENTION = ("passthrough", "removed")
 
 
-def remove_cross_attention(unet: UNet2DConditionModel) -> int:
-    """Delete ``attn2``/``norm2`` (text cross-attention) from every transformer block; returns how many.
+class CrossAttentionPassthrough(nn.Module):
+    """Stands in for a transformer block's text cross-attention (``attn2``) and returns its input.
 
-    ``BasicTransformerBlock`` skips its cross-attention when ``attn2`` is None, so the UNet then
-    runs with ``encoder_hidden_states=None``.
+    The block still runs ``h = attn2(norm2(h)) + h``, so it adds ``norm2(h)`` to ``h``: what the
+    authors' code computes (its skip processor returns the input it is given), with ``norm2`` kept
+    and trained and ``attn2``'s projections, which would never be used, gone.
     """
-    removed = 0
+
+    def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        return hidden_states
+
+
+def set_cross_attention(unet: UNet2DConditionModel, mode: str) -> int:
+    """Replace the text cross-attention of every transformer block; returns how many.
+
+    ``passthrough`` (the released checkpoints' function, and CatVTON's): ``attn2`` becomes a
+    :class:`CrossAttentionPassthrough`, ``norm2`` stays, each block adds ``norm2(h)``. ``removed``
+    (the paper's text): ``attn2`` and ``norm2`` are deleted; ``BasicTransformerBlock`` skips the
+    step when ``attn2`` is None.
+    """
+    if mode not in CROSS_ATTENTION:
+        raise UserError(f"model.cross_attention: unknown {mode!r}; valid: {', '.join(CROSS_ATTENTION)}")
+    changed = 0
     for block in unet.modules():
-        if isinstance(block, BasicTransformerBlock) and block.attn2 is not None:
-            block.attn2 = None
-            block.norm2 = None
-            removed += 1
-    return removed
+        if isinstance(block, BasicTransformerBlock) and block.attn2 is not None \
+                and not isinstance(block.attn2, CrossAttentionPassthrough):
+            if mode == "removed":
+                block.attn2, block.norm2 = None, None
+            else:
+                block.attn2 = CrossAttentionPassthrough()
+            changed += 1
+    return changed
+
+
+def drop_added_embedding(unet: UNet2DConditionModel) -> bool:
+    """Delete an added embedding (SDXL's ``text_time``: pooled text and size conditioning) and set
+    ``addition_embed_type`` to None, so the UNet runs without ``added_cond_kwargs``, as the released
+    code's does; returns whether there was one."""
+    if unet.config.addition_embed_type is None:
+        return False
+    for name in ("add_embedding", "add_time_proj"):
+        if hasattr(unet, name):
+            delattr(unet, name)
+    unet.register_to_config(addition_embed_type=None)
+    return True
 
 
 @torch.no_grad()
@@ -55,19 +95,35 @@ def set_input_channels(unet: UNet2DConditionModel, in_channels: int) -> None:
     unet.register_to_config(in_channels=in_channels)
 
 
-def build_unet(pretrained: str | None, config: dict | None, in_channels: int) -> UNet2DConditionModel:
-    """Load (or build) a UNet, remove its text cross-attention and give it ``in_channels`` inputs."""
+def build_unet(pretrained: str | None, config: dict | None, in_channels: int,
+               cross_attention: str = "passthrough") -> UNet2DConditionModel:
+    """Load (or build) a UNet, replace its text cross-attention (``cross_attention``), drop an added
+    embedding and give it ``in_channels`` inputs."""
+    if cross_attention not in CROSS_ATTENTION:  # before any weights are read
+        raise UserError(f"model.cross_attention: unknown {cross_attention!r}; valid: {', '.join(CROSS_ATTENTION)}")
     unet = load_unet(pretrained, config)
-    remove_cross_attention(unet)
+    set_cross_attention(unet, cross_attention)
+    drop_added_embedding(unet)
     set_input_channels(unet, in_channels)
     return unet
 
 
-def pretrained_input_channels(pretrained: str | None, config: dict | None) -> int:
-    """The input channels of the UNet that :func:`build_unet` starts from (read from its config,
-    no weights loaded), i.e. before ``set_input_channels``."""
+def unet_config_of(pretrained: str | None, config: dict | None) -> dict:
+    """The config of the UNet that :func:`build_unet` starts from (read from the folder's
+    ``config.json`` when a folder is given, no weights loaded; else ``config``)."""
     if pretrained is not None:
         root, sub = component_location(pretrained, "unet")
-        config = UNet2DConditionModel.load_config(root, subfolder=sub, local_files_only=True)
+        return dict(UNet2DConditionModel.load_config(root, subfolder=sub, local_files_only=True))
+    return dict(config or {})
+
+
+def is_sdxl(pretrained: str | None, config: dict | None) -> bool:
+    """Whether the UNet is SDXL's (its config has the ``text_time`` added embedding, as SDXL and
+    SDXL-inpainting have and SD1.5 has not)."""
+    return unet_config_of(pretrained, config).get("addition_embed_type") == "text_time"
+
+
+def pretrained_input_channels(pretrained: str | None, config: dict | None) -> int:
+    """The input channels of the UNet that :func:`build_unet` starts from, i.e. before ``set_input_channels``."""
     default = inspect.signature(UNet2DConditionModel.__init__).parameters["in_channels"].default
-    return (config or {}).get("in_channels", default)
+    return unet_config_of(pretrained, config).get("in_channels", default)

@@ -129,14 +129,20 @@ def test_token_grid_rejects_impossible_counts():
         token_grid(50, (16, 12))
 
 
-def test_cross_attention_removed_and_conv_in_widened_with_zeros(tiny_configs):
-    base = build_unet(None, tiny_configs["unet_config"], 4)
-    wide = build_unet(None, tiny_configs["unet_config"], 12)
+def test_cross_attention_removed_or_passed_through_and_conv_in_widened_with_zeros(tiny_configs):
+    base = build_unet(None, tiny_configs["unet_config"], 4, cross_attention="removed")
+    wide = build_unet(None, tiny_configs["unet_config"], 12, cross_attention="removed")
     for unet in (base, wide):
         names = [n for n, _ in unet.named_modules()]
         assert not any(n.endswith((".attn2", ".norm2")) and "transformer_blocks" in n for n in names)
         assert not any("attn2" in k for k in unet.state_dict())
         assert any(n.endswith("attn1") for n in names)
+    # passthrough: norm2 kept (and its weights), attn2 a module without parameters
+    kept = build_unet(None, tiny_configs["unet_config"], 4)
+    keys = kept.state_dict().keys()
+    assert not any("attn2" in k for k in keys) and any("transformer_blocks" in k and ".norm2." in k for k in keys)
+    assert len(keys) - len(base.state_dict()) == 2 * sum(1 for n in keys if n.endswith(".norm2.weight")
+                                                         and "transformer_blocks" in n)
     # widening keeps the old channels and zero-initialises the new ones
     torch.manual_seed(0)
     from leffa.unets import set_input_channels
@@ -147,7 +153,7 @@ def test_cross_attention_removed_and_conv_in_widened_with_zeros(tiny_configs):
     assert base.conv_in.weight[:, 4:].abs().sum() == 0
     # so the widened UNet computes the same function of the first 4 channels
     x = torch.randn(1, 12, 8, 8)
-    ref_unet = build_unet(None, tiny_configs["unet_config"], 4)
+    ref_unet = build_unet(None, tiny_configs["unet_config"], 4, cross_attention="removed")
     ref_unet.load_state_dict({k: v for k, v in base.state_dict().items() if not k.startswith("conv_in")}, strict=False)
     ref_unet.conv_in.load_state_dict({"weight": old, "bias": base.conv_in.bias})
     with torch.no_grad():

@@ -24,7 +24,7 @@ from leffa.export import export_folder, load_exported
 from leffa.module import LeffaModule
 from leffa.sampling import make_scheduler, sample
 from leffa.testing import make_batch
-from leffa.unets import remove_cross_attention
+from leffa.unets import set_cross_attention
 
 ROOT = Path(__file__).resolve().parents[1]
 CONCAT = ROOT / "configs" / "concat"
@@ -258,7 +258,7 @@ def test_export_round_trip_is_a_diffusers_unet_folder(tiny_configs, tmp_path):
     out = export_folder(module, tmp_path / "export")
     assert sorted(p.name for p in out.iterdir()) == ["leffa.json", "scheduler", "unet", "vae"]
     unet = UNet2DConditionModel.from_pretrained(out, subfolder="unet").eval()
-    remove_cross_attention(unet)  # the text cross-attention diffusers brings back is unused
+    set_cross_attention(unet, "passthrough")  # the text cross-attention diffusers brings back is unused
     g = torch.Generator().manual_seed(0)
     x, t = torch.randn(2, 9, 8, 12, generator=g), torch.tensor([3, 700])
     with torch.no_grad():

@@ -35,10 +35,9 @@ def test_guidance_scale_one_is_the_conditional_path_only(module):
     # the conditional path by hand: no zero-reference branch at all
     scheduler = make_scheduler("ddim", module.scheduler)
     scheduler.set_timesteps(3)
-    ref_latent = module.encode(batch["ref"])
-    from leffa.conditioning import build_conditioning
-    cond = build_conditioning("released", batch, module.encode, tuple(ref_latent.shape[-2:]))
-    x = torch.randn(ref_latent.shape, generator=torch.Generator().manual_seed(0))
+    generator = torch.Generator().manual_seed(0)  # the released layout's posterior samples, then the noise
+    ref_latent, cond = module.encode_inputs(batch, generator)
+    x = torch.randn(ref_latent.shape, generator=generator)
     with torch.no_grad():
         for t in scheduler.timesteps:
             module(x, t.expand(2), cond, ref_latent)

@@ -1,6 +1,7 @@
 """A CatVTON-style single UNet (Leffa paper Tab. 4: the Leffa loss on another model): one stock
-diffusers ``UNet2DConditionModel`` (the SD1.5-inpainting layout, text cross-attention removed, no
-Reference UNet) sees the person and the garment side by side along the latent width, so its own
+diffusers ``UNet2DConditionModel`` (the SD1.5- or SDXL-inpainting layout, without text as
+``leffa.unets`` builds it: CatVTON's code also keeps the blocks' cross-attention step as a
+pass-through, our ``passthrough``; no Reference UNet) sees the person and the garment side by side along the latent width, so its own
 self-attention relates them; the Leffa loss reads that attention (``leffa.attention.WidthConcatAttention``).
 
 Layout of the UNet input, (B, 4 + conditioning channels, h, 2w), left half the person, right half
@@ -44,7 +45,7 @@ class ConcatUNet:
     """One UNet over ``[person | garment]`` (a :class:`~leffa.architectures.base.ReferenceDenoiser`).
 
     Args:
-        pretrained_model: local SD1.5-inpainting folder for the UNet (None: ``unet_config``).
+        pretrained_model: local SD1.5- or SDXL-inpainting folder for the UNet (None: ``unet_config``).
         reference_pretrained_model: must be None (there is no Reference UNet).
         unet_config: ``UNet2DConditionModel`` config used when no folder is given.
         in_channels: the UNet's input channels (latent + conditioning).
@@ -57,6 +58,7 @@ class ConcatUNet:
             frozen; the concat configs set it), ``all`` or ``lora``.
         lora: the adapters of ``trainable="lora"``.
         conditioning: the conditioning layout (``leffa.conditioning``); ``tryon`` only.
+        cross_attention: ``passthrough`` or ``removed`` (``leffa.unets.set_cross_attention``).
     """
 
     #: ``leffa export`` folder -> component
@@ -65,14 +67,14 @@ class ConcatUNet:
     def __init__(self, pretrained_model: str | None, reference_pretrained_model: str | None, unet_config: dict | None,
                  in_channels: int, num_registers: int = 0, theta_resolution: float = 1.0 / 32,
                  freeze_reference: bool = False, gradient_checkpointing: bool = False, trainable: str = "attention",
-                 lora: LoraSettings | None = None, conditioning: str = "tryon"):
+                 lora: LoraSettings | None = None, conditioning: str = "tryon", cross_attention: str = "passthrough"):
         _refuse_dual_unet_settings(reference_pretrained_model, num_registers, freeze_reference)
         parts = LAYOUTS.get(conditioning, ())
         if not parts or any(part not in GARMENT_HALF for part in parts):
             raise UserError(f"model.conditioning: concat_unet takes the try-on layout only (conditioning: tryon, "
                             f"mask and masked image), got {conditioning!r}, which has no garment half")
         self.parts = parts
-        self.unet = build_unet(pretrained_model, unet_config, in_channels)
+        self.unet = build_unet(pretrained_model, unet_config, in_channels, cross_attention)
         self.bank = attach_width_concat_attention(self.unet, ReferenceBank(theta_resolution=theta_resolution))
         # conv_in trains with the attention (or adapters) only when its input channels are new: an
         # SD1.5-inpainting UNet already takes these 9 (CatVTON then trains 49.57 M parameters)

@@ -1,5 +1,5 @@
 """The Leffa paper's architecture (Sec. 3.1): a Generative UNet and a Reference UNet, both stock
-diffusers ``UNet2DConditionModel``s without text cross-attention; each Generative UNet
+diffusers ``UNet2DConditionModel``s without text (``leffa.unets``); each Generative UNet
 self-attention layer attends over its own tokens and the matching Reference UNet layer's input
 (``leffa.attention``)."""
 
@@ -23,7 +23,8 @@ class DualUNet:
     """Generative + Reference UNet (a :class:`~leffa.architectures.base.ReferenceDenoiser`).
 
     Args:
-        pretrained_model: local SD1.5(-inpainting) folder for both UNets (None: ``unet_config``).
+        pretrained_model: local SD1.5(-inpainting) or SDXL(-inpainting) folder for both UNets (None:
+            ``unet_config``).
         reference_pretrained_model: another folder for the Reference UNet.
         unet_config: ``UNet2DConditionModel`` config used when no folder is given.
         in_channels: the Generative UNet's input channels (latent + conditioning).
@@ -35,6 +36,7 @@ class DualUNet:
         lora: the adapters of ``trainable="lora"``.
         conditioning: the conditioning layout (``leffa.conditioning``); its channels are all this
             architecture needs of it (``in_channels``).
+        cross_attention: ``passthrough`` or ``removed`` (``leffa.unets.set_cross_attention``).
     """
 
     #: ``leffa export`` folder -> component
@@ -43,9 +45,10 @@ class DualUNet:
     def __init__(self, pretrained_model: str | None, reference_pretrained_model: str | None, unet_config: dict | None,
                  in_channels: int, num_registers: int = 0, theta_resolution: float = 1.0 / 32,
                  freeze_reference: bool = False, gradient_checkpointing: bool = False, trainable: str = "all",
-                 lora: LoraSettings | None = None, conditioning: str = "tryon"):
-        self.generative_unet = build_unet(pretrained_model, unet_config, in_channels)
-        self.reference_unet = build_unet(reference_pretrained_model or pretrained_model, unet_config, LATENT_CHANNELS)
+                 lora: LoraSettings | None = None, conditioning: str = "tryon", cross_attention: str = "passthrough"):
+        self.generative_unet = build_unet(pretrained_model, unet_config, in_channels, cross_attention)
+        self.reference_unet = build_unet(reference_pretrained_model or pretrained_model, unet_config, LATENT_CHANNELS,
+                                         cross_attention)
         self.bank = attach_reference_attention(self.generative_unet, self.reference_unet, num_registers,
                                                ReferenceBank(theta_resolution=theta_resolution))
         self.freeze_reference = freeze_reference
