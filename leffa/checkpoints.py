@@ -148,21 +148,22 @@ def read_settings(path: str | Path) -> dict:
 
 
 def load_weights(module: nn.Module, state_dict: dict[str, torch.Tensor], optional: tuple[str, ...] = (),
-                 source: str = "checkpoint") -> None:
+                 source: str = "checkpoint", target: str = "the model") -> None:
     """Load ``state_dict`` into ``module``; every key must match except those containing a
-    substring of ``optional`` (e.g. new register tokens), and shapes must agree."""
+    substring of ``optional`` (e.g. new register tokens), and shapes must agree. ``source`` and
+    ``target`` name the two sides in the one-line error (e.g. the checkpoint and the base model)."""
     own = module.state_dict()
     for name, tensor in state_dict.items():
         if name in own and own[name].shape != tensor.shape:
             raise UserError(
-                f"{source}: {name} has shape {tuple(tensor.shape)} but the model wants {tuple(own[name].shape)} "
-                "(was it trained with another conditioning layout or model size?)"
+                f"{source}: {name} has shape {tuple(tensor.shape)} but {target} wants {tuple(own[name].shape)} "
+                "(another base model, e.g. SD1.5 against SDXL, another conditioning layout or model size?)"
             )
     missing, unexpected = module.load_state_dict(state_dict, strict=False)
     missing = [k for k in missing if not any(o in k for o in optional)]
     if missing or unexpected:
         raise UserError(
-            f"{source} does not match the model: missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
+            f"{source} does not match {target}: missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
             f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}"
         )
 

@@ -196,7 +196,11 @@ class LeffaModule(L.LightningModule):
         elif has_lora(state) and not has_lora(self):
             raise UserError(f"model.init_from={path} holds LoRA adapters: set model.trainable: lora (with the same "
                             "model.lora) to go on training them, or export it merged first (leffa export)")
-        load_weights(self, state, optional=optional, source=f"model.init_from={path}")
+        hp = self.hparams
+        base = (f"model.pretrained_model={hp.pretrained_model}" if hp.pretrained_model
+                else "model.unet_config" if hp.unet_config else "the model")
+        load_weights(self, state, optional=optional, source=f"model.init_from={path}",
+                     target=f"the model built from {base}")
 
     def check_cross_attention(self, state: dict, source: str) -> None:
         """One error line when ``state`` was written with the other ``model.cross_attention`` (its

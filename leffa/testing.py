@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 __all__ = [
-    "TINY_UNET", "TINY_VAE", "tiny_configs", "make_batch", "FixedBatches", "batch_loader",
+    "TINY_UNET", "TINY_SDXL_UNET", "TINY_VAE", "tiny_configs", "make_batch", "FixedBatches", "batch_loader",
     "synthetic_shards", "synthetic_sample", "write_samples",
 ]
 
@@ -26,6 +26,23 @@ TINY_UNET = dict(
     up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
     cross_attention_dim=32,
     attention_head_dim=4,
+    norm_num_groups=8,
+)
+# SDXL's layout in small: no attention at the first level, two transformer layers per block at the
+# second, linear projections, the text_time added embedding (dropped when the model is built).
+TINY_SDXL_UNET = dict(
+    sample_size=8,
+    block_out_channels=(32, 64),
+    layers_per_block=1,
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+    transformer_layers_per_block=(1, 2),
+    attention_head_dim=(2, 4),
+    cross_attention_dim=32,
+    use_linear_projection=True,
+    addition_embed_type="text_time",
+    addition_time_embed_dim=8,
+    projection_class_embeddings_input_dim=80,
     norm_num_groups=8,
 )
 # Four levels: downsampling factor 8, like SD's VAE.

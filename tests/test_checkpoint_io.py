@@ -160,7 +160,9 @@ def test_every_training_config_writes_checkpoints_atomically(monkeypatch, capsys
     monkeypatch.setenv("LEFFA_SHARDS", "/nowhere")
     monkeypatch.setenv("LEFFA_RELEASED", "/nowhere/virtual_tryon.pth")  # the fine-tuning recipes
     monkeypatch.setenv("LEFFA_RELEASED_DC", "/nowhere/virtual_tryon_dc.pth")
-    stages = sorted(p for p in (ROOT / "configs").glob("*.yaml") if p.name != "predict.yaml")
+    monkeypatch.setenv("LEFFA_SDXL", "/nowhere/sdxl-inpainting")
+    monkeypatch.setenv("LEFFA_RELEASED_POSE", "/nowhere/pose_transfer.pth")
+    stages = sorted(p for p in (ROOT / "configs").glob("*.yaml") if not p.name.startswith("predict"))
     combos = [[stage] for stage in stages] + [
         [ROOT / "configs" / "vton_512.yaml", ROOT / "configs" / "strategy" / "fsdp.yaml"],
         [TINY_CONFIG, ROOT / "configs" / "strategy" / "fsdp2_cpu.yaml"],
