@@ -4,7 +4,8 @@ Layout: ``unet/`` (the Generative UNet), ``reference_unet/``, ``vae/``, ``schedu
 ``save_pretrained`` writes them (safetensors), plus ``leffa.json`` with the module's settings; a
 ``concat_unet`` model has no ``reference_unet/`` and its one UNet in ``unet/``.
 ``UNet2DConditionModel.from_pretrained(folder, subfolder="unet")`` reads a UNet back (its text
-cross-attention comes back randomly initialised and unused); :meth:`leffa.module.LeffaModule.from_checkpoint`
+cross-attention projections come back randomly initialised: give it a pass-through, as
+``leffa.unets.set_cross_attention`` does); :meth:`leffa.module.LeffaModule.from_checkpoint`
 (or :func:`load_exported`) rebuilds the whole module, register tokens included.
 
 ``--format released`` writes the weights as the authors' ``virtual_tryon.pth`` holds them (see
@@ -72,10 +73,11 @@ def export_released(ckpt: str | Path, base: str | Path, out: str | Path, weights
 
     ``unet.*`` = Generative UNet, ``unet_encoder.*`` = Reference UNet, ``vae.*``: exactly the base's
     keys, shapes and dtypes, so the authors' inference code loads it with a strict
-    ``load_state_dict``. Every tensor is the checkpoint's except the text cross-attention ones,
-    which our UNets delete and which are copied from ``base``. Refused (one line): a model trained
-    with another conditioning than ``released`` or another architecture (shapes), extra tensors
-    such as register tokens, and an ``out`` that already exists (it is written atomically).
+    ``load_state_dict``. Every tensor is the checkpoint's except those the released code never uses
+    (text cross-attention projections, SDXL's added embedding), which our UNets drop and which are
+    copied from ``base``. Refused (one line): a model trained with another conditioning than
+    ``released``, another architecture or base model (shapes), ``cross_attention: removed``, extra
+    tensors such as register tokens, and an ``out`` that already exists (it is written atomically).
     A LoRA model (``model.trainable: lora``) is written with its adapters merged into the layers
     (peft's merge, with the checkpoint's ``model.lora`` settings).
     """
@@ -123,8 +125,8 @@ def export_main(argv: list[str] | None = None) -> Path:
     args = p.parse_args(argv)
     if args.format == "released":
         if args.base is None:
-            raise UserError("--format released needs --base: the released checkpoint (virtual_tryon.pth or "
-                            "virtual_tryon_dc.pth) whose layout and cross-attention weights are written")
+            raise UserError("--format released needs --base: the released checkpoint (virtual_tryon.pth, "
+                            "virtual_tryon_dc.pth or pose_transfer.pth) whose layout and unused weights are written")
         out = export_released(args.ckpt, args.base, args.out, args.weights)
     else:
         if args.base is not None:

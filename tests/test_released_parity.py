@@ -353,3 +353,32 @@ def test_predict_released_samples_the_released_pipelines_image(released, tiny_co
                                  key_generators(batch["key"], module.sampling.seed), 12, 2.5, ref_acceleration)
     torch.testing.assert_close(ours / 2 + 0.5, expected, atol=1e-5, rtol=1e-4)
     assert ours.std() > 0.01  # an image, not a constant
+
+
+def test_a_removed_cross_attention_model_is_not_exported_to_the_released_layout(tiny_configs, tmp_path, capsys):
+    base = tmp_path / "virtual_tryon.pth"
+    released_file(base)
+    module = LeffaModule(**tiny_configs, conditioning="released", cross_attention="removed")
+    with pytest.raises(SystemExit):
+        export(save_ckpt(module, tmp_path / "last.ckpt"), base, tmp_path / "mine.pth")
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "cross_attention: removed" in lines[0] and not (tmp_path / "mine.pth").exists()
+
+
+@pytest.mark.slow  # over 10 s on 2 cores: make test runs it, make test-fast does not
+def test_leffa_predict_samples_pose_transfer_on_an_sdxl_folder(sdxl_folder, shards, tmp_path):
+    from PIL import Image
+
+    from leffa.cli import cli_main
+
+    base = tmp_path / "pose_transfer.pth"
+    released_file(base, unet=TINY_SDXL_UNET)
+    out = tmp_path / "out"
+    cli_main(["predict", "--config", str(CONFIGS / "predict_released.yaml"),
+              f"--model.pretrained_model={sdxl_folder}", f"--model.init_from={base}",
+              "--model.sampling.num_steps=2", "--model.sampling.reference_timestep=middle",
+              f"--trainer.callbacks.output_dir={out}", "--trainer.accelerator=cpu", "--trainer.devices=1",
+              "--trainer.strategy=auto", "--trainer.precision=32-true", f"--trainer.default_root_dir={tmp_path}",
+              f"--data.predict_shards={shards}", "--data.height=64", "--data.width=48", "--data.num_workers=0"])
+    images = sorted(out.glob("*.png"))
+    assert len(images) == 8 and Image.open(images[0]).size == (48, 64)
