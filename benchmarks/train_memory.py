@@ -1,13 +1,15 @@
 """Peak GPU memory of one fine-tuning step, counted without a GPU (``benchmarks/step_memory.py``).
 
 For every trainable set (``all``, ``attention``, ``lora``) x optimizer (AdamW, 8-bit AdamW) x
-gradient checkpointing (on, off): the real module with SD1.5's UNet and VAE shapes, the 12-channel
-``released`` conditioning, batch 1, bf16-mixed, the EMA of the trainable weights on the GPU
-(``leffa.ema.TrainableEMA``'s default), gradients kept across accumulated micro-batches, clipping;
-one step under FakeTensorMode. Also the check at small size: the same step of a small model on
-real CPU tensors, its peak from the allocator's records, against the fake count.
+gradient checkpointing (on, off): the real module with SD1.5's or SDXL's UNet and VAE shapes
+(``--backbone``), the 12-channel ``released`` conditioning, batch 1, bf16-mixed, the EMA of the
+trainable weights on the GPU (``leffa.ema.TrainableEMA``'s default), gradients kept across
+accumulated micro-batches, clipping; one step under FakeTensorMode. Also the check at small size:
+the same step of a small model on real CPU tensors, its peak from the allocator's records, against
+the fake count.
 
     python benchmarks/train_memory.py                 # SD1.5, 1024x768 (about a minute per row on 2 cores)
+    python benchmarks/train_memory.py --backbone sdxl --optimizer adamw   # SDXL-inpainting shapes
     python benchmarks/train_memory.py --height 512 --width 384 --trainable lora --optimizer adamw
     python benchmarks/train_memory.py --check-only    # the small-size check alone
 """
@@ -33,6 +35,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 OPTIMIZERS = {"adamw": "AdamW", "adamw8bit": "8-bit AdamW"}
+# --backbone: its rows' label and the name of its configs/model/<name>_{unet,vae}.yaml
+BACKBONES = {"sd15": "SD1.5", "sdxl": "SDXL"}
 # the small-size check: (trainable, gradient checkpointing); the first peaks in AdamW's step, the
 # others in backward
 CHECK_CASES = (("all", False), ("attention", False), ("attention", True))
@@ -141,8 +145,10 @@ def check(height: int, width: int, trainable: str = "all", checkpointing: bool =
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--unet-config", default=str(ROOT / "configs/model/sd15_unet.yaml"))
-    p.add_argument("--vae-config", default=str(ROOT / "configs/model/sd15_vae.yaml"))
+    p.add_argument("--backbone", default="sd15", choices=list(BACKBONES),
+                   help="the shapes counted: configs/model/<backbone>_{unet,vae}.yaml unless given below")
+    p.add_argument("--unet-config", help="default: configs/model/<backbone>_unet.yaml")
+    p.add_argument("--vae-config", help="default: configs/model/<backbone>_vae.yaml")
     p.add_argument("--height", type=int, default=1024)
     p.add_argument("--width", type=int, default=768)
     p.add_argument("--trainable", nargs="+", default=["all", "attention", "lora"])
@@ -155,6 +161,8 @@ def main(argv=None):
                    help="print measure()'s result for one case as JSON (the parent runs each case so)")
     add_output_flag(p)
     args = p.parse_args(argv)
+    args.unet_config = args.unet_config or str(ROOT / f"configs/model/{args.backbone}_unet.yaml")
+    args.vae_config = args.vae_config or str(ROOT / f"configs/model/{args.backbone}_vae.yaml")
     torch.set_num_threads(1)
     if args.measure_one:
         trainable, optimizer, ckpt = args.measure_one
@@ -172,6 +180,7 @@ def main(argv=None):
                  row("train step memory check", setting, f"{case}: CPU allocator", real, "MiB", real,
                      vs=f"{case}: fake count", ratio=real / fake, mem_ratio=real / fake)]
     if not args.check_only:
+        shapes = f"{BACKBONES[args.backbone]}, batch 1, {args.height}x{args.width}, bf16"
         for trainable in args.trainable:
             for optimizer in args.optimizer:
                 for ckpt in args.checkpointing:
@@ -187,8 +196,7 @@ def main(argv=None):
                           f"{ {k: round(v / GIB, 2) for k, v in peak.items()} } "
                           f"counted { {k: round(v / GIB, 2) for k, v in counted.items() if k != 'trainable_params'} }",
                           file=sys.stderr, flush=True)
-                    rows.append(row("train step memory", f"SD1.5, batch 1, {args.height}x{args.width}, bf16",
-                                    variant, total / GIB, "GiB", total / 2**20))
+                    rows.append(row("train step memory", shapes, variant, total / GIB, "GiB", total / 2**20))
     emit(rows, args.json)
 
 
