@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import shlex
 import sys
+from functools import partial
 from pathlib import Path
 
-from data_prep.manifest import check_out_dir, update_manifest
-from data_prep.pipeline import convert_split
+from data_prep.manifest import check_out_dir, discard_staged_manifest, publish_manifest, stage_manifest
+from data_prep.pipeline import SplitReport, convert_split
 from data_prep.registry import CONVERTERS, get_converter
 from leffa.errors import UserError, user_errors_as_one_line
 
@@ -42,6 +44,49 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Options that name a folder of source files (--images, --densepose: DeepFashion's)
+SOURCE_FOLDER_OPTIONS = ("src", "images", "densepose")
+
+
+def check_out_path(args: argparse.Namespace) -> None:
+    """Refuse (UserError) an --out that is, or lies inside, --src (or another source folder: the
+    shards would mix with the dataset's files), or that cannot be created or written (checked on
+    its nearest existing folder). Symbolic links and `..` are resolved first."""
+    out = args.out
+    resolved = out.resolve()
+    for option in SOURCE_FOLDER_OPTIONS:
+        source = getattr(args, option, None)
+        if source is not None and (resolved == source.resolve() or source.resolve() in resolved.parents):
+            raise UserError(f"--out {out} is inside --{option} {source} (the shards would mix with the dataset's "
+                            "files); choose a folder outside it")  # fmt: skip
+    existing = next(folder for folder in (resolved, *resolved.parents) if folder.exists())
+    if not existing.is_dir():
+        raise UserError(f"--out {out}: {existing} is not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"--out {out}: cannot write in {existing} (no write permission, or a read-only file system); "
+                        "choose another --out")  # fmt: skip
+
+
+def zero_samples_reason(args: argparse.Namespace) -> str:
+    """Why a split has no sample to convert, in the user's terms."""
+    if args.limit == 0:
+        return "--limit 0"
+    if getattr(args, "count", None) == 0:
+        return "--count 0"
+    categories = getattr(args, "categories", "all")
+    return f"the pair files under --src {args.src} list none" + (
+        f" for --categories {categories}" if categories != "all" else ""
+    )
+
+
+def _stage_split_manifest(
+    staged: list[dict], args: argparse.Namespace, split: str, source: str | None, command: str, report: SplitReport
+) -> None:
+    """convert_split's before_commit: the manifest with this split, under its temporary name."""
+    entry = report.manifest_entry()
+    staged.append(stage_manifest(args.out, args.dataset, split, entry, report.skipped, source, command))
+
+
 def main(argv: list[str] | None = None) -> dict:
     """Run the converter named by argv[0]; return the final manifest."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -57,19 +102,35 @@ def main(argv: list[str] | None = None) -> dict:
         )
     if args.out.exists() and not args.out.is_dir():
         raise UserError(f"--out {args.out} is not a folder")
+    check_out_path(args)
     splits = converter.SPLITS if args.split == "all" else (args.split,)
     # Everything that can refuse the run does so before the first shard is written: the output
-    # folder's manifest and every split's pair files.
+    # folder's manifest and every split's pair files and sample count.
     check_out_dir(args.out, args.dataset, splits)
     split_specs = {split: converter.list_samples(args, split)[: args.limit] for split in splits}
+    empty = [split for split, specs in split_specs.items() if not specs]
+    if empty:
+        raise UserError(f"{args.dataset}: no {empty[0]} samples to convert ({zero_samples_reason(args)}); "
+                        "nothing was written")  # fmt: skip
     command = shlex.join(["python", "-m", "data_prep", *argv])
     source = str(args.src.resolve()) if args.src is not None else None
     manifest = {}
     for split, specs in split_specs.items():
-        report = convert_split(converter, specs, args.out, split, args.shard_size, args.workers)
-        manifest = update_manifest(
-            args.out, args.dataset, split, report.manifest_entry(), report.skipped, source, command
-        )
+        # Commit order: shards complete under temporary names -> the new manifest written in full
+        # under its temporary name -> shards renamed (stale ones deleted) -> manifest renamed. A
+        # full disk fails one of the first two writes, and then no shard has been renamed: the
+        # folder stays as it was (the previous shards and manifest, byte for byte) and a rerun is
+        # accepted. Renames need no space; only a kill between the shard renames and the manifest
+        # rename leaves new shards beside the previous manifest (or none, on a first run: see
+        # manifest.check_out_dir).
+        staged: list[dict] = []  # the new manifest, once written under its temporary name
+        stage = partial(_stage_split_manifest, staged, args, split, source, command)
+        try:
+            report = convert_split(converter, specs, args.out, split, args.shard_size, args.workers, stage)
+            publish_manifest(args.out)
+        finally:
+            discard_staged_manifest(args.out)  # after a failure; nothing left once published
+        (manifest,) = staged
         print(f"{args.dataset} {split}: {report.num_samples_in} in, {report.num_written} written, "
               f"{report.num_skipped} skipped, {len(report.shards)} shards in {args.out}")  # fmt: skip
     return manifest

@@ -184,12 +184,18 @@ def list_samples(args: argparse.Namespace, split: str) -> list[DeepFashionSpec]:
     return specs
 
 
+def _shortened(raw: tuple[str, str], limit: int = 200) -> str:
+    """repr of the raw keypoint strings, cut to `limit` characters (a hostile field may be huge)."""
+    text = repr(raw)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
 def parse_keypoints(raw: tuple[str, str], size: tuple[int, int]) -> np.ndarray:
     """Raw (y, x) JSON lists in the 256x176 frame -> (18, 2) (x, y) scaled to `size` (W, H); NaN = missing."""
     try:
         ys, xs = (np.asarray(json.loads(text), dtype=np.float64) for text in raw)
-    except (ValueError, TypeError) as err:
-        raise SampleError(f"unreadable keypoint lists {raw!r}: {err}") from err
+    except (ValueError, TypeError, RecursionError) as err:  # RecursionError: JSON nested too deeply
+        raise SampleError(f"unreadable keypoint lists {_shortened(raw)}: {err}") from err
     if ys.shape != (18,) or xs.shape != (18,):
         raise SampleError(f"expected 18 y and 18 x keypoints, got {ys.shape} and {xs.shape}")
     points = np.stack([xs * size[0] / KEYPOINT_FRAME[0], ys * size[1] / KEYPOINT_FRAME[1]], axis=1)

@@ -84,7 +84,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--dense-index-scale",
         type=int,
         default=10,
-        help="multiplier of the DensePose part index (0..24) when rendering dense/*_5.png",
+        help="multiplier of the DensePose part index (0..24) when rendering dense/*_5.png: 1 to 10, "
+        "so that 24 x scale stays within 1..255",
     )
 
 
@@ -135,6 +136,11 @@ def _category_sources(category_dir: Path, mask_source: str) -> tuple[str, str]:
 
 def list_samples(args: argparse.Namespace, split: str) -> list[DressCodeSpec]:
     """Sample specs of one split (cheap: reads only pair files and folder names)."""
+    if not 1 <= 24 * args.dense_index_scale <= 255:  # 0 or less: all black; over 10: parts clipped to 255
+        raise UserError(
+            f"--dense-index-scale {args.dense_index_scale}: the part index 0..24 times the scale must stay "
+            "within 1..255; give 1 to 10"
+        )
     root = Path(args.src)
     categories = _categories(root, args.categories)
     sources = {c: _category_sources(root / c, args.mask_source) for c in categories}

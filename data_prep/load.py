@@ -66,7 +66,7 @@ def load_json(path: Path) -> dict:
     try:
         with open(path, encoding="utf-8") as handle:
             return json.load(handle)
-    except (OSError, ValueError) as err:
+    except (OSError, ValueError, RecursionError) as err:  # RecursionError: nested too deeply
         raise SampleError(f"cannot read JSON {path}: {err}") from err
 
 

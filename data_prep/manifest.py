@@ -2,13 +2,14 @@
 
 One manifest per output folder (one dataset). Writing a split replaces that split's entry and
 its skipped list and keeps the other splits, so `--split train` then `--split test` build it up.
-The file is replaced atomically.
+The file is replaced atomically. A conversion writes it in two steps around the renaming of its
+shards (`stage_manifest`, then `publish_manifest`; see data_prep/__main__.py for why).
 
 `check_out_dir` runs before a conversion writes anything: an existing manifest must describe
 the same dataset and schema version, and shards of the splits to be written are never replaced
 when there is no manifest to say which dataset made them (a folder of foreign or hand-copied
-shards, or a first run killed between committing its shards and writing the manifest: move them
-away or delete them, then convert again).
+shards, or a first run killed in the moment between renaming its shards and renaming its manifest:
+move them away or delete them, then convert again).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from collections.abc import Iterable
 from datetime import UTC, datetime
 from pathlib import Path
 
-from data_prep.shard_writer import split_shards
+from data_prep.shard_writer import reporting_write_errors, split_shards
 from leffa.errors import UserError
 from leffa.schema import MANIFEST_NAME, SCHEMA_VERSION
 
@@ -32,7 +33,8 @@ def read_manifest(out_dir: Path) -> dict | None:
     try:
         with open(path, encoding="utf-8") as handle:
             manifest = json.load(handle)
-    except (OSError, ValueError) as err:  # ValueError: bad JSON or bytes that are not UTF-8
+    # ValueError: bad JSON or bytes that are not UTF-8; RecursionError: JSON nested too deeply
+    except (OSError, ValueError, RecursionError) as err:
         raise UserError(f"{path} is not a readable manifest ({err}); fix or remove it, or use another --out") from err
     if not isinstance(manifest, dict):
         raise UserError(f"{path} is not a readable manifest (not a JSON object); fix or remove it")
@@ -69,6 +71,11 @@ def check_out_dir(out_dir: Path, dataset: str, splits: Iterable[str]) -> None:
         )
 
 
+def staged_manifest_path(out_dir: Path) -> Path:
+    """The temporary name under which the next manifest is written until `publish_manifest`."""
+    return Path(out_dir) / f".{MANIFEST_NAME}.tmp"
+
+
 def update_manifest(
     out_dir: Path,
     dataset: str,
@@ -86,6 +93,37 @@ def update_manifest(
         source: raw dataset folder (None for the synthetic set).
         command: the command line that made the shards.
     """
+    manifest = stage_manifest(out_dir, dataset, split, split_entry, skipped, source, command)
+    publish_manifest(out_dir)
+    return manifest
+
+
+def discard_staged_manifest(out_dir: Path) -> None:
+    """Remove a staged manifest that was not published (nothing when there is none)."""
+    try:
+        staged_manifest_path(out_dir).unlink(missing_ok=True)
+    except OSError:
+        pass  # called while another error propagates; a leftover is overwritten by the next run
+
+
+def publish_manifest(out_dir: Path) -> None:
+    """Rename the staged manifest onto `manifest.json` (atomic)."""
+    with reporting_write_errors(Path(out_dir) / MANIFEST_NAME):
+        os.replace(staged_manifest_path(out_dir), Path(out_dir) / MANIFEST_NAME)
+
+
+def stage_manifest(
+    out_dir: Path,
+    dataset: str,
+    split: str,
+    split_entry: dict,
+    skipped: list[dict],
+    source: str | None,
+    command: str,
+) -> dict:
+    """`update_manifest` up to the rename: the merged manifest is written (flushed and fsynced, so that
+    a full disk fails here) to `staged_manifest_path`; returns it. A failed write is a UserError
+    and leaves no temporary file. Arguments as for `update_manifest`."""
     out_dir = Path(out_dir)
     manifest = read_manifest(out_dir) or {
         "schema_version": SCHEMA_VERSION,
@@ -101,10 +139,14 @@ def update_manifest(
         {"split": split, **s} for s in skipped
     ]
     manifest.update(source=source, command=command, created=created)
-    path = out_dir / MANIFEST_NAME
-    tmp = path.with_name(f".{MANIFEST_NAME}.tmp")
-    with open(tmp, "w", encoding="utf-8") as handle:
-        json.dump(manifest, handle, indent=2)
-        handle.write("\n")
-    os.replace(tmp, path)
+    tmp = staged_manifest_path(out_dir)
+    try:
+        with reporting_write_errors(out_dir / MANIFEST_NAME), open(tmp, "w", encoding="utf-8") as handle:
+            json.dump(manifest, handle, indent=2)
+            handle.write("\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+    except BaseException:
+        discard_staged_manifest(out_dir)
+        raise
     return manifest

@@ -69,10 +69,13 @@ def convert_split(
     split: str,
     shard_size: int,
     workers: int = 0,
+    before_commit: Callable[[SplitReport], None] | None = None,
 ) -> SplitReport:
     """Load, encode and write `specs` (each has `.key`, `.source`, `.pairing`) as `<split>-%06d.tar`.
 
     A folder that holds another dataset's shards is refused (UserError) before anything is written.
+    `before_commit(report)` runs once every shard is complete but still under its temporary name
+    (`report` is final): if it raises, no shard is renamed and the temporaries are removed.
     """
     check_out_dir(out_dir, converter.DATASET, [split])
     specs = list(specs)
@@ -108,5 +111,8 @@ def convert_split(
                 report.num_written += 1
         finally:
             results.close()  # stops the worker pool now, also when writing failed
-        report.shards = writer.commit()
+        report.shards = writer.finish()
+        if before_commit is not None:
+            before_commit(report)
+        writer.commit()
     return report

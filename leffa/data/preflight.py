@@ -37,7 +37,7 @@ def check_sources(name: str, sources: list[list[str]], hflip: bool = False) -> N
         if hflip:
             try:
                 meta = json.loads(raw["json"])
-            except ValueError:
+            except (ValueError, RecursionError):  # unreadable: the pipeline skips and counts it
                 continue
             if isinstance(meta, dict) and meta.get("pose_source") in SIDED_POSE_SOURCES:
                 raise UserError(sided_pose_refusal(meta["pose_source"], f"shard '{local[0]}'"))

@@ -94,8 +94,10 @@ def _from_manifest(path: str, splits: list[str], spec: str) -> list[str]:
     try:
         with open(manifest_path) as f:
             manifest = json.load(f)
-    except (OSError, ValueError) as exn:
+    except (OSError, ValueError, RecursionError) as exn:  # RecursionError: JSON nested too deeply
         raise UserError(f"cannot read manifest '{manifest_path}': {exn}") from exn
+    if not isinstance(manifest, dict):
+        raise UserError(f"cannot read manifest '{manifest_path}': a JSON {type(manifest).__name__}, not an object")
     version = manifest.get("schema_version")
     if version != SCHEMA_VERSION:
         raise UserError(

@@ -15,9 +15,11 @@ from PIL import Image
 
 log = logging.getLogger(__name__)
 
-# Errors that bad bytes raise while a sample is read or decoded. Anything else (TypeError,
-# AttributeError, ...) is a bug in the code and propagates.
-DATA_ERRORS = (OSError, ValueError, KeyError, EOFError, SyntaxError, zlib.error, Image.DecompressionBombError)
+# Errors that bad bytes raise while a sample is read or decoded (RecursionError: json of a sample
+# nested too deeply for the parser). Anything else (TypeError, AttributeError, ...) is a bug in the
+# code and propagates.
+DATA_ERRORS = (OSError, ValueError, KeyError, EOFError, SyntaxError, zlib.error, Image.DecompressionBombError,
+               RecursionError)  # fmt: skip
 
 
 class SkipCounter:
