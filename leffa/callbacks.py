@@ -16,6 +16,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torchvision.utils import save_image
 
 from leffa.atomic_write import write_atomically
+from leffa.errors import UserError
 from leffa.sampling import make_scheduler, sample
 from leffa.viz import sample_grid, save_png
 
@@ -148,7 +149,9 @@ class ImageWriter(BasePredictionWriter):
     every file's resolved path must lie directly in ``output_dir``. Files are written atomically.
 
     Args:
-        output_dir: folder for the images.
+        output_dir: folder for the images (made if missing); a file there, or in place of one of its
+            parent folders, is a one-line error naming it when the run sets up (before the run's
+            ``config.yaml`` is saved or anything is sampled).
     """
 
     def __init__(self, output_dir: str = "predictions"):
@@ -156,8 +159,24 @@ class ImageWriter(BasePredictionWriter):
         self.output_dir = Path(output_dir)
         self.refused: dict[str, str] = {}
 
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        # here, not in __init__: the CLI would wrap the error of a callback's __init__ in its own message
+        self.check_output_dir()
+
+    def check_output_dir(self) -> None:
+        """``output_dir`` is a folder or can be made one: no file in the way (a UserError naming it)."""
+        folder = self.output_dir
+        while not (folder.exists() or folder.is_symlink()) and folder != folder.parent:
+            folder = folder.parent
+        if not folder.is_dir():
+            what = "" if folder == self.output_dir else f": {folder} is a file"
+            raise UserError(f"output_dir {self.output_dir} is not a folder{what}; give a folder (new or existing) "
+                            "for the images")
+
     def on_predict_start(self, trainer, pl_module) -> None:
         self.refused = {}
+        self.check_output_dir()
         self.output_dir.mkdir(parents=True, exist_ok=True)
         if trainer.is_global_zero:
             settings = {"sampling": dataclasses.asdict(pl_module.sampling),

@@ -11,13 +11,15 @@ problem with a user's file (missing, truncated, refused, of the wrong kind) is a
 from __future__ import annotations
 
 import json
+import math
+import operator
 import pickle
 import re
 import warnings
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 from torch import nn
 
@@ -127,6 +129,7 @@ def read_settings(path: str | Path) -> dict:
             raise UserError(f"{path / EXPORT_SETTINGS}: not valid JSON ({error})") from error
         if not isinstance(settings, dict):
             raise UserError(f"{path / EXPORT_SETTINGS}: expected a mapping of settings")
+        _check_export_weights(path, settings.get("architecture", "dual_unet"))
         reference = path / "reference_unet"  # dual_unet's; a single-UNet export has none
         settings.update(pretrained_model=str(path), reference_pretrained_model=str(reference) if reference.is_dir()
                         else None, unet_config=None, vae_config=None)
@@ -188,6 +191,20 @@ def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
         raise UserError(f"{path}: cannot read this safetensors file ({_first_line(error)})") from error
 
 
+def _check_export_weights(path: Path, architecture: str) -> None:
+    """Every safetensors file of an export folder's components reads as one (safetensors' own check
+    of its header against the file's size), before diffusers' ``from_pretrained`` reads the folder
+    (it would fail inside diffusers, with a traceback): a :class:`UserError` naming the file."""
+    for folder in export_components(architecture):
+        for file in sorted((path / folder).glob("*.safetensors")):
+            try:
+                with safe_open(str(file), framework="pt"):
+                    pass
+            except (SafetensorError, OSError) as error:
+                raise UserError(f"{file}: cannot read this safetensors file ({_first_line(error)}); is the "
+                                "export complete? Export the checkpoint again") from error
+
+
 def export_components(architecture: str) -> dict[str, str]:
     """The folders of a ``leffa export`` of ``architecture`` and the module attribute each holds."""
     return {**architecture_class(architecture).export_folders, "vae": "vae"}
@@ -242,8 +259,13 @@ def guard_checkpoint_loading(strategy) -> None:
         return
 
     def checked_load(checkpoint_path, weights_only=None):
+        from torch.distributed.checkpoint.api import CheckpointException
+
         check_checkpoint(checkpoint_path)
-        return load(checkpoint_path, weights_only=True)
+        try:
+            return load(checkpoint_path, weights_only=True)
+        except CheckpointException as error:  # a sharded folder's tensor data, read by DCP
+            raise _shard_data_error(Path(checkpoint_path), error) from error
 
     checked_load.checks_checkpoints = True
     strategy.load_checkpoint = checked_load
@@ -321,7 +343,71 @@ def _read_shard_index(path: Path):
         name = getattr(info, "relative_path", None)
         if not isinstance(name, str) or Path(name).name != name or name in ("", ".", "..") or "\\" in name:
             raise UserError(f"{index_file}: names the shard file {name!r}, which is not a file of this folder")
+    _check_declared_sizes(path, index_file, index)
     return index
+
+
+def _check_declared_sizes(path: Path, index_file: Path, index) -> None:
+    """What the index declares fits in the shard files: each chunk's bytes (offset + length) lie inside
+    its file, and the tensors it declares need no more bytes than the shard files hold together (DCP
+    stores every tensor's data uncompressed). Else a forged or incomplete index would make the reader
+    allocate tensors of any size, or read past a file's end, and fail with a traceback."""
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    held: dict[str, int] = {}
+    for info in (index.storage_data or {}).values():
+        name = info.relative_path
+        if name not in held:
+            if not (path / name).is_file():
+                raise UserError(f"{index_file}: names the shard file {name}, which is not in {path}; is the "
+                                "folder complete?")
+            held[name] = (path / name).stat().st_size
+        offset, length = getattr(info, "offset", None), getattr(info, "length", None)
+        if not all(isinstance(n, int) and n >= 0 for n in (offset, length)) or offset + length > held[name]:
+            raise UserError(f"{index_file}: declares a chunk at bytes {offset}+{length} of {name}, which holds "
+                            f"{held[name]} bytes; is the folder complete? Not loading this folder")
+    declared, largest = 0, (0, "")
+    for key, entry in index.state_dict_metadata.items():
+        if not isinstance(entry, TensorStorageMetadata):
+            continue
+        try:
+            dims = [operator.index(n) for n in entry.size]
+            itemsize = entry.properties.dtype.itemsize
+            if any(n < 0 for n in dims):
+                raise ValueError("negative size")
+        except (TypeError, ValueError, AttributeError) as error:
+            raise UserError(f"{index_file}: declares the tensor {key} with a size {entry.size!r} that is no "
+                            f"tensor size ({error}); not loading this folder") from error
+        size = math.prod(dims) * itemsize
+        declared += size
+        largest = max(largest, (size, key))
+    if declared > sum(held.values()):
+        raise UserError(f"{index_file}: declares tensors of {_bytes(declared)} (the largest, {largest[1]}, "
+                        f"{_bytes(largest[0])}) but its shard files hold {_bytes(sum(held.values()))}; a forged or "
+                        "incomplete index, not loading this folder")
+
+
+def _bytes(count: int) -> str:
+    """A byte count for people: ``40.0 TB``, ``9.3 MB``, ``512 bytes``."""
+    for unit, scale in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if count >= scale:
+            return f"{count / scale:.1f} {unit}"
+    return f"{count} bytes"
+
+
+def _shard_data_error(path: Path, error: BaseException) -> UserError:
+    """The one-line error for a failure of DCP reading a sharded folder's tensor data (its
+    ``CheckpointException`` holds each rank's exception): a chunk refused by ``torch.load(weights_only=True)``
+    (it holds code or objects other than tensors), or any other failure of the folder's files."""
+    failures = list(getattr(error, "failures", {}).values())
+    cause = failures[0][0] if failures and isinstance(failures[0], tuple) else error
+    if isinstance(cause, pickle.UnpicklingError):
+        refused = re.search(r"GLOBAL ([\w.]+)", str(cause))
+        what = f" ({refused.group(1)})" if refused else ""
+        return UserError(f"{path}: refusing to load a tensor chunk of this sharded checkpoint that holds code or "
+                         f"objects other than tensors{what}; not loading this folder")
+    return UserError(f"{path}: cannot read the tensor data of this sharded checkpoint ({type(cause).__name__}: "
+                     f"{_first_line(cause)}); is the folder complete?")
 
 
 def read_sharded_state_dict(path: str | Path, weights: str = "ema") -> dict[str, torch.Tensor]:
@@ -366,8 +452,13 @@ def read_sharded_state_dict(path: str | Path, weights: str = "ema") -> dict[str,
     }
     reader = dcp.FileSystemReader(path)
     reader.read_metadata = lambda *args, **kwargs: index  # the index read above, not a second pickle.load
+    from torch.distributed.checkpoint.api import CheckpointException
+
     with warnings.catch_warnings():
         # no_dist=True is the intent; DCP warns about it all the same
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        dcp.load({group: state}, storage_reader=reader, no_dist=True)
+        try:
+            dcp.load({group: state}, storage_reader=reader, no_dist=True)
+        except CheckpointException as error:
+            raise _shard_data_error(path, error) from error
     return state

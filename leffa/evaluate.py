@@ -7,8 +7,9 @@
 Predictions are named by sample key (`<key>.png`, as `leffa predict` writes them; grammar in
 `leffa.schema`) or exactly like their ground truth. A key is paired with the ground truth named
 by its target id (`leffa.metrics.match_pairs`); --paired refuses unpaired keys. Reference images
-are resized to the prediction's size with LANCZOS when sizes differ, as VtonEval does. KID is
-reported x 1000 as VtonEval and the paper's tables do.
+are resized to the prediction's size with LANCZOS when sizes differ, as VtonEval does; one of
+another aspect ratio (beyond 1%: rounding) is refused unless --allow-aspect-change. KID is
+reported x 1000 as VtonEval and the paper's tables do. --out never overwrites a file.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ def evaluate(
     batch_size: int = 16,
     device: str = "cpu",
     num_workers: int = 0,
+    allow_aspect_change: bool = False,
 ) -> dict:
     """Run one protocol and return {"protocol", "metrics", "num_images", "settings"}.
 
@@ -58,6 +60,9 @@ def evaluate(
         batch_size: images per batch for every network.
         device: torch device for all networks.
         num_workers: DataLoader workers for decoding and resizing.
+        allow_aspect_change: resize (squash) ground truth and FID reference images whose aspect ratio
+            differs from the predictions' by more than 1% (``metrics.ASPECT_TOLERANCE``); by
+            default they are a UserError naming their count and one of them.
     """
     protocol = "pose_transfer" if fid_ref else ("tryon_paired" if paired else "tryon_unpaired")
     wanted = PROTOCOL_METRICS[protocol]
@@ -66,8 +71,19 @@ def evaluate(
     pred_files, gt_files = metrics.list_images(pred_dir), metrics.list_images(gt_dir)
     ref_files = metrics.list_images(fid_ref) if fid_ref else gt_files
     size = metrics.common_size(pred_files)
-    for path in gt_files + (ref_files if fid_ref else []):
-        metrics.image_size(path)  # an unreadable file is named now, not deep inside a loop
+    if "lpips" in wanted:
+        metrics.check_lpips_size(size, lpips_net, pred_files[0])
+    # an unreadable file is named now, not deep inside a loop
+    sizes = {path: metrics.image_size(path) for path in gt_files + (ref_files if fid_ref else [])}
+    squashed = metrics.aspect_mismatches(sizes, size)
+    if squashed and not allow_aspect_change:
+        w, h = sizes[squashed[0]]
+        which = "ground-truth and --fid-ref" if fid_ref else "ground-truth"
+        raise UserError(
+            f"{len(squashed)} of {len(sizes)} {which} images have another aspect ratio than the predictions' "
+            f"{size[0]}x{size[1]} (e.g. {squashed[0]} is {w}x{h}) and would be squashed to it; crop or pad them "
+            "to the predictions' aspect ratio, or pass --allow-aspect-change to resize them anyway"
+        )
     paired_keys_only = protocol == "tryon_paired"
     pairs = metrics.match_pairs(pred_files, gt_files, paired=paired_keys_only) if "ssim" in wanted else None
     if protocol == "tryon_paired":
@@ -112,7 +128,8 @@ def evaluate(
             "gt": str(gt_dir),
             "fid_ref": str(fid_ref) if fid_ref else None,
             "image_size_wh": list(size),
-            "resize": "reference resized to the prediction size with LANCZOS if sizes differ (VtonEval)",
+            "resize": "reference resized to the prediction size with LANCZOS if sizes differ (VtonEval)"
+            + (f"; {len(squashed)} of another aspect ratio squashed (--allow-aspect-change)" if squashed else ""),
             "fid_kid": "clean-fid 'clean' mode; KID x 1000 (VtonEval, paper tables), numpy seed 0",
             "inception": inception_setting,
             "ssim": "torchmetrics, data_range 1.0, mean over images",
@@ -156,23 +173,41 @@ def build_parser() -> argparse.ArgumentParser:
                         help="LPIPS trunk (VtonEval uses squeeze)")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--num-workers", type=int, default=0, help="DataLoader workers for decoding")
-    parser.add_argument("--out", help="write the results as JSON here")
+    parser.add_argument("--out", help="write the results as JSON here (a new file: an existing one is refused)")
+    parser.add_argument("--allow-aspect-change", action="store_true",
+                        help="resize ground truth of another aspect ratio than the predictions' (squashing it)"
+                        " instead of refusing it")
     default_device = "cuda" if torch.cuda.is_available() else "cpu"
     parser.add_argument("--device", default=default_device, choices=["cpu", "cuda"])
     return parser
 
 
+def check_new_results_file(out: Path) -> None:
+    """``--out`` names no existing file or folder (an earlier run's results are never overwritten), and
+    its nearest existing folder is a folder (else creating it would fail): a UserError naming it."""
+    if out.exists() or out.is_symlink():
+        raise UserError(f"--out {out} already exists and is not overwritten; choose a new file for the results")
+    parent = out.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise UserError(f"--out {out}: {parent} is a file, not a folder; choose another path for the results")
+
+
 def eval_main(argv: list[str] | None = None) -> dict:
     """`leffa eval ...`: run the protocol the flags select, print a table, write JSON."""
     args = build_parser().parse_args(argv)
+    if args.out:
+        check_new_results_file(Path(args.out))  # before the long computation
     result = evaluate(
         args.pred, args.gt, paired=args.paired, fid_ref=args.fid_ref, inception=args.inception,
         lpips_backbone=args.lpips_backbone, lpips_net=args.lpips_net, batch_size=args.batch_size,
-        device=args.device, num_workers=args.num_workers,
+        device=args.device, num_workers=args.num_workers, allow_aspect_change=args.allow_aspect_change,
     )
     print(format_table(result))
     if args.out:
         out = Path(args.out)
+        check_new_results_file(out)  # again: something may have appeared there meanwhile (the table is printed)
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = out.with_name(out.name + ".tmp")
         tmp.write_text(json.dumps(result, indent=2))

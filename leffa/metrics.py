@@ -46,6 +46,13 @@ LPIPS_BACKBONE_URLS = {
 }
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
 KID_SCALE = 1000.0  # VtonEval and the paper's tables report KID x 1000
+# The smallest image side LPIPS v0.1 accepts per trunk: below it a pooling layer of the trunk has no
+# window left (tests/test_hostile_probe.py checks these against the networks). SSIM's 11x11 window
+# needs 6 pixels, under every one of these.
+LPIPS_MIN_SIDE = {"alex": 31, "vgg": 16, "squeeze": 17}
+# Ground truth is resized to the prediction's size; an aspect ratio further than this (relative) from
+# the prediction's would be squashed, not rounded (DeepFashion's 750x1101 to 352x512 is 0.9%).
+ASPECT_TOLERANCE = 0.01
 # What PIL raises for a file that is no image, truncated, corrupt or over its pixel limit
 # (UnidentifiedImageError is an OSError); DataLoader workers re-raise them with the same type.
 DECODE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
@@ -151,6 +158,26 @@ def common_size(files: list[Path]) -> tuple[int, int]:
                 f"{path.name} is {other[0]}x{other[1]}"
             )
     return size
+
+
+def check_lpips_size(size: tuple[int, int], net: str, example: Path) -> None:
+    """A UserError, before any network is loaded, when images of ``size`` (width, height; ``example``
+    is one) are under LPIPS ``net``'s minimum side."""
+    minimum = LPIPS_MIN_SIDE.get(net)  # an unknown net is load_lpips' error
+    if minimum is not None and min(size) < minimum:
+        raise UserError(
+            f"LPIPS {net} needs images of at least {minimum}x{minimum} pixels, but the predictions are "
+            f"{size[0]}x{size[1]} (e.g. {example}); evaluate larger predictions, or drop --paired / "
+            "--fid-ref for FID and KID only"
+        )
+
+
+def aspect_mismatches(sizes: dict[Path, tuple[int, int]], size: tuple[int, int],
+                      tolerance: float = ASPECT_TOLERANCE) -> list[Path]:
+    """The files of ``sizes`` (path -> (width, height)) whose aspect ratio differs from ``size``'s by
+    more than ``tolerance`` (relative): resizing them to ``size`` would squash them."""
+    ratio = size[0] / size[1]
+    return [path for path, (w, h) in sizes.items() if abs(w / h - ratio) > tolerance * ratio]
 
 
 class ResizeTo:
