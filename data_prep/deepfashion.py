@@ -31,6 +31,7 @@ from data_prep.keypoints import draw_coco18
 from data_prep.load import load_rgb
 from data_prep.sample import SampleError, build_sample
 from leffa.errors import UserError
+from leffa.images import BLACK
 from leffa.pair_file import check_file_names, quote, read_text_lines
 from leffa.schema import build_key
 
@@ -210,7 +211,7 @@ def load_sample(spec: DeepFashionSpec) -> dict:
             raise SampleError(f"image {name} not found in the nested image folder")
     tgt, ref = load_rgb(spec.tgt_path), load_rgb(spec.ref_path)
     if spec.densepose_path is not None:
-        pose, pose_source = load_rgb(spec.densepose_path, tgt.size), "densepose"
+        pose, pose_source = load_rgb(spec.densepose_path, tgt.size, background=BLACK), "densepose"
     elif spec.keypoints is None:
         raise SampleError(f"no keypoints for {spec.tgt_name} in the annotation file")
     else:

@@ -4,9 +4,10 @@ Layout (root = the folder given as --src), files named by id, each .jpg, .jpeg o
 - `person/<person id>.*`: the person photo (the target).
 - `garment/<garment id>.*`: the in-shop garment (the reference); `reference/` is accepted instead
   (the prediction folder's name), not both.
-- `mask/<person id>.*`: the region to generate, white (grey >= 128) on black.
+- `mask/<person id>.*`: the region to generate, white (grey >= 128) on black (transparent: black).
 - `densepose/<person id>.*`: the DensePose rendering of the person, resized to the photo if its
-  size differs; or, with `--pose-source keypoints`, `keypoints/<person id>.json`: OpenPose JSON
+  size differs (mask too; their aspect ratio must be the photo's, see below); or, with
+  `--pose-source keypoints`, `keypoints/<person id>.json`: OpenPose JSON
   (`people[0].pose_keypoints_2d`, BODY_25 or COCO-18, pixels of the photo), drawn as a COCO-18
   skeleton (`keypoints.draw_coco18`).
 - `train_pairs.txt`, `test_pairs.txt`: one `<person id> <garment id>` per line (an id may carry its
@@ -18,8 +19,12 @@ of the person who wears it to evaluate paired try-on. Keys: `folder_<split>_<pai
 followed by `__<garment id>` when the ids differ.
 
 Before anything is written, every file a listed pair needs must exist: the missing ones are one
-error that names a few and counts them all. A file that exists but cannot be read (truncated,
-corrupt) or a mask with no white pixel is skipped and reported in the manifest, as for the datasets.
+error that names a few and counts them all; so is every mask or DensePose image whose aspect ratio
+differs from its photo's by more than `leffa.images.ASPECT_TOLERANCE` (3%; resizing it would
+stretch it). A file that exists but cannot be read (truncated, corrupt) or a mask with no white
+pixel is skipped and reported in the manifest, as for the datasets. Images are read upright (EXIF
+orientation), 16-bit ones scaled to 8 bits, transparent pixels composited on white (photos) or
+black (masks, DensePose); the manifest counts those conversions (`image_conversions`).
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ from data_prep.keypoints import draw_coco18
 from data_prep.load import load_binary_mask, load_rgb, read_pair_lines
 from data_prep.sample import SampleError, build_sample
 from data_prep.vitonhd import read_body25
+from leffa.images import BLACK, check_aspect_ratios
 from leffa.errors import UserError
 from leffa.schema import build_key
 
@@ -136,6 +142,9 @@ def list_samples(args: argparse.Namespace, split: str) -> list[FolderSpec]:
         more = f" and {len(missing) - SHOWN_MISSING} more" if len(missing) > SHOWN_MISSING else ""
         raise UserError(f"{len(missing)} files missing in {root} for the pairs of {pair_file.name}: {shown}{more}; "
                         "add them (see the README on masks and DensePose) or remove those pair lines")  # fmt: skip
+    aligned = ("mask", "pose") if args.pose_source == "densepose" else ("mask",)  # keypoints: no image
+    people = dict.fromkeys(person for person, _ in rows)
+    check_aspect_ratios(((folders["person"][p], [folders[role][p] for role in aligned]) for p in people), root)
     specs = []
     for person, garment in rows:
         pairing = "paired" if split == "train" or person == garment else "unpaired"
@@ -167,7 +176,7 @@ def load_sample(spec: FolderSpec) -> dict:
     if not mask.any():
         raise SampleError(f"empty mask {spec.mask} (no pixel >= 128)")
     if spec.pose_source == "densepose":
-        pose = load_rgb(spec.pose, tgt.size)
+        pose = load_rgb(spec.pose, tgt.size, background=BLACK)
     else:
         pose = draw_coco18(read_openpose_coco18(spec.pose), tgt.size)
     meta = {

@@ -1,4 +1,9 @@
-"""Reading raw dataset files; every failure becomes a SampleError that names the file."""
+"""Reading raw dataset files; every failure becomes a SampleError that names the file.
+
+Photos, masks and pose images are read by leffa's one image reader (`leffa.images`): EXIF
+orientation applied, 16-bit scaled to 8 bits, transparent pixels composited (photos on white, masks
+and poses on black). What it did is collected per sample (`take_conversions`) for the manifest.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +15,7 @@ import numpy as np
 from PIL import Image
 
 from data_prep.sample import SampleError
+from leffa.images import BLACK, WHITE, normalize_image
 from leffa.pair_file import check_file_names, read_pair_file
 
 # PIL raises OSError for missing, truncated or unidentified files, SyntaxError for broken PNG
@@ -18,6 +24,17 @@ from leffa.pair_file import check_file_names, read_pair_file
 # the limit and only warns between once and twice it; the warning is made an error below, so every
 # image over the limit is refused before it is decoded.
 _PIL_ERRORS = (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError, Image.DecompressionBombWarning)
+# What normalize_image did to the images read since the last take_conversions() (in this process:
+# pipeline.load_or_reason takes them after each sample, in the worker that loaded it).
+_CONVERSIONS: list[str] = []
+
+
+def take_conversions() -> list[str]:
+    """The conversions (`leffa.images.ORIENTATION_APPLIED`, ...) of the images read since the
+    last call, one entry per image and conversion; forgets them."""
+    taken = list(_CONVERSIONS)
+    _CONVERSIONS.clear()
+    return taken
 
 
 def _open_loaded(path: Path) -> Image.Image:
@@ -33,9 +50,16 @@ def _open_loaded(path: Path) -> Image.Image:
         raise SampleError(f"cannot read image {path}: {err}") from err
 
 
-def load_rgb(path: Path, size: tuple[int, int] | None = None) -> Image.Image:
-    """An RGB image; resized bilinearly to `size` (W, H) when given and different."""
-    image = _open_loaded(path).convert("RGB")
+def _normalized(path: Path, mode: str, background: tuple[int, int, int]) -> Image.Image:
+    image, conversions = normalize_image(_open_loaded(path), mode, background)
+    _CONVERSIONS.extend(conversions)
+    return image
+
+
+def load_rgb(path: Path, size: tuple[int, int] | None = None, background: tuple[int, int, int] = WHITE) -> Image.Image:
+    """An RGB image, upright, transparent pixels on `background` (white: a photo; black: a pose
+    image); resized bilinearly to `size` (W, H) when given and different."""
+    image = _normalized(path, "RGB", background)
     if size is not None and image.size != size:
         image = image.resize(size, Image.BILINEAR)
     return image
@@ -52,8 +76,9 @@ def load_labels(path: Path, size: tuple[int, int] | None = None) -> np.ndarray:
 
 
 def load_binary_mask(path: Path, size: tuple[int, int]) -> np.ndarray:
-    """A stored binary mask as uint8 {0, 255}: grey >= 128 -> 255 (the VITON-HD loaders' threshold)."""
-    image = _open_loaded(path).convert("L")
+    """A stored binary mask as uint8 {0, 255}: grey >= 128 -> 255 (the VITON-HD loaders' threshold);
+    transparent pixels are black (0)."""
+    image = _normalized(path, "L", BLACK)
     if image.size != size:
         image = image.resize(size, Image.NEAREST)
     return np.where(np.asarray(image) >= 128, 255, 0).astype(np.uint8)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from functools import partial
@@ -13,6 +14,7 @@ from types import ModuleType
 
 from tqdm import tqdm
 
+from data_prep.load import take_conversions
 from data_prep.manifest import check_out_dir
 from data_prep.sample import SampleError
 from data_prep.shard_writer import AtomicShardWriter
@@ -29,30 +31,37 @@ class SplitReport:
     pairings: list[str] = field(default_factory=list)
     shards: list[dict] = field(default_factory=list)
     skipped: list[dict] = field(default_factory=list)
+    # images of the written samples that the reader converted, per conversion (data_prep.load)
+    image_conversions: Counter = field(default_factory=Counter)
 
     @property
     def num_skipped(self) -> int:
         return len(self.skipped)
 
     def manifest_entry(self) -> dict:
-        return {
+        entry = {
             "pairings": self.pairings,
             "num_samples_in": self.num_samples_in,
             "num_written": self.num_written,
             "num_skipped": self.num_skipped,
             "shards": self.shards,
         }
+        if self.image_conversions:  # only when the reader changed an image
+            entry["image_conversions"] = dict(sorted(self.image_conversions.items()))
+        return entry
 
 
-def load_or_reason(load_sample: Callable, spec) -> tuple[dict | None, str | None]:
-    """Run a converter's `load_sample(spec)`; a missing or corrupt file gives (None, reason)."""
+def load_or_reason(load_sample: Callable, spec) -> tuple[dict | None, str | None, list[str]]:
+    """Run a converter's `load_sample(spec)` -> (sample, None, what the image reader converted);
+    a missing or corrupt file gives (None, reason, [])."""
+    take_conversions()  # forget those of an earlier sample that failed
     try:
-        return load_sample(spec), None
+        return load_sample(spec), None, take_conversions()
     except SampleError as err:
-        return None, str(err)
+        return None, str(err), []
 
 
-def _loaded(load_sample: Callable, specs: list, workers: int) -> Iterator[tuple[dict | None, str | None]]:
+def _loaded(load_sample: Callable, specs: list, workers: int) -> Iterator[tuple[dict | None, str | None, list[str]]]:
     job = partial(load_or_reason, load_sample)
     if workers <= 0:
         yield from map(job, specs)
@@ -102,13 +111,14 @@ def convert_split(
             disable=None,
         )
         try:
-            for spec, (sample, reason) in progress:
+            for spec, (sample, reason, conversions) in progress:
                 if sample is None:
                     log.warning("skipping %s: %s", spec.key, reason)
                     report.skipped.append({"key": spec.key, "source": spec.source, "reason": reason})
                     continue
                 writer.write(sample)
                 report.num_written += 1
+                report.image_conversions.update(conversions)
         finally:
             results.close()  # stops the worker pool now, also when writing failed
         report.shards = writer.finish()

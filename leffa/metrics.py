@@ -23,12 +23,14 @@ import numpy as np
 import torch
 from cleanfid import fid as cleanfid_fid
 from cleanfid.inception_torchscript import InceptionV3W
+from cleanfid.utils import ResizeDataset
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchmetrics.image import StructuralSimilarityIndexMeasure
 from torchvision.transforms.functional import to_tensor
 from tqdm import tqdm
 
+from leffa import images
 from leffa.errors import UserError
 from leffa.schema import SampleKey
 
@@ -124,10 +126,10 @@ def _prediction_key(pred: Path, gt_by_stem: dict[str, Path]) -> SampleKey | None
 
 
 def image_size(path: Path) -> tuple[int, int]:
-    """(width, height) read from the file header; an unreadable file is an error naming it."""
+    """Upright (width, height) read from the file header and EXIF orientation; an unreadable file is
+    an error naming it."""
     try:
-        with Image.open(path) as image:
-            return image.size
+        return images.image_size(path)
     except DECODE_ERRORS as error:
         raise _unreadable(path, error) from None
 
@@ -284,17 +286,28 @@ def extract_features(
 
     clean-fid reads RGB, applies our LANCZOS resize to `size` (VtonEval's step), resizes to
     299x299 with PIL bicubic in float and passes the (B, 3, 299, 299) float batch in
-    [0, 255] to `model`.
+    [0, 255] to `model`. This is `cleanfid.fid.get_files_features` with each file read by
+    `leffa.images` (upright, 8-bit, transparent pixels on white; the same pixels as clean-fid's
+    reader for 8-bit RGB files without EXIF orientation).
     """
     model = model.to(device).eval()
+    dataset = _CleanFidFiles(files, mode="clean")
+    dataset.custom_image_tranform = ResizeTo(size)
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
     try:
-        return cleanfid_fid.get_files_features(
-            [str(f) for f in files], model, num_workers=num_workers, batch_size=batch_size,
-            device=torch.device(device), mode="clean", description=description,
-            custom_image_tranform=ResizeTo(size),
-        )
+        batches = tqdm(loader, desc=description)
+        return np.concatenate([cleanfid_fid.get_batch_features(b, model, torch.device(device)) for b in batches])
     except DECODE_ERRORS as error:
         raise_for_unreadable(files, error)
+
+
+class _CleanFidFiles(ResizeDataset):
+    """clean-fid's dataset of image files, reading each with `_read_rgb` instead of PIL's
+    `Image.open(path).convert("RGB")`; the rest of its `__getitem__` as clean-fid 0.1.35 has it."""
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        resized = self.fn_resize(self.custom_image_tranform(np.asarray(_read_rgb(self.files[i]))))
+        return self.transforms(np.array(resized)) * 255 if resized.dtype == np.uint8 else self.transforms(resized)
 
 
 def fid_kid(
@@ -326,8 +339,7 @@ def fid_kid(
 
 
 def _read_rgb(path: Path) -> Image.Image:
-    with Image.open(path) as image:
-        return image.convert("RGB")
+    return images.read_image(path, "RGB")[0]
 
 
 class PairDataset(Dataset):

@@ -1,16 +1,17 @@
 """Decode stage: a raw webdataset sample (bytes per key) -> PIL images, metadata and flow.
 
 Only the members of the shard schema (``leffa.schema``; docs/design.md, "Shard schema") are decoded, each by the one
-decoder it needs: JPEG/PNG with PIL, ``json`` with the json module, ``flow.npy`` with
-``numpy.load(allow_pickle=False)``. Nothing is ever unpickled; other keys are ignored.
+decoder it needs: JPEG/PNG with ``leffa.images.read_image`` (PIL; upright, 8-bit, opaque), ``json``
+with the json module, ``flow.npy`` with ``numpy.load(allow_pickle=False)``. Nothing is ever
+unpickled; other keys are ignored.
 """
 
 import io
 import json
 
 import numpy as np
-from PIL import Image
 
+from leffa.images import BLACK, read_image
 from leffa.schema import COMMON_MEMBERS, FLOW_MEMBER, REQUIRED_MEMBERS
 
 
@@ -23,9 +24,8 @@ def decode_sample(raw: dict, draft_size: tuple[int, int] | None = None) -> dict:
 
     Args:
         raw: ``{"__key__": str, "tgt.jpg": bytes, ..., "flow.npy": bytes (optional)}``.
-        draft_size: (height, width) the images will be resized to. JPEGs are then decoded by
-            libjpeg's DCT scaling at the smallest of 1/1, 1/2, 1/4, 1/8 scale that is still at
-            least this size, which is several times faster for 1024x768 -> 512x384.
+        draft_size: (height, width) the images will be resized to; ``tgt`` and ``ref`` JPEGs are
+            then decoded at a reduced scale that still covers it (``leffa.images.read_image``).
 
     Returns:
         ``{"key": str, "meta": dict, "tgt": RGB image, "ref": RGB image, "mask": L image,
@@ -49,10 +49,10 @@ def decode_sample(raw: dict, draft_size: tuple[int, int] | None = None) -> dict:
     if missing:
         raise CorruptSample(f"sample '{key}' of task {meta['task']!r} lacks {missing}")
 
-    tgt, tgt_size = _decode_image(raw["tgt.jpg"], "RGB", draft_size)
-    ref, _ = _decode_image(raw["ref.jpg"], "RGB", draft_size)
-    mask, mask_size = _decode_image(raw["mask.png"], "L", None)
-    densepose, densepose_size = _decode_image(raw["densepose.png"], "RGB", None)
+    tgt, tgt_size = read_image(raw["tgt.jpg"], "RGB", draft_size)
+    ref, _ = read_image(raw["ref.jpg"], "RGB", draft_size)
+    mask, mask_size = read_image(raw["mask.png"], "L", background=BLACK)
+    densepose, densepose_size = read_image(raw["densepose.png"], "RGB", background=BLACK)
     # tgt, mask, densepose (and flow) are pixel-aligned; ref may have any size.
     if not tgt_size == mask_size == densepose_size:
         raise CorruptSample(
@@ -67,14 +67,3 @@ def decode_sample(raw: dict, draft_size: tuple[int, int] | None = None) -> dict:
             raise CorruptSample(f"sample '{key}': flow shape {flow.shape}, expected {(height, width, 2)}")
         out["flow"] = flow.astype(np.float16, copy=False)  # the schema's dtype; float32 on the device
     return out
-
-
-def _decode_image(data: bytes, mode: str, draft_size: tuple[int, int] | None) -> tuple[Image.Image, tuple[int, int]]:
-    """Fully decode ``data`` into a PIL image of ``mode``; also return its native (W, H)."""
-    image = Image.open(io.BytesIO(data))
-    native = image.size
-    if draft_size is not None and image.format == "JPEG":
-        height, width = draft_size
-        image.draft(mode, (width, height))
-    image = image.convert(mode)  # forces the decode: truncated bytes raise here
-    return image, native

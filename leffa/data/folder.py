@@ -8,17 +8,21 @@ list of a training folder); each line ``<person id> <reference id>`` is one samp
 ``<person>__<reference>`` when the ids differ (unpaired try-on) and ``<person>`` when they are the
 same (UTF-8, two columns; a malformed line is a UserError naming the file and line). Without either
 file each person is paired with the reference of the same id.
-Samples go through the shard pipeline's own decode and per-key resize stages.
+Images are read as the shard members are (``leffa.images.read_image``: EXIF orientation
+applied, 16-bit scaled to 8 bits, transparent pixels on white, or on black in masks and DensePose)
+and go through the shard pipeline's per-key resize stage. A mask or DensePose image whose aspect
+ratio differs from its person photo's (by more than ``leffa.images.ASPECT_TOLERANCE``) is one UserError
+naming the files before the first sample; a file that cannot be read is a UserError naming it.
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
+from PIL import Image
 from torch.utils.data import Dataset
 
-from leffa.data.decode import decode_sample
+from leffa.images import BLACK, WHITE, check_aspect_ratios, read_image
 from leffa.data.transforms import resize_sample
 from leffa.errors import MissingFileError, UserError
 from leffa.pair_file import read_pair_file
@@ -29,6 +33,11 @@ FOLDERS = ("person", "reference", "mask", "densepose")
 REFERENCE_ALIAS = "garment"  # the training folder's name for reference/
 PAIR_FILES = ("pairs.txt", "test_pairs.txt")
 EXTENSIONS = (".jpg", ".jpeg", ".png")
+# sample key: (folder, PIL mode, background of transparent pixels, decode a JPEG at reduced scale)
+READ_AS = {"tgt": ("person", "RGB", WHITE, True), "ref": ("reference", "RGB", WHITE, True),
+           "mask": ("mask", "L", BLACK, False), "densepose": ("densepose", "RGB", BLACK, False)}  # fmt: skip
+# what PIL raises for a file that is no image, truncated, or over its pixel limit
+READ_ERRORS = (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError)
 
 
 class FolderPairs(Dataset):
@@ -57,6 +66,9 @@ class FolderPairs(Dataset):
             for folder, stem in (("person", person), ("mask", person), ("densepose", person), ("reference", reference)):
                 if stem not in self.files[folder]:
                     raise MissingFileError(f"no {folder} image for '{stem}' in {folders[folder]}")
+        people = dict.fromkeys(person for person, _ in self.pairs)
+        check_aspect_ratios(((self.files["person"][p], (self.files["mask"][p], self.files["densepose"][p]))
+                             for p in people), self.root)  # fmt: skip
 
     def __len__(self) -> int:
         return len(self.pairs)
@@ -64,12 +76,11 @@ class FolderPairs(Dataset):
     def __getitem__(self, index: int) -> dict:
         person, reference = self.pairs[index]
         key = person if person == reference else f"{person}__{reference}"
-        raw = {
-            "__key__": key,
-            "tgt.jpg": self.files["person"][person].read_bytes(),
-            "ref.jpg": self.files["reference"][reference].read_bytes(),
-            "mask.png": self.files["mask"][person].read_bytes(),
-            "densepose.png": self.files["densepose"][person].read_bytes(),
-            "json": json.dumps({"tgt_id": person, "ref_id": reference}).encode(),
-        }
-        return resize_sample(decode_sample(raw, draft_size=(self.height, self.width)), self.height, self.width)
+        sample = {"key": key, "meta": {"tgt_id": person, "ref_id": reference}}
+        for name, (folder, mode, background, draft) in READ_AS.items():
+            path = self.files[folder][reference if folder == "reference" else person]
+            try:
+                sample[name], _ = read_image(path, mode, (self.height, self.width) if draft else None, background)
+            except READ_ERRORS as err:
+                raise UserError(f"cannot read image {path}: {err}; replace or remove it") from None
+        return resize_sample(sample, self.height, self.width)
