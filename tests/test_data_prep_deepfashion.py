@@ -90,8 +90,9 @@ def test_flattening_rule_and_category():
 
 
 def test_missing_pairs_file_names_it(tmp_path):
+    (tmp_path / "fashion").mkdir()
     with pytest.raises(FileNotFoundError, match="fasion-resize-pairs-train.csv"):
-        convert(tmp_path, tmp_path / "shards")
+        convert(tmp_path / "fashion", tmp_path / "shards")
 
 
 def test_malformed_csv_rows_name_file_and_line(tmp_path):
