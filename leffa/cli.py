@@ -13,17 +13,21 @@ own values win. Relative paths resolve against the file that holds them.
 
 from __future__ import annotations
 
+import difflib
+import os
 import sys
 import warnings
 from pathlib import Path
 
 import yaml
-from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from leffa.atomic_write import write_atomically
 from leffa.callbacks import ImageWriter
 from leffa.checkpoints import check_checkpoint
-from leffa.errors import UserError, user_errors_as_one_line
+from leffa.errors import DEBUG_ENV, UserError, user_errors_as_one_line
 
 DESCRIPTION = (
     "leffa: training, sampling and evaluation for Leffa (learning flow fields in attention) person image "
@@ -37,6 +41,8 @@ EXTRA_COMMANDS = {
     "visualize": "leffa.visualize:visualize_main",
     "export": "leffa.export:export_main",
 }
+#: the exit status of a stage stopped by SIGTERM: a process killed by it (128 + 15)
+SIGTERM_STATUS = 143
 
 
 class RunConfigSaver(SaveConfigCallback):
@@ -74,8 +80,43 @@ class RunConfigSaver(SaveConfigCallback):
         return [Path(trainer.log_dir)]  # trainer.log_dir broadcasts rank 0's folder
 
 
+class LeffaArgumentParser(LightningArgumentParser):
+    """A parsing error is one line, ``error: <message>`` (with the nearest option for a mistyped
+    one), exit status 2; the usage is under ``--help`` (``LEFFA_DEBUG=1``: jsonargparse's own report)."""
+
+    def error(self, message: str, ex: Exception | None = None):
+        if not self.exit_on_error or os.environ.get(DEBUG_ENV, "") not in ("", "0"):
+            return super().error(message, ex)
+        parser = getattr(ex, "subcommand_parser", None) or self
+        words = parser.prog.replace(" [options]", "").split()
+        command = f"leffa {words[-1]}" if len(words) > 1 else "leffa"
+        line = " ".join(str(message).split())
+        near = _nearest_options(parser, line)
+        hint = f" (did you mean {', '.join(near)}?)" if near else ""
+        sys.stderr.write(f"error: {line}{hint}; `{command} --help` lists the options\n")
+        self.exit(2)
+
+
+def _nearest_options(parser, message: str) -> list[str]:
+    """For an unrecognized ``--option``, the parser's option spelt most like it."""
+    if "unrecognized arguments" not in message and "does not accept option" not in message:
+        return []
+    options = [o for o in getattr(parser, "_option_string_actions", {}) if o.startswith("--")]
+    given = [w.strip("'\",") for w in message.split()]
+    given = ["--" + w.lstrip("-").split("=", 1)[0] for w in given if w.startswith("--") or w.startswith("model.")
+             or w.startswith("data.") or w.startswith("trainer.")]
+    return [m for w in given for m in difflib.get_close_matches(w, options, n=1, cutoff=0.8) if m != w]
+
+
 class LeffaCLI(LightningCLI):
-    """LightningCLI with the project's model and data module; the resolved config is saved per run."""
+    """LightningCLI with the project's model and data module; the resolved config is saved per run.
+
+    Two departures from LightningCLI: a ``--ckpt_path`` never replaces the config's model settings
+    by the checkpoint's (LightningCLI's ``_parse_ckpt_path`` does, which silently dropped settings
+    given on the command line); the module compares them when the checkpoint is loaded and refuses
+    differences in one line (``LeffaModule.check_resume_settings``). And a stage stopped by SIGTERM
+    exits with status 143 and a line saying where it stopped, not 0.
+    """
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_argument("--base", type=list[str] | str | None, default=None,
@@ -83,10 +124,44 @@ class LeffaCLI(LightningCLI):
 
     def parse_arguments(self, parser, args) -> None:
         super().parse_arguments(parser, args)
-        # LightningCLI reads a ckpt_path's hyper-parameters right after parsing: check the checkpoint first
+        # check the checkpoint before anything reads it
         subcommand = self.config.get("subcommand")
         if subcommand and self.config[subcommand].get("ckpt_path"):
             check_checkpoint(self.config[subcommand].ckpt_path)
+
+    def _parse_ckpt_path(self) -> None:
+        """Leave the config as given: the checkpoint's settings are compared, not merged (class docstring)."""
+
+    def before_instantiate_classes(self) -> None:
+        """Check the data the stage reads before the model is built (``LeffaDataModule.check_stage``)."""
+        from leffa.data import LeffaDataModule
+
+        if self.subcommand:
+            data = self.config[self.subcommand].get("data")
+            if data is not None:
+                LeffaDataModule.check_stage(self.subcommand, data.as_dict() if hasattr(data, "as_dict") else data)
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        try:
+            super()._run_subcommand(subcommand)
+        except SIGTERMException:
+            if self.trainer.is_global_zero:
+                print(f"error: {sigterm_report(self.trainer, subcommand)}", file=sys.stderr, flush=True)
+            raise SystemExit(SIGTERM_STATUS) from None
+
+
+def sigterm_report(trainer, subcommand: str) -> str:
+    """Where a stage stopped by SIGTERM stopped, and, for fit, the checkpoint to resume from."""
+    if subcommand != "fit":
+        return f"stopped by SIGTERM during {subcommand}; its outputs are incomplete"
+    saved = [(c._last_global_step_saved, c.last_model_path or c._last_checkpoint_saved)
+             for c in trainer.checkpoint_callbacks if isinstance(c, ModelCheckpoint)]
+    saved = [(step, path) for step, path in saved if path and os.path.exists(path)]
+    where = f"stopped by SIGTERM at global step {trainer.global_step}"
+    if not saved:
+        return f"{where}; no checkpoint was saved by this run, so the next one starts from the beginning"
+    step, path = max(saved, key=lambda s: s[0])
+    return f"{where}; resume from step {step} with --ckpt_path {path}"
 
 
 def expand_bases(argv: list[str]) -> list[str]:
@@ -155,12 +230,15 @@ def _main(args: list[str] | None) -> None:
             # one place for the optimizer and schedule: model.optimizer and model.lr_schedule
             auto_configure_optimizers=False,
             parser_kwargs={"parser_mode": "omegaconf+", "description": DESCRIPTION},
+            parser_class=LeffaArgumentParser,
             args=expand_bases(argv),
         )
     except InterpolationResolutionError as error:
         # e.g. a required environment variable of the config is not set: one line, not a traceback
         message = str(error).splitlines()[0]
-        raise SystemExit(f"error: {message} (config key {getattr(error, 'full_key', '?')})") from None
+        key = str(getattr(error, "full_key", "?"))
+        key = key.split(".", 1)[1] if key.split(".", 1)[0] in ("fit", "validate", "test", "predict") else key
+        raise UserError(f"{message} (config key {key})") from None
 
 
 if __name__ == "__main__":

@@ -7,6 +7,8 @@ Trainer), parallelism from the Trainer's strategy.
 from __future__ import annotations
 
 import dataclasses
+import json
+import math
 import os
 from pathlib import Path
 
@@ -15,9 +17,10 @@ import torch
 from diffusers.utils.torch_utils import randn_tensor
 from jsonargparse.typing import Path_fr, path_type
 from lightning.pytorch.cli import OptimizerCallable
+from lightning.pytorch.utilities import rank_zero_info
 
 from leffa.architectures import LATENT_CHANNELS, ReferenceDenoiser, architecture_class
-from leffa.attention import ReferenceBank, float32_region
+from leffa.attention import ConcatAttention, ReferenceBank, WidthConcatAttention, float32_region
 from leffa.checkpoints import guard_checkpoint_loading, load_weights, read_settings, read_state_dict
 from leffa.conditioning import build_conditioning, conditioning_channels, samples_posterior
 from leffa.errors import UserError
@@ -36,6 +39,15 @@ __all__ = ["LeffaModule"]
 Path_dr = path_type("dr")  # a readable folder; in a YAML config, relative to the config file's folder
 # the loss terms checked for non-finite values before each optimizer step
 LOSS_TERMS = ("diffusion", "leffa")
+#: model settings that a resumed run (``--ckpt_path``) may change: where the same files lie on this
+#: machine (the weights come from the checkpoint), the weights a new run would start from (the
+#: checkpoint's replace them), memory for compute (the same function) and how pictures are sampled.
+#: Every other setting the checkpoint records must equal the config's (``check_resume_settings``).
+RESUME_MAY_CHANGE = ("pretrained_model", "reference_pretrained_model", "vae_pretrained", "init_from",
+                     "init_from_weights", "gradient_checkpointing", "sampling")
+#: what a checkpoint's weights are: the settings checked when validate, test or predict read a
+#: ``ckpt_path`` (plus ``trainable`` and ``lora`` when either side has LoRA adapters)
+WEIGHT_SETTINGS = ("architecture", "unet_config", "vae_config", "conditioning", "cross_attention", "num_registers")
 
 
 class LeffaModule(L.LightningModule):
@@ -145,6 +157,7 @@ class LeffaModule(L.LightningModule):
             raise UserError(f"model.p_drop_ref must be in [0, 1), got {p_drop_ref}")
         if cross_attention not in CROSS_ATTENTION:
             raise UserError(f"model.cross_attention: unknown {cross_attention!r}; valid: {', '.join(CROSS_ATTENTION)}")
+        _check_leffa_settings(lambda_leffa, theta_resolution, tau)
         self.denoiser: ReferenceDenoiser = architecture_class(architecture)(
             pretrained_model, reference_pretrained_model, unet_config,
             in_channels=LATENT_CHANNELS + conditioning_channels(conditioning), num_registers=num_registers,
@@ -159,6 +172,10 @@ class LeffaModule(L.LightningModule):
         self.vae = vae.requires_grad_(False).eval()
         # the released code rescales SDXL's betas to zero terminal SNR (and SD1.5's not)
         self.scheduler = load_scheduler(pretrained_model, zero_terminal_snr=is_sdxl(pretrained_model, unet_config))
+        steps = self.scheduler.config.num_train_timesteps
+        if not 1 <= theta_timestep <= steps:
+            raise UserError(f"model.theta_timestep must be in 1..{steps} (samples with t < theta_timestep take part in "
+                            f"the Leffa loss; the scheduler has {steps} timesteps), got {theta_timestep}")
         # Why a generator of our own: each data-parallel rank needs its own stream of noise, timesteps
         # and reference drops, and its state goes into checkpoints so a resumed run draws what an
         # uninterrupted one would have drawn. Seeded per rank in setup().
@@ -227,8 +244,98 @@ class LeffaModule(L.LightningModule):
 
     def setup(self, stage: str) -> None:
         self.noise_generator.manual_seed(torch.initial_seed() + self.global_rank)
+        self._checked_size = None
         if self._trainer is not None:  # the Trainer reads its ckpt_path after this hook: check it first
             guard_checkpoint_loading(self.trainer.strategy)
+            # the data's image size, where the data module says it (LeffaDataModule): checked now,
+            # before any batch; other data are checked at the first training batch
+            settings = getattr(self.trainer.datamodule, "hparams", None) or {}
+            if isinstance(settings.get("height"), int) and isinstance(settings.get("width"), int):
+                self.check_image_size(settings["height"], settings["width"], stage)
+
+    def vae_scale_factor(self) -> int:
+        """Image pixels per latent pixel along each side: 2 ** (VAE levels - 1)."""
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    def check_image_size(self, height: int, width: int, stage: str) -> None:
+        """Refuse, in one line, images that the VAE cannot encode and decode to their own size and, when
+        fitting with the Leffa loss, a size at which no attention layer takes part (or, for
+        ``concat_unet``, where the person|garment seam falls inside a Leffa layer's token); then say
+        once which layers and what share of the samples take part in the Leffa loss.
+
+        The UNets themselves take any latent size: a level whose input does not halve evenly is
+        rounded up by the stride-2 convolutions and brought back to the skip connection's size on the
+        way up (diffusers' ``upsample_size``), so the VAE's multiple is the one size rule."""
+        factor = self.vae_scale_factor()
+        bad = [(side, value) for side, value in (("height", height), ("width", width)) if value % factor]
+        if bad:
+            sides = " and ".join(f"data.{side} {value}" for side, value in bad)
+            near = ", ".join(f"data.{side} {value // factor * factor or factor} or {(value // factor + 1) * factor}"
+                             for side, value in bad)
+            raise UserError(f"{sides}: image sides must be a multiple of {factor} (the VAE encodes {factor}x{factor} "
+                            f"pixels to one latent pixel; otherwise its output has another size): use {near}")
+        self._checked_size = (height, width)
+        if stage != "fit" or not self.hparams.use_leffa_loss:
+            return
+        layers = self._leffa_grids(height, width)
+        theta = self.hparams.theta_resolution
+        selected = {name: grid for name, grid in layers.items() if grid[0] / height > theta}
+        if not selected:
+            finest = max((grid[0] for grid in layers.values()), default=0)
+            raise UserError(f"model.theta_resolution {theta:g} selects no attention layer for the Leffa loss at "
+                            f"data.height {height}: the finest token grid has {finest} rows ({finest}/{height} = "
+                            f"{finest / height:g}, not above it); lower model.theta_resolution or set "
+                            f"model.use_leffa_loss: false")
+        for name, (rows, columns) in selected.items():
+            if columns != int(columns):
+                raise UserError(f"concat_unet: at data.width {width} the person|garment seam of the Leffa layer {name} "
+                                f"(a {rows}x{int(2 * columns)} token grid over both halves) falls inside a token; "
+                                f"choose a data.width whose latent width ({width // factor}) halves evenly down to "
+                                f"that layer")
+        rank_zero_info(self.describe_leffa(height, width, {name: (r, int(c)) for name, (r, c) in selected.items()}))
+
+    def leffa_layers(self, height: int, width: int) -> dict[str, tuple[int, int]]:
+        """The attention layers that take part in the Leffa loss at ``height`` x ``width`` images, by
+        the name the Leffa captures have, with their token grids (the person half's for
+        ``concat_unet``): Sec. 3.3's h / height > theta_resolution."""
+        theta = self.hparams.theta_resolution
+        return {name: (rows, int(columns)) for name, (rows, columns) in self._leffa_grids(height, width).items()
+                if rows / height > theta}
+
+    def _leffa_grids(self, height: int, width: int) -> dict[str, tuple[int, float]]:
+        """Every attention layer that can capture for the Leffa loss, with its token grid at this
+        image size, worked out from the UNet's structure: block i of n works on the latent halved i
+        times (rounded up, as the stride-2 convolutions do), the middle block n - 1 times, up block
+        i n - 1 - i times. For ``concat_unet`` the grid is the person half's, whose width is not a
+        whole number where the seam falls inside a token."""
+        factor = self.vae_scale_factor()
+        latent = (height // factor, width // factor)
+        grids: dict[str, tuple[int, float]] = {}
+        for unet in self.denoiser.components().values():
+            processors = getattr(unet, "attn_processors", {})
+            for name, processor in processors.items():
+                if isinstance(processor, ConcatAttention):
+                    grid = _halved(latent, _unet_level(name, len(unet.down_blocks)))
+                    grids[processor.name] = (grid[0], float(grid[1]))
+                elif isinstance(processor, WidthConcatAttention):
+                    rows, columns = _halved((latent[0], 2 * latent[1]), _unet_level(name, len(unet.down_blocks)))
+                    grids[processor.name] = (rows, columns / 2)
+        return grids
+
+    def describe_leffa(self, height: int, width: int, layers: dict[str, tuple[int, int]]) -> str:
+        """One line: which attention layers (grouped by attention block) and what share of the
+        timesteps and samples take part in the Leffa loss."""
+        blocks: dict[str, list[tuple[int, int]]] = {}
+        for name, grid in layers.items():
+            blocks.setdefault(name.split(".transformer_blocks.")[0], []).append(tuple(grid))
+        named = ", ".join(f"{block} ({'' if len(grids) == 1 else f'{len(grids)} blocks, '}{grids[0][0]}x{grids[0][1]})"
+                          for block, grids in blocks.items())
+        hp, steps = self.hparams, self.scheduler.config.num_train_timesteps
+        share = min(hp.theta_timestep, steps) / steps
+        return (f"Leffa loss on {len(layers)} attention layers at {height}x{width} (theta_resolution "
+                f"{hp.theta_resolution:g}): {named}; samples with t < {hp.theta_timestep} of {steps} "
+                f"({share:.0%}) and their reference kept ({1 - hp.p_drop_ref:.0%}) take part, "
+                f"weight lambda_leffa {hp.lambda_leffa:g}")
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -244,6 +351,10 @@ class LeffaModule(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.check_cross_attention(checkpoint.get("state_dict", {}), "--ckpt_path")
+        if self._trainer is not None:  # the Trainer's ckpt_path (not load_from_checkpoint's overrides)
+            path = self.trainer.ckpt_path
+            self.check_resume_settings(checkpoint.get("hyper_parameters") or {}, self.trainer.state.fn == "fit",
+                                       f"--ckpt_path {path}" if path else "--ckpt_path")
         # the optimizer (configure_optimizers) holds every trainable tensor: a resumed one must match
         saved = [group for state in checkpoint.get("optimizer_states", ()) if isinstance(state, dict)
                  for group in state.get("param_groups", ())]
@@ -260,6 +371,26 @@ class LeffaModule(L.LightningModule):
             self.noise_generator.set_state(states[self.global_rank].clone())
         else:  # more ranks than when saved: a fresh stream of its own for this rank
             self.noise_generator.manual_seed(torch.initial_seed() + self.global_rank + 1_000_003 * self.global_step)
+
+    def check_resume_settings(self, saved: dict, fitting: bool, source: str = "--ckpt_path") -> None:
+        """One error line naming each model setting of this run that differs from the checkpoint's
+        record ``saved`` (its ``hyper_parameters``), with both values. Resuming (``fitting``)
+        compares every setting but ``RESUME_MAY_CHANGE``; validate, test and predict compare what
+        the weights are (``WEIGHT_SETTINGS``). Settings the checkpoint does not record (it predates
+        them) are not compared."""
+        given = dict(self.hparams)
+        keys = [k for k in saved if k in given and not str(k).startswith("_")]
+        if fitting:
+            keys = [k for k in keys if k not in RESUME_MAY_CHANGE]
+        else:
+            lora = "lora" in (saved.get("trainable"), given.get("trainable"))
+            keys = [k for k in keys if k in WEIGHT_SETTINGS or (lora and k in ("trainable", "lora"))]
+        differences = [line for k in keys for line in _differences(saved[k], given[k], f"model.{k}")]
+        if not differences:
+            return
+        way = ("resume with the checkpoint's settings, or start a new run from its weights with model.init_from"
+               if fitting else "give the settings it was trained with")
+        raise UserError(f"{source} was written with other model settings: {'; '.join(differences)}; {way}")
 
     def configure_model(self) -> None:
         """Prepare for a sharding strategy (``leffa.parallel``); under DDP or one device, nothing.
@@ -558,6 +689,9 @@ class LeffaModule(L.LightningModule):
     def on_train_batch_start(self, batch: dict, batch_idx: int) -> None:
         if getattr(self, "_starting", False):  # the global batch, and FLOPs for ThroughputMonitor
             self._starting = False
+            size = tuple(batch["tgt"].shape[-2:])
+            if size != getattr(self, "_checked_size", None):  # data that do not say their size (see setup)
+                self.check_image_size(*size, "fit")
             report_training_start(self, batch)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
@@ -583,3 +717,63 @@ class LeffaModule(L.LightningModule):
     def test_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         generator = torch.Generator().manual_seed(10_000 * self.global_rank + batch_idx)
         return self._step("test", batch, generator)
+
+
+def _check_leffa_settings(lambda_leffa: float, theta_resolution: float, tau: float) -> None:
+    """One error line for a Leffa setting that switches the loss off or turns it around."""
+    if not (math.isfinite(lambda_leffa) and lambda_leffa >= 0):
+        raise UserError(f"model.lambda_leffa must be finite and >= 0 (a negative weight maximises the warp loss), "
+                        f"got {lambda_leffa}")
+    if not (math.isfinite(tau) and tau > 0):
+        raise UserError(f"model.tau must be finite and > 0 (the softmax temperature of the Leffa flow), got {tau}")
+    if not 0 <= theta_resolution < 1:
+        raise UserError(f"model.theta_resolution must be in [0, 1) (layers whose token grid height h has h / "
+                        f"image height > theta_resolution take part; no layer has h >= the image height), "
+                        f"got {theta_resolution}")
+
+
+def _unet_level(name: str, levels: int) -> int:
+    """How many times a ``UNet2DConditionModel`` of ``levels`` down blocks has halved the latent at
+    the attention layer ``name`` (``down_blocks.i...``, ``mid_block...``, ``up_blocks.i...``)."""
+    block, _, rest = name.partition(".")
+    if block == "mid_block":
+        return levels - 1
+    index = int(rest.split(".", 1)[0])
+    return index if block == "down_blocks" else levels - 1 - index
+
+
+def _halved(size: tuple[int, int], times: int) -> tuple[int, int]:
+    h, w = size
+    for _ in range(times):
+        h, w = math.ceil(h / 2), math.ceil(w / 2)
+    return h, w
+
+
+def _differences(saved, given, key: str) -> list[str]:
+    """``key: <saved> in the checkpoint, <given> given`` for each (nested) value that differs. A
+    nested key on one side only is not compared: a record from another version (e.g. an optimizer
+    argument that a newer torch added, filled in with its default) is no difference of settings."""
+    if isinstance(saved, dict) and isinstance(given, dict):
+        return [line for k in sorted(set(saved) & set(given), key=str)
+                for line in _differences(saved[k], given[k], f"{key}.{k}")]
+    if _plain(saved) == _plain(given):
+        return []
+    return [f"{key}: {_shown(saved)} in the checkpoint, {_shown(given)} given"]
+
+
+def _plain(value):
+    """Tuples as lists, recursively: a checkpoint's record and a config's value compare as YAML would."""
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
+
+
+def _shown(value) -> str:
+    if isinstance(value, str):
+        return value
+    try:
+        return json.dumps(_plain(value))
+    except (TypeError, ValueError):
+        return repr(value)

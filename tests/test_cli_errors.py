@@ -22,14 +22,20 @@ def one_line_error(capsys, argv) -> str:
     return err[-1]
 
 
-def test_missing_pretrained_folder_is_one_line_naming_it(capsys, monkeypatch, tmp_path):
+def readable_data(shards) -> list[str]:
+    """Shards that pass the data checks, which come before the model is built."""
+    return [f"--data.train_shards={shards}", f"--data.val_shards={shards}"]
+
+
+def test_missing_pretrained_folder_is_one_line_naming_it(capsys, monkeypatch, tmp_path, shards):
     monkeypatch.setenv("LEFFA_SD15", str(tmp_path / "no_sd15"))
-    line = one_line_error(capsys, ["fit", "--config", str(CONFIGS / "vton_512.yaml")])
+    line = one_line_error(capsys, ["fit", "--config", str(CONFIGS / "vton_512.yaml"), *readable_data(shards)])
     assert str(tmp_path / "no_sd15" / "unet" / "config.json") in line
 
 
-def test_bad_model_value_is_one_line_naming_the_key(capsys):
-    line = one_line_error(capsys, ["fit", "--config", str(CONFIGS / "tiny_synthetic.yaml"), "--model.p_drop_ref=2"])
+def test_bad_model_value_is_one_line_naming_the_key(capsys, shards):
+    line = one_line_error(capsys, ["fit", "--config", str(CONFIGS / "tiny_synthetic.yaml"), "--model.p_drop_ref=2",
+                                   *readable_data(shards)])
     assert "model.p_drop_ref" in line
 
 
@@ -56,10 +62,11 @@ def test_debug_variable_shows_the_traceback(monkeypatch):
 
 
 @pytest.mark.slow
-def test_console_script_prints_one_line_and_exits_2(tmp_path):
+def test_console_script_prints_one_line_and_exits_2(tmp_path, shards):
     leffa = Path(sys.executable).parent / "leffa"
-    result = subprocess.run([leffa, "fit", "--config", str(CONFIGS / "vton_512.yaml")], capture_output=True,
-                            text=True, env={"PATH": "/usr/bin:/bin", "LEFFA_SD15": str(tmp_path / "none")})
+    result = subprocess.run([leffa, "fit", "--config", str(CONFIGS / "vton_512.yaml"), *readable_data(shards)],
+                            capture_output=True, text=True,
+                            env={"PATH": "/usr/bin:/bin", "LEFFA_SD15": str(tmp_path / "none")})
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1].startswith(f"error: no diffusers unet at {tmp_path / 'none'}")
     assert "Traceback" not in result.stderr

@@ -93,7 +93,10 @@ def test_leffa_term_equals_naive_computation_and_selection(tiny_configs):
 
 
 def test_timestep_selection_excludes_large_t(tiny_configs):
-    module = tiny_module(tiny_configs, use_leffa_loss=True, theta_timestep=0)
+    # theta_timestep 1 selects t = 0 only, which the fixed draw of fixed_step does not make
+    module = tiny_module(tiny_configs, use_leffa_loss=True, theta_timestep=1)
+    timesteps, _ = module.draw_selection(torch.Generator().manual_seed(0), 2, train=False)
+    assert (timesteps > 0).all()
     with torch.no_grad():
         with_leffa = fixed_step(module, make_batch())
     assert not module.bank.captures

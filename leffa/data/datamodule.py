@@ -21,6 +21,8 @@ ShardSpec = str | list[str] | None
 # Manifest split read when a specification names none (``dir@split`` overrides); the first
 # one the manifest has wins. The public person datasets ship train and test splits only.
 DEFAULT_SPLITS = {"train": ("train",), "val": ("val", "test"), "test": ("test",), "predict": ("test",)}
+# the shard sources each Trainer stage reads
+STAGE_SOURCES = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("predict",)}
 
 
 class LeffaDataModule(L.LightningDataModule):
@@ -118,16 +120,31 @@ class LeffaDataModule(L.LightningDataModule):
             self.micro_batch_size, accumulation = split_global_batch(
                 self.hparams.global_batch_size, self.trainer.world_size, self.hparams.batch_size)
             self.trainer.accumulate_grad_batches = accumulation
-        needed = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("predict",)}
-        if stage not in needed:
-            raise UserError(f"unknown stage {stage!r}; valid: {sorted(needed)}")
+        if stage not in STAGE_SOURCES:
+            raise UserError(f"unknown stage {stage!r}; valid: {sorted(STAGE_SOURCES)}")
         if stage == "predict" and self.hparams.predict_folder:
             return
-        for name in needed[stage]:
+        for name in STAGE_SOURCES[stage]:
             spec = self.hparams[f"{name}_shards"]
             if spec is None and name != "val":  # no val_shards: fit without validation
                 raise UserError(f"Trainer stage {stage!r} needs data.{name}_shards")
             self._sources(name)
+
+    @staticmethod
+    def check_stage(stage: str, settings: dict) -> None:
+        """The checks of :meth:`setup` on the shard sources ``stage`` reads, from the data settings
+        alone (``data.*`` of a config), so that the ``leffa`` command makes them before it builds
+        the model: a missing pattern, a source with nothing readable, a sample without a member."""
+        if stage not in STAGE_SOURCES or (stage == "predict" and settings.get("predict_folder")):
+            return  # setup says so
+        for name in STAGE_SOURCES[stage]:
+            spec = settings.get(f"{name}_shards")
+            if spec is None:
+                if name != "val":
+                    raise UserError(f"Trainer stage {stage!r} needs data.{name}_shards")
+                continue
+            sources = resolve_sources(spec, DEFAULT_SPLITS[name])
+            check_sources(name, sources, hflip=bool(settings.get("hflip")) and name == "train", specs=_specs(spec))
 
     def train_dataloader(self) -> DataLoader:
         """Endless batches of ``batch_size`` (see class docstring)."""
@@ -171,8 +188,9 @@ class LeffaDataModule(L.LightningDataModule):
     def _sources(self, name: str) -> list[list[str]]:
         """Resolved, checked shard lists of ``name`` (once; also when called outside a Trainer)."""
         if name not in self.shards:
-            sources = resolve_sources(self.hparams[f"{name}_shards"], DEFAULT_SPLITS[name])
-            check_sources(name, sources, hflip=self.hparams.hflip and name == "train")
+            spec = self.hparams[f"{name}_shards"]
+            sources = resolve_sources(spec, DEFAULT_SPLITS[name])
+            check_sources(name, sources, hflip=self.hparams.hflip and name == "train", specs=_specs(spec))
             self.shards[name] = sources
         return self.shards[name]
 
@@ -209,6 +227,11 @@ class LeffaDataModule(L.LightningDataModule):
         # batch_size=None: the pipeline already yields whole batches.
         workers = self.hparams.num_workers
         return DataLoader(dataset, batch_size=None, num_workers=workers, pin_memory=torch.cuda.is_available())
+
+
+def _specs(spec: ShardSpec) -> list[str]:
+    """The source specifications as given, one per source (``resolve_sources``' order)."""
+    return [] if spec is None else [spec] if isinstance(spec, str) else [str(s) for s in spec]
 
 
 def _check_positive(**values: int) -> None:

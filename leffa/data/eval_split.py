@@ -20,11 +20,16 @@ def batches_per_rank(total: int, world_size: int, batch_size: int, name: str = "
     """The number of batches every rank makes; a :class:`UserError` when no exact split exists."""
     most, least = -(-total // world_size), total // world_size
     n_batches = -(-most // batch_size)
-    if least < 1 or n_batches > least:
-        # least < 1: a rank without samples; n_batches > least: only batch_size 1 with a remainder
+    if total < 1:
+        raise UserError(f"data.{name}: no samples to evaluate (the shards are empty)")
+    if least < 1:  # a rank without samples
+        raise UserError(f"data.{name}: {total} samples for {world_size} ranks, which leaves a rank without any;"
+                        f" evaluate on at most {total} devices")
+    if n_batches > least:  # only batch size 1 with a remainder: ranks of one sample more make one batch more
         raise UserError(
             f"data.{name}: {total} samples cannot be split into the same number of batches on {world_size}"
-            f" ranks with batch size {batch_size} (evaluate on fewer devices, or use a val_batch_size of 2 or more)"
+            f" ranks with batch size {batch_size}; use a val_batch_size of 2 or more, or evaluate on a number of"
+            f" devices that divides {total}"
         )
     return n_batches
 
