@@ -1,11 +1,11 @@
-# leffa: make install | test | test-fast | demo | shards | bench | replicate
+# leffa: make install | test | test-fast | test-gpu | demo | shards | bench | bench-gpu | replicate
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 # Torch is pinned here so that pip takes a known build (CUDA wheels on Linux x86_64).
 TORCH  ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: install test test-fast demo shards bench replicate clean
+.PHONY: install test test-fast test-gpu demo shards bench bench-gpu replicate clean
 
 # One torch (OpenMP) thread per process for every target: the tiny CPU models run as fast on one
 # thread as on two, and beside another busy process two spinning OpenMP threads slow to a crawl,
@@ -38,6 +38,11 @@ test: install
 test-fast: install
 	$(PY) -m pytest tests -m "not slow and not distributed and not slurm" $(PYTEST_ARGS)
 
+# The GPU checks (tests marked gpu: bf16, compile, FSDP1/FSDP2 and sampling on CUDA; under 5 minutes
+# on one GPU). Without CUDA they skip, each with its reason.
+test-gpu: install
+	$(PY) -m pytest tests -m gpu -rs $(PYTEST_ARGS)
+
 shards: install
 	@test -n "$(DATASET)" || { echo "error: set DATASET=vitonhd|dresscode|deepfashion|synthetic|folder"; exit 2; }
 	@test -n "$(OUT)" || { echo "error: set OUT=<folder for the shards>"; exit 2; }
@@ -60,6 +65,11 @@ demo: install
 # Every script in benchmarks/, one table; also written to benchmarks/results.md (a few minutes on 2 cores).
 bench: install
 	$(PY) benchmarks/run_all.py --out benchmarks/results.md
+
+# Training speed on one GPU: every model.speed switch side by side at both try-on stage shapes, with
+# samples/s, MFU and peak memory; writes benchmarks/results_gpu_speed.md (about 8 minutes on an H100).
+bench-gpu: install
+	$(PY) benchmarks/bench_gpu.py --out benchmarks/results_gpu_speed.md
 
 # The paper's claim at CPU scale on the synthetic set, per texture family and architecture: writes replicate/report.md, results.json, figures/ (under 25 min on 2 free cores).
 replicate: install

@@ -30,6 +30,9 @@ from leffa.pretrained import load_scheduler, load_vae, load_vae_folder, read_con
 from leffa.released import RELEASED_CROSS_ATTENTION, has_cross_attention_norm
 from leffa.sampling import SamplingConfig, key_generators, make_scheduler, sample
 from leffa.schedules import LRSchedule, build_scheduler
+from leffa.speed import (
+    SpeedSettings, compile_blocks, pinned_copy, refuse_compile_with, store_frozen_in_bf16, use_channels_last,
+)
 from leffa.throughput import report_training_start
 from leffa.trainable import LORA_MARKERS, LoraSettings, base_layer_names, has_lora
 from leffa.unets import CROSS_ATTENTION, is_sdxl
@@ -105,6 +108,8 @@ class LeffaModule(L.LightningModule):
             adapters then start as peft initialises them (the pretrained function).
         init_from_weights: ``ema`` or ``live`` weights of ``init_from``.
         sampling: how ``leffa predict`` samples (scheduler, steps, guidance, ...).
+        speed: training-speed switches (``leffa.speed``: regional ``compile``, ``channels_last``,
+            ``frozen_bf16``), applied when the Trainer sets the module up (:meth:`apply_speed`).
     """
 
     #: FLOPs of one training batch, for ThroughputMonitor's MFU (set at the first batch: leffa.throughput)
@@ -140,6 +145,7 @@ class LeffaModule(L.LightningModule):
         init_from: str | None = None,
         init_from_weights: str = "ema",
         sampling: SamplingConfig | None = None,
+        speed: SpeedSettings | None = None,
     ):
         super().__init__()
         # read files now, so the checkpoint's hyper-parameters hold the architecture itself
@@ -183,10 +189,12 @@ class LeffaModule(L.LightningModule):
         # the selection draws of the optimizer step in progress, one pair per micro-batch still to
         # come, and its Leffa weight (see the comment above draw_selection)
         self._pending_selection: list[tuple[torch.Tensor, torch.Tensor]] = []
-        self._leffa_weight: torch.Tensor | None = None
+        self._leffa_weight: torch.Tensor | float | None = None
         # which loss terms went non-finite since the last optimizer step (see on_before_optimizer_step)
         self._nonfinite: torch.Tensor | None = None
         self.sampling = SamplingConfig(**sampling) if isinstance(sampling, dict) else sampling or SamplingConfig()
+        self.speed = SpeedSettings(**speed) if isinstance(speed, dict) else speed or SpeedSettings()
+        self._speed_applied: set[str] = set()
         self.lr_schedule = LRSchedule(**lr_schedule) if isinstance(lr_schedule, dict) else lr_schedule
         if self.lr_schedule is not None:
             self.lr_schedule.check()
@@ -196,6 +204,7 @@ class LeffaModule(L.LightningModule):
         given_optimizer = self.hparams.get("optimizer")
         self.hparams.update(
             sampling=dataclasses.asdict(self.sampling),
+            speed=dataclasses.asdict(self.speed),
             lr_schedule=dataclasses.asdict(self.lr_schedule) if self.lr_schedule else None,
             lora=dataclasses.asdict(self.lora_settings),
             optimizer=given_optimizer if isinstance(given_optimizer, dict) else None,
@@ -247,11 +256,31 @@ class LeffaModule(L.LightningModule):
         self._checked_size = None
         if self._trainer is not None:  # the Trainer reads its ckpt_path after this hook: check it first
             guard_checkpoint_loading(self.trainer.strategy)
+            if self.speed.compile:
+                refuse_compile_with(self.trainer.strategy)
+            self.apply_speed(bf16=str(self.trainer.precision).startswith("bf16"))
             # the data's image size, where the data module says it (LeffaDataModule): checked now,
             # before any batch; other data are checked at the first training batch
             settings = getattr(self.trainer.datamodule, "hparams", None) or {}
             if isinstance(settings.get("height"), int) and isinstance(settings.get("width"), int):
                 self.check_image_size(settings["height"], settings["width"], stage)
+
+    def apply_speed(self, bf16: bool) -> None:
+        """Apply ``self.speed`` (``leffa.speed``), each switch once: channels_last, the frozen weights in bf16 when
+        ``bf16`` (a bf16 precision), the UNets' blocks compiled. Before any sharding (FSDP2 shards
+        the compiled blocks in ``configure_model``)."""
+        unets = list(self.denoiser.components().values())
+        wanted = {"channels_last": self.speed.channels_last, "frozen_bf16": self.speed.frozen_bf16 and bf16,
+                  "compile": self.speed.compile}
+        for switch in [s for s, on in wanted.items() if on and s not in self._speed_applied]:
+            if switch == "channels_last":
+                use_channels_last(*unets, self.vae)
+            elif switch == "frozen_bf16":
+                store_frozen_in_bf16(self)
+            else:
+                for unet in unets:
+                    compile_blocks(unet)
+            self._speed_applied.add(switch)
 
     def vae_scale_factor(self) -> int:
         """Image pixels per latent pixel along each side: 2 ** (VAE levels - 1)."""
@@ -435,9 +464,9 @@ class LeffaModule(L.LightningModule):
     def configure_optimizers(self):
         """The optimizer over the trainable parameters only, and the learning-rate schedule."""
         params = [p for p in self.parameters() if p.requires_grad]
-        if self.optimizer_factory is None:
-            optimizer = torch.optim.AdamW(params, lr=self.hparams.learning_rate,
-                                          weight_decay=self.hparams.weight_decay)
+        if self.optimizer_factory is None:  # one fused kernel for every tensor on a GPU
+            optimizer = torch.optim.AdamW(params, lr=self.hparams.learning_rate, weight_decay=self.hparams.weight_decay,
+                                          fused=self.device.type == "cuda" or None)
         else:
             optimizer = self.optimizer_factory(params)
         if self.lr_schedule is None:
@@ -457,10 +486,10 @@ class LeffaModule(L.LightningModule):
         draws its own sample's noise); without, the posterior mode.
         """
         dist = self.vae.encode(image.to(self.vae.dtype)).latent_dist
-        latent = dist.mode()
+        latent = dist.mode().float()  # float32 also from a VAE stored in bf16 (model.speed.frozen_bf16)
         if generator is not None:
             noise = randn_tensor(latent.shape, generator=generator, device=torch.device("cpu"), dtype=torch.float32)
-            latent = latent + dist.std * noise.to(latent)
+            latent = latent + dist.std.float() * pinned_copy(noise, latent.device)
         return latent * self.vae.config.scaling_factor
 
     def encode_inputs(self, batch: dict, generator: torch.Generator | list[torch.Generator] | None = None
@@ -503,10 +532,11 @@ class LeffaModule(L.LightningModule):
         latents = self.encode(tgt, generator)
         ref_latent, conditioning = self.encode_inputs(batch, generator)
         # random draws on the CPU generator, then moved: cheap, and identical on every device type
-        noise = torch.randn(latents.shape, generator=generator).to(latents)
-        timesteps = timesteps.to(self.device)
+        # (copies from the CPU through pinned memory: the host does not wait for the GPU)
+        noise = pinned_copy(torch.randn(latents.shape, generator=generator), latents.device, latents.dtype)
+        timesteps = pinned_copy(timesteps, self.device)
         if keep_ref is not None:
-            ref_latent = ref_latent * keep_ref.to(self.device).view(-1, 1, 1, 1).to(ref_latent.dtype)
+            ref_latent = ref_latent * pinned_copy(keep_ref, self.device, ref_latent.dtype).view(-1, 1, 1, 1)
         noisy = self.scheduler.add_noise(latents, noise, timesteps)
         return self(noisy, timesteps, conditioning, ref_latent, tuple(tgt.shape[-2:]), capture_rows), noise
 
@@ -557,8 +587,9 @@ class LeffaModule(L.LightningModule):
         hp = self.hparams
         # the selected rows from the draws on the CPU: no device sync, and a copy of the module on
         # the meta device (leffa.throughput counts its FLOPs) gets them too
-        rows = self.leffa_rows(timesteps.cpu(), keep_ref.cpu()).to(self.device) if hp.use_leffa_loss else None
-        timesteps, keep_ref = timesteps.to(self.device), keep_ref.to(self.device)
+        rows = self.leffa_rows(timesteps.cpu(), keep_ref.cpu()) if hp.use_leffa_loss else None
+        rows = None if rows is None else pinned_copy(rows, self.device)
+        timesteps, keep_ref = pinned_copy(timesteps, self.device), pinned_copy(keep_ref, self.device)
         prediction, noise = self.noised_forward(batch, generator, timesteps, keep_ref, rows)
         tgt, ref, mask = batch["tgt"], batch["ref"], batch["mask"]
         terms = {"diffusion": diffusion_loss(prediction, noise)}
@@ -587,12 +618,14 @@ class LeffaModule(L.LightningModule):
             if trainer.num_training_batches != float("inf"):
                 size = min(size, int(trainer.num_training_batches) - batch_idx)
             timesteps, keep_ref = self.draw_selection(generator, size * b, train)
-            count = torch.tensor(0.0, device=self.device)
-            if self.hparams.use_leffa_loss:
-                count = count + self.leffa_rows(timesteps, keep_ref).numel()
-                if trainer.world_size > 1:  # one scalar, once per optimizer step
-                    count = trainer.strategy.reduce(count, reduce_op="sum")
-            self._leffa_weight = trainer.world_size * accumulate / count.clamp(min=1.0)
+            # counted on the CPU (the draws are there): on one device the weight is a number, no
+            # device tensor and no wait; with several, one scalar all-reduced per optimizer step
+            count = float(self.leffa_rows(timesteps, keep_ref).numel()) if self.hparams.use_leffa_loss else 0.0
+            if trainer.world_size > 1 and self.hparams.use_leffa_loss:  # one scalar, once per optimizer step
+                total = trainer.strategy.reduce(pinned_copy(torch.tensor(count), self.device), reduce_op="sum")
+                self._leffa_weight = trainer.world_size * accumulate / total.clamp(min=1.0)
+            else:
+                self._leffa_weight = trainer.world_size * accumulate / max(count, 1.0)
             pending = self._pending_selection = list(zip(timesteps.split(b), keep_ref.split(b)))
         timesteps, keep_ref = pending.pop(0)
         if len(timesteps) != b:

@@ -50,7 +50,8 @@ def test_a_missing_env_var_is_one_line(released_env, capsys, recipe):
         released_env.delenv(variable)
         with pytest.raises(SystemExit) as exit_info:
             cli_main(["fit", "--config", str(CONFIGS / recipe), "--data.train_shards", "my_shards", "--print_config"])
-        assert variable in str(exit_info.value) and len(str(exit_info.value).splitlines()) == 1
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert exit_info.value.code == 2 and len(lines) == 1 and variable in lines[0]
         released_env.setenv(variable, "/models/x")
 
 

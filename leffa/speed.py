@@ -1,0 +1,94 @@
+"""Training-speed switches (``model.speed``), each measured on and off by ``make bench-gpu``.
+
+None of them changes what is computed beyond floating-point rounding (tests compare each against
+the plain step): they change how. What each does:
+
+- ``compile``: ``torch.compile`` per block (regional), not the whole model: every transformer block
+  and every ResNet block of the UNets is compiled on its own, in place. The attention processors'
+  reference bank and Leffa captures are Python state written inside the transformer blocks, which
+  dynamo traces as side effects; gradient checkpointing (diffusers checkpoints whole blocks around
+  compiled ones), LoRA (peft's layers sit inside the compiled blocks) and FSDP2 (``fully_shard``
+  applied to compiled blocks, as torchtitan does) keep working. Refused with ``FSDPStrategy``
+  (FSDP1 flattens parameters under the compiled code).
+- ``channels_last``: the UNets and the VAE in channels_last memory format, the layout GPU
+  convolution kernels prefer (inputs follow the weights).
+- ``frozen_bf16``: under a bf16 precision (``bf16-mixed``, ``bf16-true``) the frozen weights are
+  stored in bf16: the VAE always, and the frozen UNet weights under ``trainable: attention`` or
+  ``lora``. Half their memory, and autocast does not cast them again at every use. Trainable
+  weights, their gradients, the optimizer and the EMA stay float32.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from diffusers.models.attention import BasicTransformerBlock
+from diffusers.models.resnet import ResnetBlock2D
+from torch import nn
+
+from leffa.errors import UserError
+
+__all__ = ["SpeedSettings", "compile_blocks", "refuse_compile_with", "use_channels_last", "store_frozen_in_bf16",
+           "pinned_copy"]
+
+
+@dataclass
+class SpeedSettings:
+    """``model.speed``: see the module docstring.
+
+    Args:
+        compile: ``torch.compile`` every transformer and ResNet block of the UNets (regional).
+        channels_last: UNets and VAE in channels_last memory format.
+        frozen_bf16: frozen weights stored in bf16 under a bf16 precision.
+    """
+
+    compile: bool = False
+    channels_last: bool = False
+    frozen_bf16: bool = False
+
+
+COMPILED_BLOCKS = (BasicTransformerBlock, ResnetBlock2D)
+
+
+def compile_blocks(unet: nn.Module) -> int:
+    """Compile every transformer and ResNet block of ``unet`` in place; returns how many."""
+    blocks = [m for m in unet.modules() if isinstance(m, COMPILED_BLOCKS)]
+    for block in blocks:
+        block.compile()
+    return len(blocks)
+
+
+def refuse_compile_with(strategy) -> None:
+    """One line for a strategy that compiled blocks do not work under."""
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    if isinstance(strategy, FSDPStrategy):
+        raise UserError("model.speed.compile: not with FSDPStrategy (FSDP1 flattens the parameters the compiled "
+                        "blocks read); use ModelParallelStrategy (FSDP2, configs/strategy/fsdp2*.yaml) or DDP")
+
+
+def use_channels_last(*modules: nn.Module) -> None:
+    """Put the 4-D weights of ``modules`` in channels_last memory format, in place."""
+    for module in modules:
+        module.to(memory_format=torch.channels_last)
+
+
+@torch.no_grad()
+def store_frozen_in_bf16(module: nn.Module) -> int:
+    """Store every frozen floating-point parameter of ``module`` in bf16, in place; returns how many
+    values. Trainable parameters are left as they are."""
+    count = 0
+    for parameter in module.parameters():
+        if not parameter.requires_grad and parameter.is_floating_point() and parameter.dtype != torch.bfloat16:
+            parameter.data = parameter.data.to(torch.bfloat16)
+            count += parameter.numel()
+    return count
+
+
+def pinned_copy(tensor: torch.Tensor, device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``tensor`` (on the CPU) on ``device``: to a CUDA device through pinned memory without making
+    the host wait (a copy from pageable memory waits for the device to finish its queued work)."""
+    if device.type == "cuda" and tensor.device.type == "cpu":
+        return tensor.pin_memory().to(device, dtype, non_blocking=True)
+    return tensor.to(device, dtype)
