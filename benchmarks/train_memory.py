@@ -11,6 +11,7 @@ the fake count.
     python benchmarks/train_memory.py                 # SD1.5, 1024x768 (about a minute per row on 2 cores)
     python benchmarks/train_memory.py --backbone sdxl --optimizer adamw   # SDXL-inpainting shapes
     python benchmarks/train_memory.py --height 512 --width 384 --trainable lora --optimizer adamw
+    python benchmarks/train_memory.py --frozen-bf16 --trainable attention lora --optimizer adamw   # model.speed.frozen_bf16
     python benchmarks/train_memory.py --check-only    # the small-size check alone
 """
 
@@ -65,12 +66,15 @@ def moves_in_place_skipped():
         torch.nn.Module.to = to
 
 
-def build(unet_config, vae_config, trainable: str, checkpointing: bool, conditioning: str = "released"):
+def build(unet_config, vae_config, trainable: str, checkpointing: bool, conditioning: str = "released",
+          frozen_bf16: bool = False):
     from leffa.module import LeffaModule
 
     with moves_in_place_skipped():
         module = LeffaModule(unet_config=str(unet_config), vae_config=str(vae_config), conditioning=conditioning,
-                             trainable=trainable, gradient_checkpointing=checkpointing, p_drop_ref=0.0)
+                             trainable=trainable, gradient_checkpointing=checkpointing, p_drop_ref=0.0,
+                             speed={"frozen_bf16": frozen_bf16})
+    module.apply_speed(bf16=True)  # the step runs under bf16 autocast (model.speed.frozen_bf16 applies)
     return module.train()
 
 
@@ -82,7 +86,7 @@ def make_batch(height: int, width: int) -> dict:
 
 
 def measure(unet_config, vae_config, trainable: str, optimizer_kind: str, checkpointing: bool,
-            height: int, width: int) -> dict:
+            height: int, width: int, frozen_bf16: bool = False) -> dict:
     """One step's tracked bytes (``start``, ``peak``, ``end``: :func:`step_memory.tracked_peak`) and
     the direct count of its weights, gradients, optimizer state and EMA."""
     from torch._subclasses.fake_tensor import FakeTensorMode
@@ -91,7 +95,7 @@ def measure(unet_config, vae_config, trainable: str, optimizer_kind: str, checkp
     from leffa.ema import TrainableView
 
     with FakeTensorMode():
-        module = build(unet_config, vae_config, trainable, checkpointing)
+        module = build(unet_config, vae_config, trainable, checkpointing, frozen_bf16=frozen_bf16)
         # what leffa.ema.TrainableEMA keeps on the module's device: an AveragedModel of the view
         ema = AveragedModel(TrainableView(module), use_buffers=False)
         optimizer = make_optimizer(optimizer_kind, (p for p in module.parameters() if p.requires_grad))
@@ -105,12 +109,13 @@ def measure(unet_config, vae_config, trainable: str, optimizer_kind: str, checkp
 
 
 def measure_in_child(unet_config, vae_config, trainable: str, optimizer_kind: str, checkpointing: bool,
-                     height: int, width: int) -> dict:
+                     height: int, width: int, frozen_bf16: bool = False) -> dict:
     """:func:`measure` in a process of its own: fake tensors under autocast have crashed a long-lived
     process at a later garbage collection, and each count starts from a clean slate this way."""
     done = subprocess.run([sys.executable, __file__, "--measure-one", trainable, optimizer_kind,
                            "on" if checkpointing else "off", "--unet-config", str(unet_config),
-                           "--vae-config", str(vae_config), "--height", str(height), "--width", str(width)],
+                           "--vae-config", str(vae_config), "--height", str(height), "--width", str(width)]
+                          + (["--frozen-bf16"] if frozen_bf16 else []),
                           stdout=subprocess.PIPE, text=True, check=True)
     return json.loads(done.stdout.strip().splitlines()[-1])
 
@@ -157,6 +162,8 @@ def main(argv=None):
     p.add_argument("--check-height", type=int, default=64)
     p.add_argument("--check-width", type=int, default=48)
     p.add_argument("--check-only", action="store_true")
+    p.add_argument("--frozen-bf16", action="store_true",
+                   help="the frozen weights stored in bf16 (model.speed.frozen_bf16) in the rows")
     p.add_argument("--measure-one", nargs=3, metavar=("TRAINABLE", "OPTIMIZER", "CHECKPOINTING"),
                    help="print measure()'s result for one case as JSON (the parent runs each case so)")
     add_output_flag(p)
@@ -167,7 +174,7 @@ def main(argv=None):
     if args.measure_one:
         trainable, optimizer, ckpt = args.measure_one
         print(json.dumps(measure(args.unet_config, args.vae_config, trainable, optimizer, ckpt == "on",
-                                 args.height, args.width)), flush=True)
+                                 args.height, args.width, args.frozen_bf16)), flush=True)
         return
     rows = []
     setting = f"tiny, batch 1, {args.check_height}x{args.check_width}, CPU"
@@ -180,12 +187,13 @@ def main(argv=None):
                  row("train step memory check", setting, f"{case}: CPU allocator", real, "MiB", real,
                      vs=f"{case}: fake count", ratio=real / fake, mem_ratio=real / fake)]
     if not args.check_only:
-        shapes = f"{BACKBONES[args.backbone]}, batch 1, {args.height}x{args.width}, bf16"
+        shapes = (f"{BACKBONES[args.backbone]}, batch 1, {args.height}x{args.width}, bf16"
+                  + (", frozen weights bf16" if args.frozen_bf16 else ""))
         for trainable in args.trainable:
             for optimizer in args.optimizer:
                 for ckpt in args.checkpointing:
                     r = measure_in_child(args.unet_config, args.vae_config, trainable, optimizer, ckpt == "on",
-                                args.height, args.width)
+                                         args.height, args.width, args.frozen_bf16)
                     peak, counted = r["peak"], r["counted"]
                     total = r["total"]
                     card = smallest_card(total)
