@@ -46,7 +46,7 @@ __all__ = ["cuda_autocast_policy", "AdamW8bitState", "training_step", "tracked_p
 
 # common cards, GiB of memory; what must stay free besides the tracked peak: the CUDA context with
 # cuBLAS/cuDNN workspaces (about 1 GiB) and the caching allocator's fragmentation (10% of the peak)
-CARDS_GIB = (16, 24, 40, 80)
+CARDS_GIB = (12, 16, 24, 40, 80)
 MARGIN_GIB = 1.0
 FRAGMENTATION = 0.10
 GIB = 1024 ** 3

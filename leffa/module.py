@@ -194,6 +194,8 @@ class LeffaModule(L.LightningModule):
         self._nonfinite: torch.Tensor | None = None
         self.sampling = SamplingConfig(**sampling) if isinstance(sampling, dict) else sampling or SamplingConfig()
         self.speed = SpeedSettings(**speed) if isinstance(speed, dict) else speed or SpeedSettings()
+        if self.speed.compile:
+            refuse_compile_with(gradient_checkpointing=gradient_checkpointing)
         self._speed_applied: set[str] = set()
         self.lr_schedule = LRSchedule(**lr_schedule) if isinstance(lr_schedule, dict) else lr_schedule
         if self.lr_schedule is not None:
@@ -257,7 +259,7 @@ class LeffaModule(L.LightningModule):
         if self._trainer is not None:  # the Trainer reads its ckpt_path after this hook: check it first
             guard_checkpoint_loading(self.trainer.strategy)
             if self.speed.compile:
-                refuse_compile_with(self.trainer.strategy)
+                refuse_compile_with(strategy=self.trainer.strategy)
             self.apply_speed(bf16=str(self.trainer.precision).startswith("bf16"))
             # the data's image size, where the data module says it (LeffaDataModule): checked now,
             # before any batch; other data are checked at the first training batch

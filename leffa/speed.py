@@ -6,10 +6,13 @@ the plain step): they change how. What each does:
 - ``compile``: ``torch.compile`` per block (regional), not the whole model: every transformer block
   and every ResNet block of the UNets is compiled on its own, in place. The attention processors'
   reference bank and Leffa captures are Python state written inside the transformer blocks, which
-  dynamo traces as side effects; gradient checkpointing (diffusers checkpoints whole blocks around
-  compiled ones), LoRA (peft's layers sit inside the compiled blocks) and FSDP2 (``fully_shard``
-  applied to compiled blocks, as torchtitan does) keep working. Refused with ``FSDPStrategy``
-  (FSDP1 flattens parameters under the compiled code).
+  dynamo traces as side effects; LoRA (peft's layers sit inside the compiled blocks) keeps working
+  (tested). FSDP2 shards the compiled blocks (``fully_shard`` after compile, the order torchtitan
+  uses; not yet run: ``make test-gpu`` holds no such case). Refused, in one
+  line: with ``gradient_checkpointing`` (diffusers checkpoints the blocks around the compiled ones,
+  and the recomputation of a compiled block in backward saves other tensors than its forward did:
+  torch's checkpoint stops with a metadata mismatch) and with ``FSDPStrategy`` (FSDP1 flattens the
+  parameters under the compiled code).
 - ``channels_last``: the UNets and the VAE in channels_last memory format, the layout GPU
   convolution kernels prefer (inputs follow the weights).
 - ``frozen_bf16``: under a bf16 precision (``bf16-mixed``, ``bf16-true``) the frozen weights are
@@ -59,10 +62,13 @@ def compile_blocks(unet: nn.Module) -> int:
     return len(blocks)
 
 
-def refuse_compile_with(strategy) -> None:
-    """One line for a strategy that compiled blocks do not work under."""
+def refuse_compile_with(strategy=None, gradient_checkpointing: bool = False) -> None:
+    """One line for a setting or strategy that compiled blocks do not work under."""
     from lightning.pytorch.strategies import FSDPStrategy
 
+    if gradient_checkpointing:
+        raise UserError("model.speed.compile: not with model.gradient_checkpointing (a compiled block recomputed "
+                        "in backward saves other tensors than its forward did); turn one of them off")
     if isinstance(strategy, FSDPStrategy):
         raise UserError("model.speed.compile: not with FSDPStrategy (FSDP1 flattens the parameters the compiled "
                         "blocks read); use ModelParallelStrategy (FSDP2, configs/strategy/fsdp2*.yaml) or DDP")

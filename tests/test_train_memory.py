@@ -80,6 +80,7 @@ def test_fake_count_of_a_step_matches_the_cpu_allocator():
 
 def test_smallest_card_leaves_the_margin():
     gib = 1024 ** 3
-    assert smallest_card(10 * gib) == 16  # 10 * 1.1 + 1 = 12
+    assert smallest_card(9 * gib) == 12  # 9 * 1.1 + 1 = 10.9
+    assert smallest_card(10.1 * gib) == 16  # 12.11
     assert smallest_card(14 * gib) == 24  # 16.4
     assert smallest_card(80 * gib) is None
