@@ -33,7 +33,7 @@ from torch import nn
 from leffa.errors import UserError
 
 __all__ = ["SpeedSettings", "compile_blocks", "refuse_compile_with", "use_channels_last", "store_frozen_in_bf16",
-           "pinned_copy"]
+           "pinned_copy", "autocast_on"]
 
 
 @dataclass
@@ -98,3 +98,11 @@ def pinned_copy(tensor: torch.Tensor, device: torch.device, dtype: torch.dtype |
     if device.type == "cuda" and tensor.device.type == "cpu":
         return tensor.pin_memory().to(device, dtype, non_blocking=True)
     return tensor.to(device, dtype)
+
+
+def autocast_on(device: torch.device) -> bool:
+    """Whether autocast is on for ``device``'s type (False for types autocast does not know, e.g. meta)."""
+    try:
+        return torch.is_autocast_enabled(device.type)
+    except RuntimeError:
+        return False
