@@ -96,7 +96,7 @@ class FlowPictures(L.Callback):
         if batch_idx != 0 or trainer.sanity_checking or not trainer.is_global_zero:
             return
         from leffa.flow_viz import end_point_error, layer_flows
-        from leffa.visualize import layer_pictures
+        from leffa.flow_viz import layer_pictures
 
         keys = ("tgt", "ref", "mask", "densepose", "flow")
         batch = {k: v[: self.num_samples] for k, v in batch.items() if k in keys}

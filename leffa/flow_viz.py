@@ -14,12 +14,15 @@ import math
 
 import torch
 import torch.nn.functional as F
+from torchvision.utils import make_grid
 
 from leffa.losses import warp
 from leffa.viz import to_unit
 
 __all__ = ["flow_to_rgb", "warp", "end_point_error", "noised_forward", "capture_flows", "layer_flows",
-           "head_averaged_attention", "query_attention", "flow_figure"]
+           "head_averaged_attention", "query_attention", "flow_figure", "layer_pictures", "QUERY_POINTS"]
+
+QUERY_POINTS = [(0.35, 0.5), (0.55, 0.35), (0.7, 0.6)]  # (y, x) relative: chest, left, lower right
 
 
 def flow_to_rgb(flow: torch.Tensor) -> torch.Tensor:
@@ -97,3 +100,16 @@ def flow_figure(batch: dict, flow: torch.Tensor, attention: torch.Tensor) -> tor
     tiles.append(to_unit(warp(batch["ref"].float(), flow)))
     tiles += [up(attn[:, p:p + 1]).expand(-1, 3, -1, -1) for p in range(attn.shape[1])]
     return torch.stack([t.cpu().float() for t in tiles], dim=1)
+
+
+def layer_pictures(module, batch: dict, timestep: int = 250, flows: dict | None = None) -> dict[str, torch.Tensor]:
+    """Layer name -> (3, H', W') picture in [0, 1] (``leffa visualize``'s files, the ``FlowPictures``
+    callback's images); ``flows``: those of :func:`layer_flows` for this batch when already computed."""
+    pictures = {}
+    flows = layer_flows(module, batch, timestep) if flows is None else flows
+    for name, item in flows.items():
+        attention = query_attention(item["capture"], QUERY_POINTS, module.hparams.tau)
+        tiles = flow_figure(batch, item["flow"], attention)
+        pictures[name.removesuffix(".processor")] = make_grid(tiles.flatten(0, 1), nrow=tiles.shape[1], padding=2,
+                                                              pad_value=1.0)
+    return pictures

@@ -16,30 +16,13 @@ import argparse
 from pathlib import Path
 
 import torch
-from torchvision.utils import make_grid
 
 from leffa.errors import UserError
+from leffa.flow_viz import layer_pictures
 from leffa.module import LeffaModule
 from leffa.viz import save_png
 
-__all__ = ["layer_pictures", "visualize_main", "QUERY_POINTS"]
-
-QUERY_POINTS = [(0.35, 0.5), (0.55, 0.35), (0.7, 0.6)]  # (y, x) relative: chest, left, lower right
-
-
-def layer_pictures(module, batch: dict, timestep: int = 250, flows: dict | None = None) -> dict[str, torch.Tensor]:
-    """Layer name -> (3, H', W') picture in [0, 1]; ``flows``: those of ``leffa.flow_viz.layer_flows``
-    for this batch when already computed."""
-    from leffa.flow_viz import flow_figure, layer_flows, query_attention
-
-    pictures = {}
-    flows = layer_flows(module, batch, timestep) if flows is None else flows
-    for name, item in flows.items():
-        attention = query_attention(item["capture"], QUERY_POINTS, module.hparams.tau)
-        tiles = flow_figure(batch, item["flow"], attention)
-        pictures[name.removesuffix(".processor")] = make_grid(tiles.flatten(0, 1), nrow=tiles.shape[1], padding=2,
-                                                              pad_value=1.0)
-    return pictures
+__all__ = ["visualize_main", "check_new_folder"]
 
 
 def check_new_folder(out: Path) -> None:

@@ -25,7 +25,7 @@ from leffa.flow_viz import (
     warp,
 )
 from leffa.losses import coordinate_map, diffusion_loss, warp_loss
-from leffa.visualize import QUERY_POINTS
+from leffa.flow_viz import QUERY_POINTS
 from leffa.viz import save_png, to_unit
 
 EVAL_TIMESTEPS = [100, 250, 400]  # all below theta_timestep = 500
