@@ -1,9 +1,12 @@
-"""Image metrics of the Leffa paper (Sec. 4.1, "Metrics."): FID, KID, SSIM, LPIPS.
+"""Image metrics of the Leffa paper (Sec. 4.1, "Metrics."): FID, KID, SSIM, LPIPS; and PSNR and
+the paired metrics inside a mask, which later try-on papers report beside them.
 
 Follows the VtonEval tool that the Leffa release points to (docs/design.md, "Evaluation"):
 FID and KID with clean-fid in mode "clean" (KID reported x1000), SSIM with torchmetrics
 (data_range 1.0 on [0, 1] images, averaged per image), LPIPS with the `lpips` package, and
-ground truth resized to the prediction's size with LANCZOS when the sizes differ.
+ground truth resized to the prediction's size with LANCZOS when the sizes differ. PSNR is
+computed per image (data range 1) and averaged over images; the masked metrics average the
+per-pixel error, SSIM map and LPIPS spatial map over the mask's pixels (`paired_scores`).
 
 Offline by design: nothing here downloads. clean-fid's Inception and LPIPS' torchvision
 backbone are read from local files (argument or environment variable); a missing file is
@@ -14,8 +17,12 @@ both exist for tests only and give numbers that are not comparable with the pape
 
 from __future__ import annotations
 
+import io
 import os
+import tarfile
 import warnings
+from dataclasses import dataclass
+from importlib import metadata
 from pathlib import Path
 
 import lpips
@@ -26,7 +33,7 @@ from cleanfid.inception_torchscript import InceptionV3W
 from cleanfid.utils import ResizeDataset
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
-from torchmetrics.image import StructuralSimilarityIndexMeasure
+from torchmetrics.functional.image import structural_similarity_index_measure
 from torchvision.transforms.functional import to_tensor
 from tqdm import tqdm
 
@@ -253,7 +260,7 @@ def load_lpips(
     with warnings.catch_warnings():  # lpips passes torchvision's deprecated `pretrained=False`
         warnings.simplefilter("ignore", UserWarning)
         model = lpips.LPIPS(net=net, version="0.1", pretrained=False, pnet_rand=True, verbose=False)
-    lin_path = Path(lpips.__file__).parent / "weights" / "v0.1" / f"{net}.pth"
+    lin_path = Path(lpips_linear_weights(net))
     lin = torch.load(lin_path, map_location="cpu", weights_only=True)
     unexpected = model.load_state_dict(lin, strict=False).unexpected_keys
     if unexpected:
@@ -335,30 +342,139 @@ def fid_kid(
     return out
 
 
-# ---------------------------------------------------------------------- SSIM and LPIPS
+# ------------------------------------------------------------- PSNR, SSIM and LPIPS, per pair
+
+PAIRED_METRICS = ("psnr", "ssim", "lpips")
+MASKED_SUFFIX = "_mask"  # psnr_mask, ssim_mask, lpips_mask: the same metric inside the mask
+MASK_THRESHOLD = 128  # a mask pixel (8-bit grey, transparent = black) >= this is in the generated region
 
 
-def _read_rgb(path: Path) -> Image.Image:
-    return images.read_image(path, "RGB")[0]
+def _read_rgb(path: Path | ShardMask) -> Image.Image:
+    return images.read_image(_source(path), "RGB")[0]
+
+
+def read_mask(source: Path | ShardMask, size: tuple[int, int]) -> torch.Tensor:
+    """A (1, H, W) float 0/1 mask at ``size`` (width, height): the file read as 8-bit grey (EXIF
+    orientation applied, transparent pixels black), resized with nearest neighbour (pixel centres
+    aligned, as ``leffa.data.transforms`` resizes masks) and 1 where the grey value is >= 128."""
+    grey = np.asarray(images.read_image(_source(source), "L", background=images.BLACK)[0])
+    width, height = size
+    if grey.shape != (height, width):  # floor((i + 0.5) * size_in / size_out), in integers
+        rows = (2 * np.arange(height) + 1) * grey.shape[0] // (2 * height)
+        cols = (2 * np.arange(width) + 1) * grey.shape[1] // (2 * width)
+        grey = grey[rows[:, None], cols]
+    return torch.from_numpy((grey >= MASK_THRESHOLD).astype(np.float32))[None]
 
 
 class PairDataset(Dataset):
-    """(prediction, ground truth) as (3, H, W) floats in [0, 1]; gt resized to the prediction."""
+    """(prediction, ground truth[, mask]) as (3, H, W) floats in [0, 1] (mask (1, H, W) 0/1); the
+    ground truth resized to the prediction with LANCZOS, the mask with nearest neighbour."""
 
-    def __init__(self, pairs: list[tuple[Path, Path]]):
+    def __init__(self, pairs: list[tuple[Path, Path]], masks: list[Path | ShardMask] | None = None):
         self.pairs = pairs
+        self.masks = masks
 
     def __len__(self) -> int:
         return len(self.pairs)
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, ...]:
         pred, gt = (_read_rgb(path) for path in self.pairs[i])
         if gt.size != pred.size:
             gt = gt.resize(pred.size, Image.LANCZOS)
-        return to_tensor(pred), to_tensor(gt)
+        if self.masks is None:
+            return to_tensor(pred), to_tensor(gt)
+        return to_tensor(pred), to_tensor(gt), read_mask(self.masks[i], pred.size)
+
+
+def _psnr(mse: torch.Tensor) -> torch.Tensor:
+    """PSNR in dB of (B,) mean squared errors of [0, 1] images: 10 log10(1 / MSE); inf where MSE is 0."""
+    return -10 * torch.log10(mse)
+
+
+def _lpips_map(model: lpips.LPIPS, pred: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:
+    """LPIPS' spatial map (B, 1, H, W): what ``lpips.LPIPS(spatial=True)`` returns, from the same
+    network (each layer's distance map upsampled bilinearly to the input size, summed over layers)."""
+    spatial = model.spatial
+    model.spatial = True
+    try:
+        return model(pred, gt, normalize=True)
+    finally:
+        model.spatial = spatial
 
 
 @torch.no_grad()
+def paired_scores(
+    pairs: list[tuple[Path, Path]],
+    lpips_model: torch.nn.Module | None,
+    masks: list[Path | ShardMask] | None = None,
+    batch_size: int = 16,
+    device: str = "cpu",
+    num_workers: int = 0,
+) -> dict[str, np.ndarray]:
+    """Per-pair scores, in the order of ``pairs`` (float64 arrays of len(pairs)).
+
+    On images x (prediction) and y (ground truth resized to it) in [0, 1], 3 channels, H x W:
+
+    - ``psnr``: 10 log10(1 / MSE), MSE = the mean of (x - y)^2 over all 3HW values (inf when 0);
+    - ``ssim``: torchmetrics' SSIM (Gaussian window 11, sigma 1.5, K1 0.01, K2 0.03, data range 1):
+      the mean of its SSIM map S (3 x H x W, the images reflect-padded by 5 pixels);
+    - ``lpips`` (with ``lpips_model``): LPIPS v0.1 with inputs mapped to [-1, 1].
+
+    With ``masks`` (one per pair; M = the 0/1 mask at H x W, |M| its pixel count), the same inside it:
+
+    - ``psnr_mask``: 10 log10(1 / MSE_M), MSE_M = sum over the mask's pixels and 3 channels of
+      (x - y)^2 / (3 |M|);
+    - ``ssim_mask``: sum of S over the mask's pixels and 3 channels / (3 |M|) (all-ones mask: ``ssim``);
+    - ``lpips_mask``: sum over the mask's pixels of L / |M|, L the LPIPS spatial map (1 x H x W, the
+      ``spatial=True`` output of the same network).
+
+    An empty mask gives NaN in the masked scores of its pair.
+    """
+    scores: dict[str, list[torch.Tensor]] = {}
+
+    def add(name: str, values: torch.Tensor) -> None:
+        scores.setdefault(name, []).append(values.double().cpu())
+
+    loader = DataLoader(PairDataset(pairs, masks), batch_size=batch_size, num_workers=num_workers)
+    try:
+        for batch in tqdm(loader, desc="PSNR/SSIM/LPIPS"):
+            pred, gt = batch[0].to(device), batch[1].to(device)
+            squared = (pred - gt).pow(2).double()
+            add("psnr", _psnr(squared.flatten(1).mean(1)))
+            ssim, ssim_map = structural_similarity_index_measure(
+                pred, gt, data_range=1.0, reduction="none", return_full_image=True
+            )
+            add("ssim", ssim)
+            if lpips_model is not None:
+                # (B, 1, 1, 1) -> (B,); normalize=True maps [0, 1] to [-1, 1]
+                add("lpips", lpips_model(pred, gt, normalize=True).flatten())
+            if masks is not None:
+                mask = batch[2].to(device)  # (B, 1, H, W)
+                pixels = mask.flatten(1).sum(1).double()  # |M|; 0 gives NaN below
+                add("psnr_mask", _psnr((squared * mask).flatten(1).sum(1) / (3 * pixels)))
+                add("ssim_mask", (ssim_map.double() * mask).flatten(1).sum(1) / (3 * pixels))
+                if lpips_model is not None:
+                    spatial = _lpips_map(lpips_model, pred, gt).double()
+                    add("lpips_mask", (spatial * mask).flatten(1).sum(1) / pixels)
+    except DECODE_ERRORS as error:
+        raise_for_unreadable([path for pair in pairs for path in pair] + list(masks or []), error)
+    return {name: torch.cat(values).numpy() for name, values in scores.items()}
+
+
+def mean_scores(
+    scores: dict[str, np.ndarray], selection: np.ndarray | list[int] | None = None
+) -> dict[str, float | None]:
+    """The mean of each per-pair score over ``selection`` (indices; default all). Masked scores
+    average over the pairs whose mask is not empty (None when there are none)."""
+    out = {}
+    for name, values in scores.items():
+        values = values if selection is None else values[np.asarray(selection, dtype=int)]
+        if name.endswith(MASKED_SUFFIX):
+            values = values[~np.isnan(values)]
+        out[name] = float(values.mean()) if len(values) else None
+    return out
+
+
 def ssim_lpips(
     pairs: list[tuple[Path, Path]],
     lpips_model: torch.nn.Module | None,
@@ -366,20 +482,150 @@ def ssim_lpips(
     device: str = "cpu",
     num_workers: int = 0,
 ) -> dict[str, float]:
-    """Per-image mean SSIM (torchmetrics, data_range 1.0) and LPIPS (inputs mapped to [-1, 1])."""
-    ssim = StructuralSimilarityIndexMeasure(data_range=1.0).to(device)
-    lpips_values = []
-    loader = DataLoader(PairDataset(pairs), batch_size=batch_size, num_workers=num_workers)
+    """Per-image mean PSNR, SSIM (torchmetrics, data_range 1.0) and LPIPS (inputs mapped to [-1, 1])."""
+    scores = paired_scores(pairs, lpips_model, batch_size=batch_size, device=device, num_workers=num_workers)
+    return mean_scores(scores)
+
+
+# ------------------------------------------------------------------------------ masks
+
+
+@dataclass(frozen=True)
+class ShardMask:
+    """A sample's ``mask.png`` read from a shard: its bytes, and where they come from (for messages)."""
+
+    shard: str
+    key: str
+    data: bytes
+
+    def __str__(self) -> str:
+        return f"{self.shard} (sample {self.key}, mask.png)"
+
+
+def _source(path: Path | ShardMask) -> Path | io.BytesIO:
+    return io.BytesIO(path.data) if isinstance(path, ShardMask) else path
+
+
+def mask_size(source: Path | ShardMask) -> tuple[int, int]:
+    """Upright (width, height) of a mask file or shard member; an unreadable one is an error naming it."""
     try:
-        for pred, gt in tqdm(loader, desc="SSIM/LPIPS"):
-            pred, gt = pred.to(device), gt.to(device)
-            ssim.update(pred, gt)
-            if lpips_model is not None:
-                # (B, 1, 1, 1) -> (B,); normalize=True maps [0, 1] to [-1, 1]
-                lpips_values.append(lpips_model(pred, gt, normalize=True).flatten().cpu())
+        return images.image_size(_source(source))
     except DECODE_ERRORS as error:
-        raise_for_unreadable([path for pair in pairs for path in pair], error)
-    out = {"ssim": float(ssim.compute())}
-    if lpips_model is not None:
-        out["lpips"] = float(torch.cat(lpips_values).mean())
-    return out
+        raise _unreadable(source, error) from None
+
+
+def masks_from_folder(folder: str | Path, pairs: list[tuple[Path, Path]]) -> list[Path]:
+    """The mask of each pair from ``folder``: the image named like the prediction (its sample key),
+    else like the ground truth (the target id); a pair without one is an error naming the count."""
+    by_stem = {path.stem: path for path in list_images(folder)}
+    found, missing = [], []
+    for pred, gt in pairs:
+        mask = by_stem.get(pred.stem) or by_stem.get(gt.stem)
+        (found if mask else missing).append(mask or pred.name)
+    if missing:
+        raise UserError(
+            f"--masks {folder}: {len(missing)} of {len(pairs)} predictions have no mask named like the "
+            f"prediction or its ground truth (e.g. {missing[0]}; expected {Path(missing[0]).stem} or "
+            "the ground truth's name with an image extension)"
+        )
+    return found
+
+
+def masks_from_shards(spec: str, pairs: list[tuple[Path, Path]]) -> list[ShardMask]:
+    """The mask of each pair from the shards of ``spec`` (``SHARDS@split``; default split test): the
+    ``mask.png`` of the sample whose key names the prediction, else of a sample whose target id is
+    the ground truth's name (a paired sample first); a pair without one is an error."""
+    from leffa.data.shards import resolve_shards  # the shard reader: imported only when used
+    from leffa.data.tar_samples import index_samples
+
+    shards = resolve_shards(spec, default_splits=("test",))
+    by_key: dict[str, ShardMask] = {}
+    for shard in shards:
+        try:
+            with tarfile.open(shard) as tar:
+                for key, members in index_samples(tar):
+                    member = dict(members).get("mask.png")
+                    if member is not None:
+                        by_key[key] = ShardMask(shard, key, tar.extractfile(member).read())
+        except (tarfile.TarError, OSError) as error:
+            raise UserError(
+                f"--masks-from-shards: cannot read shard {shard} ({type(error).__name__}: {error})"
+            ) from None
+    by_target: dict[str, ShardMask] = {}
+    for key, mask in sorted(by_key.items(), key=lambda item: "_paired_" not in item[0]):  # paired first
+        parsed = prediction_key(Path(key))
+        if parsed is not None:
+            by_target.setdefault(parsed.target, mask)
+    found, missing = [], []
+    for pred, gt in pairs:
+        mask = by_key.get(pred.stem) or by_target.get(gt.stem)
+        (found if mask else missing).append(mask or pred.name)
+    if missing:
+        raise UserError(
+            f"--masks-from-shards {spec}: {len(missing)} of {len(pairs)} predictions have no sample with "
+            f"a mask.png in {len(shards)} shards, neither by key nor by target id (e.g. {missing[0]})"
+        )
+    return found
+
+
+# --------------------------------------------------------------- exclusion and categories
+
+
+def prediction_key(path: Path) -> SampleKey | None:
+    """The sample key a file is named by (its stem), or None when its name is no key."""
+    try:
+        return SampleKey.parse_any(path.stem)
+    except UserError:
+        return None
+
+
+def read_exclude_list(path: str | Path) -> dict[str, set[str]]:
+    """The entries of a ``--exclude`` file, each with the names it leaves out.
+
+    One name per line: an image name such as ``00010_00.jpg`` (a folder and the extension may be
+    given) or a sample key. An entry (the name without folder and image extension) leaves out the
+    images of that stem and, when it is a key, every image of its target id. Blank lines and lines
+    starting with ``#`` are skipped.
+    """
+    path = Path(path)
+    try:
+        lines = path.read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as error:
+        raise UserError(f"--exclude {path}: cannot read it ({type(error).__name__}: {error})") from None
+    entries: dict[str, set[str]] = {}
+    for line in lines:
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        name = Path(line.replace("\\", "/")).name
+        stem = Path(name).stem if Path(name).suffix.lower() in IMAGE_EXTENSIONS else name
+        key = prediction_key(Path(stem + ".png"))
+        entries[stem] = {stem} | ({key.target} if key is not None else set())
+    return entries
+
+
+def is_excluded(path: Path, names: set[str]) -> bool:
+    """Whether an image is left out: its stem, or the target id of the key it is named by, is listed."""
+    if path.stem in names:
+        return True
+    key = prediction_key(path)
+    return key is not None and key.target in names
+
+
+# ------------------------------------------------------------------------- provenance
+
+
+def library_versions() -> dict[str, str]:
+    """Versions of the libraries the metrics are computed with (for the results file)."""
+    versions = {}
+    for name in ("clean-fid", "torchmetrics", "lpips", "torch", "torchvision", "numpy", "scipy", "pillow"):
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+def lpips_linear_weights(net: str) -> str:
+    """The file of LPIPS v0.1's linear layers for ``net`` that ``load_lpips`` reads (inside the package)."""
+    return str(Path(lpips.__file__).parent / "weights" / "v0.1" / f"{net}.pth")

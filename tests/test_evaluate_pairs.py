@@ -176,3 +176,38 @@ def test_truncated_image_is_one_error_naming_it(tmp_path):
     broken.write_bytes(broken.read_bytes()[:200])
     with pytest.raises(UserError, match=f"{broken}.* not a readable image"):
         run(tmp_path / "pred", tmp_path / "gt", paired=True)
+
+
+def test_masks_from_converter_shards_by_key_and_by_target_id(tmp_path):
+    """--masks-from-shards SHARDS@test on the VITON-HD converter's shards: each prediction's mask is the
+    mask.png of its key's sample, or (a prediction named like its ground truth) of its target id's."""
+    import io
+    import tarfile
+
+    from data_prep.__main__ import main as data_prep_main
+    from leffa.data.shards import resolve_shards
+
+    data_prep_main(["vitonhd", "--src", str(make_vitonhd(tmp_path / "VITON-HD")), "--out", str(tmp_path / "shards")])
+    samples = {}  # paired key -> {"tgt.jpg": bytes, "mask.png": bytes}
+    for shard in resolve_shards(f"{tmp_path / 'shards'}@test", ("test",)):
+        with tarfile.open(shard) as tar:
+            for member in tar:
+                key, _, suffix = member.name.partition(".")
+                if "_paired_" in key and suffix in ("tgt.jpg", "mask.png"):
+                    samples.setdefault(key, {})[suffix] = tar.extractfile(member).read()
+    assert len(samples) == 2
+    (tmp_path / "masks").mkdir()
+    for i, (key, sample) in enumerate(sorted(samples.items())):
+        target = key.split("_paired_")[1]
+        person = np.asarray(Image.open(io.BytesIO(sample["tgt.jpg"])).convert("RGB"))
+        save(tmp_path / "gt", target, person)
+        prediction = person.copy()
+        prediction[:, : 10 + 5 * i] = 0  # errors inside and outside the mask
+        save(tmp_path / "pred", key if i == 0 else target, prediction)  # by key; by the ground truth's name
+        (tmp_path / "masks" / f"{target}.png").write_bytes(sample["mask.png"])
+    from_shards = run(tmp_path / "pred", tmp_path / "gt", paired=True, masks_from_shards=f"{tmp_path / 'shards'}@test")
+    from_folder = run(tmp_path / "pred", tmp_path / "gt", paired=True, masks=tmp_path / "masks")
+    assert from_shards["counts"]["evaluated"]["masked_pairs"] == 2
+    for name in ("psnr_mask", "ssim_mask", "lpips_mask"):
+        assert from_shards["metrics"][name] == pytest.approx(from_folder["metrics"][name], rel=1e-12)
+    assert from_shards["metrics"]["psnr_mask"] != pytest.approx(from_shards["metrics"]["psnr"], rel=1e-3)

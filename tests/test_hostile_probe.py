@@ -137,7 +137,7 @@ def test_eval_out_refuses_an_existing_results_file(tmp_path, no_inception, capsy
     new = tmp_path / "new" / "results.json"
     torch.manual_seed(0)
     cli_main(eval_command(pred, gt, "--paired", "--out", str(new)))
-    assert set(json.loads(new.read_text())["metrics"]) == {"fid", "kid_x1000", "ssim", "lpips"}
+    assert set(json.loads(new.read_text())["metrics"]) == {"fid", "kid_x1000", "psnr", "ssim", "lpips"}
     written = new.read_text()
     with pytest.raises(SystemExit) as error:
         cli_main(eval_command(pred, gt, "--out", str(new)))

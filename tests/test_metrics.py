@@ -184,6 +184,7 @@ def test_identical_folders_score_perfect(folders):
     m = result["metrics"]
     assert m["ssim"] == pytest.approx(1.0, abs=1e-5)
     assert m["lpips"] == pytest.approx(0.0, abs=1e-6)
+    assert m["psnr"] == float("inf")  # MSE 0
     assert abs(m["fid"]) < 1e-4
 
 
@@ -224,18 +225,22 @@ def test_ssim_and_lpips_equal_direct_computation(folders, tmp_path):
     torch.save(torchvision.models.alexnet().state_dict(), trunk)
     result = run(folders["bad"], folders["big_gt"], paired=False, fid_ref=folders["gt"], lpips_backbone=trunk)
     assert result["protocol"] == "pose_transfer"
-    assert set(result["metrics"]) == {"fid", "ssim", "lpips"}
+    assert set(result["metrics"]) == {"fid", "psnr", "ssim", "lpips"}
 
     state = torch.load(trunk, weights_only=True)
     lin = torch.load(f"{lpips.__path__[0]}/weights/v0.1/alex.pth", map_location="cpu", weights_only=True)
-    ssims, lpipses = [], []
+    ssims, lpipses, psnrs = [], [], []
     for key, gt_id in zip(KEYS, IDS):
-        pred, gt = (to_tensor(a) for a in load_pair(folders["bad"] / f"{key}.png", folders["big_gt"] / f"{gt_id}.png"))
+        arrays = load_pair(folders["bad"] / f"{key}.png", folders["big_gt"] / f"{gt_id}.png")
+        mse = np.mean((arrays[0] / 255.0 - arrays[1] / 255.0) ** 2)
+        psnrs.append(10 * np.log10(1 / mse))
+        pred, gt = (to_tensor(a) for a in arrays)
         ssims.append(structural_similarity_index_measure(pred, gt, data_range=1.0))
         with torch.no_grad():
             lpipses.append(direct_lpips(pred, gt, state, lin))
     assert result["metrics"]["ssim"] == pytest.approx(float(torch.stack(ssims).mean()), rel=1e-5)
     assert result["metrics"]["lpips"] == pytest.approx(float(torch.cat(lpipses).mean()), rel=1e-4)
+    assert result["metrics"]["psnr"] == pytest.approx(np.mean(psnrs), rel=1e-6)
 
 
 def test_missing_counterpart_is_clear_error(folders):
@@ -298,7 +303,7 @@ def test_cli_prints_table_and_writes_json(folders, tmp_path, monkeypatch, capsys
         "--lpips-backbone", "random", "--batch-size", "4", "--device", "cpu", "--out", str(out),
     ])
     assert json.loads(out.read_text()) == result
-    assert set(result["metrics"]) == {"fid", "kid_x1000", "ssim", "lpips"}
+    assert set(result["metrics"]) == {"fid", "kid_x1000", "psnr", "ssim", "lpips"}
     printed = capsys.readouterr().out
     assert "KID is x 1000" in printed and "kid_x1000" in printed and "random backbone" in printed
     # unpaired needs no LPIPS trunk at all
