@@ -11,7 +11,7 @@ Pair files: the root-level `train_pairs.txt`, `test_pairs_paired.txt`, `test_pai
 (three columns: person, garment, category index 0 upper_body / 1 lower_body / 2 dresses) are
 used when present; otherwise each category folder's own files of the same names (two columns).
 
-Mask (`--mask-source`): `rule` = the official category rule (`masks.dresscode_agnostic_mask`)
+Mask (`--mask-source`): `rule` = the official category rule (`agnostic_mask`)
 on the label map and keypoints (scaled from 384x512 to the image size); `file` =
 `agnostic_masks/` (grey >= 128 -> 255); `auto` (default) = `file` for a category whose
 `agnostic_masks/` folder exists, else `rule`.
@@ -31,13 +31,14 @@ import numpy as np
 from PIL import Image
 
 from data_prep.load import load_binary_mask, load_json, load_labels, load_rgb, read_pair_lines
-from data_prep.masks import DRESSCODE_CATEGORIES, dresscode_agnostic_mask
+from data_prep.mask_geometry import dilate, drawing, present, to_uint8
 from data_prep.sample import SampleError, build_sample
 from leffa.errors import UserError
-from leffa.schema import build_key
+from leffa.schema import KEY_CATEGORIES, build_key
 
 DATASET = "dresscode"
 SPLITS = ("train", "test")
+CATEGORIES = KEY_CATEGORIES[DATASET]  # upper_body, lower_body, dresses: index 0, 1, 2 of the pair files
 MASK_SOURCES = ("auto", "file", "rule")
 PAIR_FILES = {"train": (("paired", "train_pairs.txt"),),
               "test": (("paired", "test_pairs_paired.txt"), ("unpaired", "test_pairs_unpaired.txt"))}  # fmt: skip
@@ -72,7 +73,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--categories",
         default="all",
-        help=f"comma-separated subset of {','.join(DRESSCODE_CATEGORIES)} (default: all present)",
+        help=f"comma-separated subset of {','.join(CATEGORIES)} (default: all present)",
     )
     parser.add_argument(
         "--mask-source",
@@ -91,17 +92,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _categories(root: Path, requested: str) -> list[str]:
     if requested == "all":
-        found = [c for c in DRESSCODE_CATEGORIES if (root / c).is_dir()]
+        found = [c for c in CATEGORIES if (root / c).is_dir()]
         if not found:
             raise FileNotFoundError(f"no category folder in {root}; {ROOT_HINT}")
         return found
     chosen = [c.strip() for c in requested.split(",") if c.strip()]
     for category in chosen:
-        if category not in DRESSCODE_CATEGORIES:
-            raise ValueError(f"unknown DressCode category {category!r}; valid: {', '.join(DRESSCODE_CATEGORIES)}, all")
+        if category not in CATEGORIES:
+            raise ValueError(f"unknown DressCode category {category!r}; valid: {', '.join(CATEGORIES)}, all")
         if not (root / category).is_dir():
             raise FileNotFoundError(f"category folder {root / category} not found; {ROOT_HINT}")
-    return [c for c in DRESSCODE_CATEGORIES if c in chosen]
+    return [c for c in CATEGORIES if c in chosen]
 
 
 def _pair_rows(root: Path, split: str, categories: list[str]) -> list[tuple[str, str, str, str]]:
@@ -112,7 +113,7 @@ def _pair_rows(root: Path, split: str, categories: list[str]) -> list[tuple[str,
             for number, (person, cloth, index) in read_pair_lines(root / name, ROOT_PAIR_COLUMNS, ROOT_HINT):
                 if index not in ("0", "1", "2"):
                     raise UserError(f"{root / name}:{number}: category index {index!r}; valid: 0, 1, 2")
-                category = DRESSCODE_CATEGORIES[int(index)]
+                category = CATEGORIES[int(index)]
                 if category in categories:
                     rows.append((pairing, category, person, cloth))
         return rows
@@ -180,6 +181,73 @@ def render_part_index(path: Path, size: tuple[int, int], scale: int) -> Image.Im
     return Image.fromarray(np.repeat(value[:, :, None], 3, axis=2), mode="RGB")
 
 
+# The mask rule (labels: label_maps/*_4.png, ATR 18 classes; keypoints: OpenPose COCO-18)
+ALWAYS_KEEP_LABELS = (1, 2, 3, 9, 10, 16, 17)  # hat, hair, sunglasses, shoes, bag, scarf
+HEAD_LABELS = (1, 2, 3, 11)  # hat, hair, sunglasses, head
+ARM_LABELS = (14, 15)
+CATEGORY_RULES = {  # category -> (labels to repaint, extra labels to keep)
+    "upper_body": ((4,), (5, 6)),  # upper clothes; keep skirt, pants
+    "lower_body": ((6, 12, 13), (4, 14, 15)),  # pants, legs; keep upper clothes, arms
+    "dresses": ((7, 12, 13), ()),  # dress, legs
+}
+ARM_CHAIN = (7, 6, 5, 2, 3, 4)  # COCO-18 l-wrist, l-elbow, l-shoulder, r-shoulder, r-elbow, r-wrist
+
+
+def _region_dilation(height: int) -> int:
+    # dress-code data/dataset.py: 20x20 (H > 512), 10x10 (H > 256) or 5x5 kernel, 5 iterations.
+    kernel = 20 if height > 512 else 10 if height > 256 else 5
+    return 5 * (kernel - 1) + 1
+
+
+def agnostic_mask(labels: np.ndarray, pose: np.ndarray, category: str) -> np.ndarray:
+    """DressCode try-on mask: the rule of aimagelab/dress-code data/dataset.py (also used by
+    IDM-VTON inference_dc.py, ladi-vton and Leffa's demo get_agnostic_mask_dc).
+
+    1. keep = hat, hair, sunglasses, shoes, bag, scarf + the category's extra kept labels;
+       region = the category's repaint labels (table CATEGORY_RULES).
+    2. upper_body, dresses: a poly-line of width 30 px (at 512 px height) through wrist-elbow-
+       shoulder-shoulder-elbow-wrist, missing joints left out, dilated by a 46 px square when
+       H > 512; it joins the region, and arm pixels outside it (hands) are kept.
+    3. upper_body, dresses (neck): head pixels lower than the shoulder line minus 20 px (at 512)
+       join the region, head pixels above it are kept; lower_body keeps the whole head.
+    4. region dilated by a square of side 96 / 46 / 21 px (H > 512 / H > 256 / else); mask =
+       dilated region minus kept pixels.
+    """
+    if category not in CATEGORY_RULES:
+        raise ValueError(f"unknown DressCode category {category!r}; valid: {', '.join(CATEGORIES)}")
+    repaint, extra_keep = CATEGORY_RULES[category]
+    height, width = labels.shape
+    scale = height / 512.0
+    keep = np.isin(labels, ALWAYS_KEEP_LABELS + extra_keep)
+    region = np.isin(labels, repaint)
+    head = np.isin(labels, HEAD_LABELS)
+    if category in ("upper_body", "dresses"):
+        canvas, draw = drawing(labels.shape)
+        chain = present(pose, ARM_CHAIN)
+        if len(chain) >= 2:
+            draw.line(chain, fill=255, width=max(1, round(30 * scale)), joint="curve")
+        arm_line = np.asarray(canvas) > 0
+        if height > 512:
+            arm_line = dilate(arm_line, 5 * (10 - 1) + 1)
+        keep |= np.isin(labels, ARM_LABELS) & ~arm_line
+        region |= arm_line
+        shoulders = present(pose, (2, 5))
+        if len(shoulders) == 2:
+            (x0, y0), (x1, y1) = shoulders
+            slope = (y1 - y0) / (x1 - x0) if x1 != x0 else 0.0
+            columns = np.arange(width)
+            line_y = y0 + slope * (columns - x0) - 20 * scale  # (W,)
+            below = np.arange(height)[:, None] >= np.maximum(np.floor(line_y), 0)[None, :]  # (H, W)
+            region |= head & below
+            keep |= head & ~below
+        else:
+            keep |= head
+    else:
+        keep |= head
+    region = dilate(region, _region_dilation(height))
+    return to_uint8(region & ~keep)
+
+
 def load_sample(spec: DressCodeSpec) -> dict:
     """Read, check and encode one sample (runs in a worker process)."""
     stem = Path(spec.person).stem  # <id>_0
@@ -191,7 +259,7 @@ def load_sample(spec: DressCodeSpec) -> dict:
     else:
         labels = load_labels(spec.category_dir / "label_maps" / f"{sample_id}_4.png", tgt.size)
         pose = read_keypoints(spec.category_dir / "keypoints" / f"{sample_id}_2.json", tgt.size)
-        mask = dresscode_agnostic_mask(labels, pose, spec.category)
+        mask = agnostic_mask(labels, pose, spec.category)
     if not mask.any():
         raise SampleError(f"empty agnostic mask for {spec.category}/{stem}")
     if spec.densepose_dir == "image-densepose":

@@ -12,7 +12,7 @@ loaders do). Each test line gives a paired sample (column 1 as person and garmen
 unpaired one (column 2 is the garment), in that order.
 
 Mask (`--mask-source`): `file` reads `agnostic-mask/` (grey >= 128 -> 255); `rule` builds it
-from the parse map and OpenPose keypoints (`masks.vitonhd_agnostic_mask`); `auto` (default)
+from the parse map and OpenPose keypoints (`agnostic_mask`); `auto` (default)
 uses `file` for a split whose `agnostic-mask/` folder exists, else `rule`.
 DensePose: `image-densepose/<stem>.jpg`, resized to the person image if its size differs.
 """
@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from data_prep.load import load_binary_mask, load_json, load_labels, load_rgb, read_pair_lines
-from data_prep.masks import vitonhd_agnostic_mask
+from data_prep.mask_geometry import dilate, drawing, present, to_uint8
 from data_prep.sample import SampleError, build_sample
 from leffa.schema import build_key
 
@@ -118,6 +118,39 @@ def list_samples(args: argparse.Namespace, split: str) -> list[VitonHDSpec]:
     return specs
 
 
+# The mask rule (labels: image-parse-v3, CIHP/LIP 20 classes; keypoints: OpenPose BODY_25)
+GARMENT_LABELS = (5, 6, 7, 10, 14, 15)  # upper-clothes, dress, coat, neck, left arm, right arm
+KEEP_LABELS = (4, 13, 9, 12, 16, 17, 18, 19)  # head: sunglasses, face; lower body: pants, skirt, legs, shoes
+ARM_CHAINS = ((2, 3, 4), (5, 6, 7))  # BODY_25 shoulder-elbow-wrist, right and left
+TORSO_JOINTS = (2, 5, 12, 9)  # BODY_25 right shoulder, left shoulder, left hip, right hip
+
+
+def agnostic_mask(labels: np.ndarray, pose: np.ndarray) -> np.ndarray:
+    """VITON-HD try-on mask, after get_img_agnostic / get_parse_agnostic of shadow2496/VITON-HD.
+
+    Region = parse labels {5, 6, 7} (upper clothes, dress, coat), {10} (neck), {14, 15} (arms)
+    + lines of radius r along shoulder-elbow-wrist (BODY_25 2-3-4, 5-6-7) with discs at the joints
+    + the torso polygon (2, 5, 12, 9); dilated by a square of side 2 * max(1, r // 2) + 1; minus
+    head {4, 13} and lower body {9, 12, 16, 17, 18, 19}, which are never generated.
+    r = 20 px at 1024 px height (VITON-HD's value), scaled with the height.
+    """
+    height = labels.shape[0]
+    radius = max(1, round(20 * height / 1024))
+    canvas, draw = drawing(labels.shape)
+    for chain in ARM_CHAINS:
+        joints = present(pose, chain)
+        if len(joints) >= 2:
+            draw.line(joints, fill=255, width=2 * radius)
+        for x, y in joints:
+            draw.ellipse((x - radius, y - radius, x + radius, y + radius), fill=255)
+    torso = present(pose, TORSO_JOINTS)
+    if len(torso) == len(TORSO_JOINTS):
+        draw.polygon(torso, fill=255)
+    region = np.isin(labels, GARMENT_LABELS) | (np.asarray(canvas) > 0)
+    region = dilate(region, 2 * max(1, radius // 2) + 1)
+    return to_uint8(region & ~np.isin(labels, KEEP_LABELS))
+
+
 def read_body25(path: Path) -> np.ndarray:
     """OpenPose JSON -> (25, 2) pixel (x, y) of the first person, NaN where confidence is 0."""
     data = load_json(path)
@@ -141,7 +174,7 @@ def load_sample(spec: VitonHDSpec) -> dict:
         mask = load_binary_mask(spec.split_dir / "agnostic-mask" / f"{stem}_mask.png", tgt.size)
     else:
         labels = load_labels(spec.parse_dir / f"{stem}.png", tgt.size)
-        mask = vitonhd_agnostic_mask(labels, read_body25(spec.pose_dir / f"{stem}_keypoints.json"))
+        mask = agnostic_mask(labels, read_body25(spec.pose_dir / f"{stem}_keypoints.json"))
     if not mask.any():
         raise SampleError(f"empty agnostic mask for {spec.split}/{stem}")
     densepose = load_rgb(spec.split_dir / "image-densepose" / f"{stem}.jpg", tgt.size)

@@ -28,7 +28,7 @@ from raw_datasets import (
 )
 
 from data_prep.__main__ import main
-from data_prep.masks import vitonhd_agnostic_mask
+from data_prep.vitonhd import agnostic_mask
 
 H, W = VITONHD_SIZE
 
@@ -154,5 +154,5 @@ def test_missing_pair_file_names_it(raw, tmp_path):
 
 def test_rule_without_keypoints_still_masks_garment_labels():
     labels = parse_map()
-    mask = vitonhd_agnostic_mask(labels, np.full((25, 2), np.nan))
+    mask = agnostic_mask(labels, np.full((25, 2), np.nan))
     assert (mask[labels == 5] == 255).all() and (mask[labels == 13] == 0).all() and (mask[labels == 9] == 0).all()

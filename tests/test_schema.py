@@ -12,7 +12,7 @@ from raw_deepfashion import make_deepfashion
 from raw_dresscode import make_dresscode
 
 from data_prep.__main__ import build_parser
-from data_prep.masks import DRESSCODE_CATEGORIES
+from data_prep.dresscode import CATEGORIES as DRESSCODE_CATEGORIES
 from data_prep.registry import get_converter
 from leffa.errors import UserError
 from leffa.schema import (
