@@ -8,8 +8,8 @@ Layout (root = the folder given as --src), files named by id, each .jpg, .jpeg o
 - `densepose/<person id>.*`: the DensePose rendering of the person, resized to the photo if its
   size differs (mask too; their aspect ratio must be the photo's, see below); or, with
   `--pose-source keypoints`, `keypoints/<person id>.json`: OpenPose JSON
-  (`people[0].pose_keypoints_2d`, BODY_25 or COCO-18, pixels of the photo), drawn as a COCO-18
-  skeleton (`keypoints.draw_coco18`).
+  (`people[0].pose_keypoints_2d`, BODY_25 or COCO-18, pixels of the photo; `openpose.read_coco18`),
+  drawn as a COCO-18 skeleton (`keypoints.draw_coco18`).
 - `train_pairs.txt`, `test_pairs.txt`: one `<person id> <garment id>` per line (an id may carry its
   image extension, e.g. `alice.jpg shirt.png`).
 
@@ -33,12 +33,10 @@ import argparse
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-
 from data_prep.keypoints import draw_coco18
 from data_prep.load import load_binary_mask, load_rgb, read_pair_lines
+from data_prep.openpose import read_coco18
 from data_prep.sample import SampleError, build_sample
-from data_prep.vitonhd import read_body25
 from leffa.images import BLACK, check_aspect_ratios
 from leffa.errors import UserError
 from leffa.schema import build_key
@@ -49,8 +47,6 @@ EXTENSIONS = (".jpg", ".jpeg", ".png")
 POSE_FILES = {"densepose": ("densepose", EXTENSIONS), "keypoints": ("keypoints", (".json",))}  # folder, suffixes
 GARMENT_DIRS = ("garment", "reference")
 PAIR_COLUMNS = ("person", "garment")
-# OpenPose BODY_25 index of each COCO-18 joint (BODY_25 adds mid-hip 8 and the feet 19..24)
-BODY25_TO_COCO18 = (0, 1, 2, 3, 4, 5, 6, 7, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18)
 SHOWN_MISSING = 3  # missing files named in the error; the rest are counted
 ROOT_HINT = (
     "a folder of your own data must contain person/, garment/ (or reference/), mask/, densepose/ "
@@ -158,16 +154,6 @@ def list_samples(args: argparse.Namespace, split: str) -> list[FolderSpec]:
     return specs
 
 
-def read_openpose_coco18(path: Path) -> np.ndarray:
-    """OpenPose JSON (BODY_25 or COCO-18) -> (18, 2) COCO-18 pixel (x, y), NaN where absent."""
-    points = read_body25(path)
-    if len(points) == 25:
-        return points[list(BODY25_TO_COCO18)]
-    if len(points) == 18:
-        return points
-    raise SampleError(f"{path}: {len(points)} keypoints; expected OpenPose BODY_25 (25) or COCO-18 (18)")
-
-
 def load_sample(spec: FolderSpec) -> dict:
     """Read, check and encode one sample (runs in a worker process)."""
     tgt = load_rgb(spec.person)
@@ -178,7 +164,7 @@ def load_sample(spec: FolderSpec) -> dict:
     if spec.pose_source == "densepose":
         pose = load_rgb(spec.pose, tgt.size, background=BLACK)
     else:
-        pose = draw_coco18(read_openpose_coco18(spec.pose), tgt.size)
+        pose = draw_coco18(read_coco18(spec.pose), tgt.size)
     meta = {
         "dataset": DATASET, "split": spec.split, "task": "tryon", "category": spec.category,
         "pairing": spec.pairing, "tgt_id": spec.person_id, "ref_id": spec.garment_id,

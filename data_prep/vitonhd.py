@@ -25,8 +25,9 @@ from pathlib import Path
 
 import numpy as np
 
-from data_prep.load import load_binary_mask, load_json, load_labels, load_rgb, read_pair_lines
+from data_prep.load import load_binary_mask, load_labels, load_rgb, read_pair_lines
 from data_prep.mask_geometry import dilate, drawing, present, to_uint8
+from data_prep.openpose import read_openpose
 from data_prep.sample import SampleError, build_sample
 from leffa.schema import build_key
 
@@ -151,20 +152,6 @@ def agnostic_mask(labels: np.ndarray, pose: np.ndarray) -> np.ndarray:
     return to_uint8(region & ~np.isin(labels, KEEP_LABELS))
 
 
-def read_body25(path: Path) -> np.ndarray:
-    """OpenPose JSON -> (25, 2) pixel (x, y) of the first person, NaN where confidence is 0."""
-    data = load_json(path)
-    try:
-        flat = data["people"][0]["pose_keypoints_2d"]
-        keypoints = np.asarray(flat, dtype=np.float64).reshape(-1, 3)
-    except (KeyError, IndexError, TypeError, ValueError) as err:
-        raise SampleError(f"{path}: no usable people[0].pose_keypoints_2d ({err!r})") from err
-    points = keypoints[:, :2].copy()
-    missing = (keypoints[:, 2] <= 0) | ((points[:, 0] == 0) & (points[:, 1] == 0))
-    points[missing] = np.nan
-    return points
-
-
 def load_sample(spec: VitonHDSpec) -> dict:
     """Read, check and encode one sample (runs in a worker process)."""
     stem = Path(spec.person).stem
@@ -174,7 +161,7 @@ def load_sample(spec: VitonHDSpec) -> dict:
         mask = load_binary_mask(spec.split_dir / "agnostic-mask" / f"{stem}_mask.png", tgt.size)
     else:
         labels = load_labels(spec.parse_dir / f"{stem}.png", tgt.size)
-        mask = agnostic_mask(labels, read_body25(spec.pose_dir / f"{stem}_keypoints.json"))
+        mask = agnostic_mask(labels, read_openpose(spec.pose_dir / f"{stem}_keypoints.json"))
     if not mask.any():
         raise SampleError(f"empty agnostic mask for {spec.split}/{stem}")
     densepose = load_rgb(spec.split_dir / "image-densepose" / f"{stem}.jpg", tgt.size)
