@@ -3,7 +3,8 @@
 ``leffa fit|validate|test|predict --config ...`` is Lightning's CLI over :class:`LeffaModule` and
 :class:`LeffaDataModule`; ``leffa eval ...`` computes the paper's metrics on image folders; ``leffa visualize ...`` draws
 attention-flow pictures of a checkpoint; ``leffa export ...`` writes a checkpoint as a
-diffusers-style folder.
+diffusers-style folder; ``leffa cache-latents ...`` runs a stage's frozen VAE once over its shards
+(``leffa.cache_latents``).
 
 Configs are read in jsonargparse's ``omegaconf`` mode, so a value can name an environment variable
 (``${oc.env:LEFFA_RUNS,runs}``: with a default; ``${oc.env:LEFFA_SD15}``: required). A config file
@@ -33,13 +34,15 @@ DESCRIPTION = (
     "leffa: training, sampling and evaluation for Leffa (learning flow fields in attention) person image "
     "generation. fit, validate, test and predict are Lightning's, with the project's model and data; "
     "also: `leffa eval` (FID, KID, SSIM, LPIPS on image folders), `leffa export` (a checkpoint as a "
-    "diffusers-style folder or in the released .pth layout) and `leffa visualize` (attention-flow "
-    "pictures of a checkpoint). `leffa <command> --help` for each."
+    "diffusers-style folder or in the released .pth layout), `leffa visualize` (attention-flow "
+    "pictures of a checkpoint) and `leffa cache-latents` (a stage's VAE latents computed once, for training "
+    "with data.latents). `leffa <command> --help` for each."
 )
 EXTRA_COMMANDS = {
     "eval": "leffa.evaluate:eval_main",
     "visualize": "leffa.visualize:visualize_main",
     "export": "leffa.export:export_main",
+    "cache-latents": "leffa.cache_latents:cache_latents_main",
 }
 #: the exit status of a stage stopped by SIGTERM: a process killed by it (128 + 15)
 SIGTERM_STATUS = 143

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from leffa.errors import UserError
 
-__all__ = ["LAYOUTS", "conditioning_channels", "build_conditioning", "samples_posterior"]
+__all__ = ["LAYOUTS", "conditioning_channels", "build_conditioning", "samples_posterior", "encoded_images"]
 
 LAYOUTS: dict[str, tuple[str, ...]] = {
     "tryon": ("mask", "masked_image"),
@@ -35,6 +35,9 @@ LAYOUTS: dict[str, tuple[str, ...]] = {
 PART_CHANNELS = {"mask": 1, "masked_image": 4, "densepose_latent": 4, "densepose_image": 3}
 # the layouts computed as the released pipeline computes them (module docstring)
 RELEASED_RULES = frozenset({"released"})
+# the parts made by the VAE, by the name of the image they encode (``build_conditioning`` hands
+# ``encode`` that name; cached latents are stored under it: ``leffa.data.latents``)
+ENCODED_PARTS = {"masked_image": "masked", "densepose_latent": "densepose"}
 
 
 def _layout(name: str) -> tuple[str, ...]:
@@ -55,13 +58,23 @@ def samples_posterior(name: str) -> bool:
     return name in RELEASED_RULES
 
 
-def build_conditioning(name: str, batch: dict, encode: Callable[[torch.Tensor], torch.Tensor],
+def encoded_images(name: str) -> tuple[str, ...]:
+    """The images a training step of layout ``name`` encodes with the VAE: the target, the
+    reference, then the conditioning's (``masked`` for a masked image, ``densepose`` for a DensePose
+    latent), in the order they are encoded."""
+    return ("tgt", "ref", *(ENCODED_PARTS[p] for p in _layout(name) if p in ENCODED_PARTS))
+
+
+def build_conditioning(name: str, batch: dict, encode: Callable[[torch.Tensor, str], torch.Tensor],
                        latent_hw: tuple[int, int]) -> torch.Tensor:
     """(B, conditioning_channels(name), h, w) from the batch's ``tgt``, ``mask`` and ``densepose``.
 
-    ``encode`` maps an image (B, 3, H, W) in [-1, 1] to its scaled latent (B, 4, h, w) (a posterior
-    sample for the layouts of :func:`samples_posterior`: the caller's choice of ``encode``).
-    The masked image keeps the person outside the mask and is 0 (grey) inside it.
+    ``encode(image, image_name)`` maps an image (B, 3, H, W) in [-1, 1] to its scaled latent (B, 4,
+    h, w) (a posterior sample for the layouts of :func:`samples_posterior`: the caller's choice of
+    ``encode``); ``image_name`` is ``masked`` or ``densepose`` (:func:`encoded_images`), so that
+    the caller may take cached latents instead. The masked image keeps the person outside the mask
+    and is 0 (grey) inside it (with the batch's binary mask, ``tgt * (1 - mask)`` and the released
+    ``tgt * (mask < 0.5)`` are the same image).
     """
     released = name in RELEASED_RULES
     parts = []
@@ -70,9 +83,9 @@ def build_conditioning(name: str, batch: dict, encode: Callable[[torch.Tensor], 
             parts.append(F.interpolate(batch["mask"], size=latent_hw, mode="nearest"))
         elif part == "masked_image":
             keep = (batch["mask"] < 0.5).to(batch["tgt"].dtype) if released else 1.0 - batch["mask"]
-            parts.append(encode(batch["tgt"] * keep))
+            parts.append(encode(batch["tgt"] * keep, ENCODED_PARTS[part]))
         elif part == "densepose_latent":
-            parts.append(encode(batch["densepose"]))
+            parts.append(encode(batch["densepose"], ENCODED_PARTS[part]))
         elif released:  # densepose_image, as the released pipeline resizes it
             parts.append(F.interpolate(batch["densepose"], size=latent_hw, mode="nearest"))
         else:  # densepose_image

@@ -260,6 +260,11 @@ class LeffaModule(L.LightningModule):
             guard_checkpoint_loading(self.trainer.strategy)
             if self.speed.compile:
                 refuse_compile_with(strategy=self.trainer.strategy)
+            # cached latents (data.latents) must come from this VAE: checked before its weights may
+            # be stored in bf16 (model.speed.frozen_bf16), which would change its fingerprint
+            cache = getattr(self.trainer.datamodule, "latent_cache", None)
+            if cache:
+                self.check_latent_cache(cache)
             self.apply_speed(bf16=str(self.trainer.precision).startswith("bf16"))
             # the data's image size, where the data module says it (LeffaDataModule): checked now,
             # before any batch; other data are checked at the first training batch
@@ -283,6 +288,24 @@ class LeffaModule(L.LightningModule):
                 for unet in unets:
                     compile_blocks(unet)
             self._speed_applied.add(switch)
+
+    def vae_fingerprint(self) -> str:
+        """The frozen VAE's fingerprint (``leffa.data.latents.vae_fingerprint``), computed once, from
+        the weights as loaded (before ``model.speed.frozen_bf16`` may store them in bf16)."""
+        if getattr(self, "_vae_fingerprint", None) is None:
+            from leffa.data.latents import vae_fingerprint
+
+            self._vae_fingerprint = vae_fingerprint(self.vae)
+        return self._vae_fingerprint
+
+    def check_latent_cache(self, record: dict) -> None:
+        """One error line when cached latents (``record``: the ``latents`` entry of the cache's
+        manifest, ``leffa.data.latents``) were made by another VAE than this module's or lack an
+        image that this module's conditioning encodes. Their image size is checked by the data
+        module (``data.height``, ``data.width``)."""
+        from leffa.data.latents import check_cache_fits
+
+        check_cache_fits(record, self.vae_fingerprint(), self.hparams.conditioning)
 
     def vae_scale_factor(self) -> int:
         """Image pixels per latent pixel along each side: 2 ** (VAE levels - 1)."""
@@ -479,19 +502,27 @@ class LeffaModule(L.LightningModule):
     # ---------------------------------------------------------------- model
 
     @torch.no_grad()
-    def encode(self, image: torch.Tensor, generator: torch.Generator | list[torch.Generator] | None = None
-               ) -> torch.Tensor:
+    def encode(self, image: torch.Tensor, generator: torch.Generator | list[torch.Generator] | None = None,
+               moments: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """(B, 3, H, W) in [-1, 1] -> scaled VAE latent (B, 4, H/8, W/8).
 
         With a generator, a sample of the VAE's posterior drawn from it on the CPU (so a run's
         randomness stays in the module's own generator), or from one generator per sample (each
         draws its own sample's noise); without, the posterior mode.
+
+        With ``moments``, the image's cached posterior ``(mean, std)`` (``leffa cache-latents``;
+        ``batch["moments"]``) stand for the VAE, which does not run: the same latent, drawn the same
+        way (the mean is the mode; the sample is ``mean + std * noise``, with the same draw).
         """
-        dist = self.vae.encode(image.to(self.vae.dtype)).latent_dist
-        latent = dist.mode().float()  # float32 also from a VAE stored in bf16 (model.speed.frozen_bf16)
+        if moments is None:
+            dist = self.vae.encode(image.to(self.vae.dtype)).latent_dist
+            # float32 also from a VAE stored in bf16 (model.speed.frozen_bf16)
+            latent, std = dist.mode().float(), (lambda: dist.std.float())
+        else:
+            latent, std = moments[0].float(), (lambda: moments[1].float())
         if generator is not None:
             noise = randn_tensor(latent.shape, generator=generator, device=torch.device("cpu"), dtype=torch.float32)
-            latent = latent + dist.std.float() * pinned_copy(noise, latent.device)
+            latent = latent + std() * pinned_copy(noise, latent.device)
         return latent * self.vae.config.scaling_factor
 
     def encode_inputs(self, batch: dict, generator: torch.Generator | list[torch.Generator] | None = None
@@ -499,13 +530,16 @@ class LeffaModule(L.LightningModule):
         """The reference latent and the conditioning channels of ``batch``. For a layout that draws
         posterior samples (``leffa.conditioning.samples_posterior``: ``released``) they come from
         ``generator``, the conditioning's first and the reference's second, the released pipeline's
-        order; otherwise both are posterior modes and nothing is drawn."""
+        order; otherwise both are posterior modes and nothing is drawn. Images whose cached moments
+        the batch carries (``batch["moments"]``, from cached latents) are not encoded again."""
         encode_with = generator if samples_posterior(self.hparams.conditioning) else None
+        moments = batch.get("moments") or {}
         height, width = batch["ref"].shape[-2:]
         factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
-        conditioning = build_conditioning(self.hparams.conditioning, batch, lambda x: self.encode(x, encode_with),
+        conditioning = build_conditioning(self.hparams.conditioning, batch,
+                                          lambda x, name: self.encode(x, encode_with, moments.get(name)),
                                           (height // factor, width // factor))
-        return self.encode(batch["ref"], encode_with), conditioning
+        return self.encode(batch["ref"], encode_with, moments.get("ref")), conditioning
 
     def run_reference(self, ref_latent: torch.Tensor, timesteps: torch.Tensor) -> None:
         """Encode the reference for the next ``denoise`` calls (the Reference UNet, for ``dual_unet``)."""
@@ -529,9 +563,10 @@ class LeffaModule(L.LightningModule):
         Leffa captures taken for ``capture_rows`` (in ``self.bank.captures``); returns
         (prediction, noise). Draws from ``generator`` (CPU): the VAE posterior sample of the
         targets, those of the conditioning and the reference where the layout samples them
-        (:meth:`encode_inputs`), then the noise."""
+        (:meth:`encode_inputs`), then the noise. Cached latents (``batch["moments"]``) replace the
+        VAE with the same draws."""
         tgt = batch["tgt"]
-        latents = self.encode(tgt, generator)
+        latents = self.encode(tgt, generator, (batch.get("moments") or {}).get("tgt"))
         ref_latent, conditioning = self.encode_inputs(batch, generator)
         # random draws on the CPU generator, then moved: cheap, and identical on every device type
         # (copies from the CPU through pinned memory: the host does not wait for the GPU)

@@ -9,6 +9,7 @@ import copy
 
 import torch
 from lightning.fabric.utilities.throughput import measure_flops
+from lightning_utilities.core.apply_func import apply_to_collection
 from lightning.pytorch.callbacks import ThroughputMonitor
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
@@ -37,7 +38,8 @@ def training_flops(module, batch: dict) -> int | None:
     has no meta implementation): the run then logs no MFU."""
     try:
         counted = meta_copy(module)
-        shapes = {k: torch.empty_like(v, device="meta") if torch.is_tensor(v) else v for k, v in batch.items()}
+        # nested too: the cached latents' moments, {image: (mean, std)}
+        shapes = apply_to_collection(batch, torch.Tensor, lambda v: torch.empty_like(v, device="meta"))
         generator = torch.Generator().manual_seed(0)  # a stream of its own: the run's stays untouched
         return measure_flops(counted, lambda: counted.compute_loss(shapes, generator, train=True)[0],
                              loss_fn=lambda loss: loss)

@@ -5,6 +5,7 @@ The DataLoader yields a compact *wire* batch (what ``Collate`` builds in the wor
 - ``tgt``, ``ref``, ``densepose``: uint8 (B, H, W, 3)
 - ``mask``: uint8 (B, H, W) in {0, 1}
 - ``flow``: float16 (B, H, W, 2), as stored in the shards
+- ``moments``: with cached latents (``data.latents``), ``{image: (mean, std)}`` float32 (B, C, h, w)
 
 ``to_model_batch`` turns it into the batch contract (docs/design.md, "Batch contract"), B samples at the
 stage's (H, W); ``LeffaDataModule.on_after_batch_transfer`` applies it on the device, so the
@@ -14,6 +15,8 @@ model always receives:
 - ``mask``: float32 (B, 1, H, W) in {0, 1}, 1 = generate
 - ``flow``: float32 (B, H, W, 2), NaN outside the mask; present only when *every* sample of
   the batch has a flow (a mixed batch has none, rather than a padded one)
+- ``moments``: as above (cached VAE posterior moments, ``leffa.data.latents``), when every sample
+  has them; the module then skips the VAE for those images
 - ``key``: list[str] of length B
 - ``skipped``: int64 scalar, corrupt samples this batch's worker skipped since its previous
   batch (sum it over batches for a total)
@@ -39,6 +42,9 @@ class Collate:
         batch["key"] = [s["key"] for s in samples]
         if all("flow" in s for s in samples):
             batch["flow"] = torch.stack([s["flow"] for s in samples])
+        if samples and all("moments" in s for s in samples):
+            batch["moments"] = {image: tuple(torch.stack([s["moments"][image][i] for s in samples]) for i in range(2))
+                                for image in samples[0]["moments"]}
         batch["skipped"] = torch.tensor(self.counter.take(), dtype=torch.long)
         return batch
 

@@ -10,6 +10,7 @@ from leffa.errors import UserError
 from leffa.data.eval_split import batches_per_rank
 from leffa.data.folder import FolderPairs
 from leffa.data.global_batch import split_global_batch
+from leffa.data.latents import cache_record
 from leffa.data.pipeline import ExactlyOnce, eval_pipeline, train_pipeline
 from leffa.data.preflight import check_sources
 from leffa.data.shards import resolve_sources
@@ -23,6 +24,8 @@ ShardSpec = str | list[str] | None
 DEFAULT_SPLITS = {"train": ("train",), "val": ("val", "test"), "test": ("test",), "predict": ("test",)}
 # the shard sources each Trainer stage reads
 STAGE_SOURCES = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("predict",)}
+# the sources whose cached latents data.latents reads (those leffa cache-latents writes)
+LATENT_SOURCES = ("train", "val")
 
 
 class LeffaDataModule(L.LightningDataModule):
@@ -58,6 +61,7 @@ class LeffaDataModule(L.LightningDataModule):
         shuffle_buffer: int = 1000,
         hflip: bool = False,
         seed: int = 0,
+        latents: bool = False,
     ):
         """Configure the data of one stage.
 
@@ -97,6 +101,11 @@ class LeffaDataModule(L.LightningDataModule):
                 pose images have sides that a mirror does not swap.
             seed: base seed of the training stream (shard draws, shuffle, flips); each rank and
                 worker derives its own from it and from the step training starts at.
+            latents: read the cached VAE latents of the training and validation shards (folders
+                written by ``leffa cache-latents``; ``leffa.data.latents``) into ``batch["moments"]``,
+                so the module skips the VAE for those images. Refused in one line: shards without
+                them, latents of another size, ``hflip``; the module refuses another VAE or a
+                conditioning whose images they lack. Test and predict shards are read as images.
         """
         super().__init__()
         _check_positive(height=height, width=width, batch_size=batch_size, val_batch_size=val_batch_size or 1)
@@ -104,10 +113,14 @@ class LeffaDataModule(L.LightningDataModule):
             raise UserError(f"num_workers ({num_workers}) and shuffle_buffer ({shuffle_buffer}) must be >= 0")
         if train_weights is not None:
             _check_weights(train_shards, train_weights)
+        if latents and hflip:
+            cache_record({}, height, width, hflip)  # its one-line refusal
         self.save_hyperparameters()
         self.micro_batch_size = batch_size
         self.shards: dict[str, list[list[str]]] = {}
         self.counts: dict[str, list[int] | None] = {}
+        #: the ``latents`` record of the cached latents read (data.latents), set by setup
+        self.latent_cache: dict | None = None
 
     def setup(self, stage: str) -> None:
         """Resolve the shard lists the Trainer stage needs (errors name the missing pattern), check
@@ -129,6 +142,10 @@ class LeffaDataModule(L.LightningDataModule):
             if spec is None and name != "val":  # no val_shards: fit without validation
                 raise UserError(f"Trainer stage {stage!r} needs data.{name}_shards")
             self._sources(name)
+        if self.hparams.get("latents") and set(STAGE_SOURCES[stage]) & set(LATENT_SOURCES):
+            self.latent_cache = cache_record(
+                {n: self._sources(n) for n in LATENT_SOURCES if self.hparams[f"{n}_shards"] is not None},
+                self.hparams.height, self.hparams.width, self.hparams.hflip)
 
     @staticmethod
     def check_stage(stage: str, settings: dict) -> None:
@@ -137,6 +154,9 @@ class LeffaDataModule(L.LightningDataModule):
         the model: a missing pattern, a source with nothing readable, a sample without a member."""
         if stage not in STAGE_SOURCES or (stage == "predict" and settings.get("predict_folder")):
             return  # setup says so
+        if settings.get("latents") and settings.get("hflip"):
+            cache_record({}, 0, 0, hflip=True)  # its one-line refusal, before any other about flips
+        resolved = {}
         for name in STAGE_SOURCES[stage]:
             spec = settings.get(f"{name}_shards")
             if spec is None:
@@ -145,6 +165,10 @@ class LeffaDataModule(L.LightningDataModule):
                 continue
             sources = resolve_sources(spec, DEFAULT_SPLITS[name])
             check_sources(name, sources, hflip=bool(settings.get("hflip")) and name == "train", specs=_specs(spec))
+            resolved[name] = sources
+        if settings.get("latents") and set(STAGE_SOURCES[stage]) & set(LATENT_SOURCES):
+            cache_record({n: s for n, s in resolved.items() if n in LATENT_SOURCES}, settings.get("height", 512),
+                         settings.get("width", 384), bool(settings.get("hflip")))
 
     def train_dataloader(self) -> DataLoader:
         """Endless batches of ``batch_size`` (see class docstring)."""
@@ -162,6 +186,7 @@ class LeffaDataModule(L.LightningDataModule):
             seed=hp.seed,
             rank=rank,
             start_step=start_step,
+            latents=self._latent_spec("train"),
         )
         return self._loader(dataset)
 
@@ -194,6 +219,16 @@ class LeffaDataModule(L.LightningDataModule):
             self.shards[name] = sources
         return self.shards[name]
 
+    def _latent_spec(self, name: str) -> tuple | None:
+        """``(images, latent shape)`` of the cached latents that source ``name`` reads, or None."""
+        if not self.hparams.get("latents") or name not in LATENT_SOURCES:
+            return None
+        if self.latent_cache is None:  # a dataloader asked for outside a Trainer: setup's checks first
+            self.latent_cache = cache_record(
+                {n: self._sources(n) for n in LATENT_SOURCES if self.hparams[f"{n}_shards"] is not None},
+                self.hparams.height, self.hparams.width, self.hparams.hflip)
+        return tuple(self.latent_cache["images"]), tuple(int(v) for v in self.latent_cache["latent_shape"])
+
     def _counts(self, name: str, shards: list[str]) -> list[int] | None:
         """Samples per shard of ``name`` (once), or None when a shard is streamed, not a local file."""
         if name not in self.counts:
@@ -212,7 +247,7 @@ class LeffaDataModule(L.LightningDataModule):
         if counts is not None:
             batches_per_rank(sum(counts), world_size, batch_size, f"{name}_shards")  # refuse here, not in a worker
             dataset = ExactlyOnce(shards, counts, height=hp.height, width=hp.width, batch_size=batch_size,
-                                  rank=rank, world_size=world_size)
+                                  rank=rank, world_size=world_size, latents=self._latent_spec(name))
         else:
             if len(shards) < world_size:
                 raise UserError(
@@ -220,7 +255,7 @@ class LeffaDataModule(L.LightningDataModule):
                     f" at least one (use local shard files, which are split by sample, or fewer devices)"
                 )
             dataset = eval_pipeline(shards, height=hp.height, width=hp.width, batch_size=batch_size,
-                                    rank=rank, world_size=world_size)
+                                    rank=rank, world_size=world_size, latents=self._latent_spec(name))
         return self._loader(dataset)
 
     def _loader(self, dataset) -> DataLoader:

@@ -20,6 +20,7 @@ from leffa.data.batch import Collate
 from leffa.data.decode import decode_sample
 from leffa.data.distributed import split_by_rank_then_worker, stream_seed, worker_info
 from leffa.data.eval_split import rank_plan
+from leffa.data.latents import decode_with_moments
 from leffa.data.skips import SkipCounter, skip_corrupt
 from leffa.data.tar_samples import read_samples
 from leffa.data.transforms import random_hflip, resize_sample
@@ -69,10 +70,15 @@ def _resampled_source(shards: list[str], index: int, seed: int, rank: int, start
     )
 
 
-def _decode_resize(height: int, width: int, counter: SkipCounter) -> list:
-    """The shared middle stages: decode (skipping corrupt samples), resize per key."""
+def _decode_resize(height: int, width: int, counter: SkipCounter, latents: tuple | None = None) -> list:
+    """The shared middle stages: decode (skipping corrupt samples), resize per key. ``latents``:
+    ``(images, shape)`` of cached latents to read too (``leffa.data.latents``), or None."""
+    if latents:
+        decode = partial(decode_with_moments, draft_size=(height, width), images=latents[0], shape=latents[1])
+    else:
+        decode = partial(decode_sample, draft_size=(height, width))
     return [
-        partial(skip_corrupt, fn=partial(decode_sample, draft_size=(height, width)), counter=counter),
+        partial(skip_corrupt, fn=decode, counter=counter),
         wds.map(partial(resize_sample, height=height, width=width)),
     ]
 
@@ -89,6 +95,7 @@ def train_pipeline(
     seed: int,
     rank: int,
     start_step: int = 0,
+    latents: tuple | None = None,
 ) -> wds.DataPipeline:
     """Endless stream of full training batches for one rank (each worker runs a copy).
 
@@ -100,6 +107,7 @@ def train_pipeline(
         sources: one shard list per source.
         weights: mixing weight per source; None pools all shards into one source (so each
             source contributes in proportion to its shard count).
+        latents: ``(images, shape)`` of the cached latents to read into ``moments``, or None.
     """
     counter = SkipCounter()
     if weights is None:
@@ -109,7 +117,7 @@ def train_pipeline(
     if shuffle_buffer > 1:
         # Shuffle the still-encoded samples: ~30x smaller than decoded ones at 1024x768.
         stages.append(partial(_shuffle, bufsize=shuffle_buffer, seed=seed, rank=rank, start_step=start_step))
-    stages += _decode_resize(height, width, counter)
+    stages += _decode_resize(height, width, counter, latents)
     if hflip:
         stages.append(partial(random_hflip, p=0.5, seed=seed, rank=rank, start_step=start_step))
     stages.append(wds.batched(batch_size, collation_fn=Collate(counter), partial=False))
@@ -128,8 +136,8 @@ class ExactlyOnce(IterableDataset):
     """
 
     def __init__(self, shards: list[str], counts: list[int], *, height: int, width: int, batch_size: int,
-                 rank: int, world_size: int):
-        self.shards, self.counts = shards, counts
+                 rank: int, world_size: int, latents: tuple | None = None):
+        self.shards, self.counts, self.latents = shards, counts, latents
         self.height, self.width, self.batch_size = height, width, batch_size
         self.rank, self.world_size = rank, world_size
 
@@ -139,7 +147,7 @@ class ExactlyOnce(IterableDataset):
         counter = SkipCounter()
         collate = Collate(counter)
         raw = chain.from_iterable(read_samples(self.shards[i], start, stop, counter.handler) for i, start, stop in pieces)
-        decode_resize = _decode_resize(self.height, self.width, counter)
+        decode_resize = _decode_resize(self.height, self.width, counter, self.latents)
         held = None  # one batch held back, so skips after the last good sample still reach a batch
         for size in sizes:
             samples = islice(raw, size)
@@ -155,7 +163,8 @@ class ExactlyOnce(IterableDataset):
 
 
 def eval_pipeline(
-    shards: list[str], *, height: int, width: int, batch_size: int, rank: int, world_size: int
+    shards: list[str], *, height: int, width: int, batch_size: int, rank: int, world_size: int,
+    latents: tuple | None = None,
 ) -> wds.DataPipeline:
     """One pass over streamed ``shards`` (``pipe:`` or URLs, which cannot be counted beforehand).
 
@@ -168,6 +177,6 @@ def eval_pipeline(
         wds.SimpleShardList(shards),
         partial(split_by_rank_then_worker, rank=rank, world_size=world_size),
         wds.tarfile_to_samples(handler=counter.handler),
-        *_decode_resize(height, width, counter),
+        *_decode_resize(height, width, counter, latents),
         wds.batched(batch_size, collation_fn=Collate(counter), partial=True),
     )
