@@ -97,7 +97,7 @@ def load_vae_folder(path: str | Path) -> AutoencoderKL:
     if not (root / "config.json").is_file() or not (root / VAE_WEIGHTS).is_file():
         raise MissingFileError(
             f"no diffusers VAE at {root}: expected {root / 'config.json'} and {root / VAE_WEIGHTS} (an "
-            f"AutoencoderKL folder written by save_pretrained, e.g. python -m data_prep.train_tiny_vae --out {root})"
+            f"AutoencoderKL folder written by save_pretrained, e.g. python -m replicate.train_tiny_vae --out {root})"
         )
     return AutoencoderKL.from_pretrained(root, local_files_only=True, use_safetensors=True)
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from data_prep.synthetic_textures import TEXTURES
-from data_prep.train_tiny_vae import PSNR_FILE, psnr, reconstruct, synthetic_images
+from replicate.train_tiny_vae import PSNR_FILE, psnr, reconstruct, synthetic_images
 from leffa.pretrained import load_vae_folder
 
 FOLDER = Path(__file__).resolve().parents[1] / "assets" / "tiny_vae_synthetic"

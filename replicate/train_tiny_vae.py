@@ -3,7 +3,7 @@ configs/model/tiny_vae.yaml, 8x downsampling, 4 latent channels) fitted to the s
 target and reference images of every texture family, so that the tiny model's sample grids decode
 to pictures instead of noise.
 
-    python -m data_prep.train_tiny_vae --out assets/tiny_vae_synthetic [--steps 600] [--threads 1]
+    python -m replicate.train_tiny_vae --out assets/tiny_vae_synthetic [--steps 600] [--threads 1]
 
 (about 5 minutes on one CPU core; the committed folder was written by exactly this command)
 
@@ -164,7 +164,7 @@ def save(vae: AutoencoderKL, table: dict, out: Path) -> Path:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(prog="python -m data_prep.train_tiny_vae", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m replicate.train_tiny_vae", description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, required=True, help="new folder for the diffusers AutoencoderKL")
     p.add_argument("--steps", type=int, default=600)
     p.add_argument("--batch-size", type=int, default=24)
