@@ -36,7 +36,7 @@ def main(argv=None):
     from leffa.testing import make_batch
 
     from leffa.module import LeffaModule
-    from leffa.sampling import make_scheduler, sample
+    from leffa.sampling import SamplingConfig, sample
 
     torch.manual_seed(0)
     module = LeffaModule(unet_config=args.unet_config, vae_config=args.vae_config,
@@ -48,8 +48,8 @@ def main(argv=None):
         for name, reference_timestep in variants.items():
             start = time.perf_counter()
             with torch.autocast(args.device, dtype=torch.bfloat16, enabled=args.bf16):
-                sample(module, batch, make_scheduler("ddim", module.scheduler), args.steps, 2.5,
-                       generator=torch.Generator().manual_seed(0), reference_timestep=reference_timestep)
+                sample(module, batch, SamplingConfig("ddim", args.steps, 2.5, reference_timestep=reference_timestep,
+                                                     repaint=False), torch.Generator().manual_seed(0))
             if args.device == "cuda":
                 torch.cuda.synchronize()
             if i:  # the first round warms up

@@ -17,7 +17,7 @@ from torchvision.utils import save_image
 
 from leffa.atomic_write import write_atomically
 from leffa.errors import UserError
-from leffa.sampling import make_scheduler, sample
+from leffa.sampling import sample
 from leffa.viz import sample_grid, save_png
 
 __all__ = ["SampleGrid", "FlowPictures", "ImageWriter", "unsafe_key_reason"]
@@ -35,36 +35,33 @@ def rank_zero_log_dir(trainer) -> Path:
 class SampleGrid(L.Callback):
     """At each validation, sample the first validation batch and log a grid (TensorBoard + PNG).
 
-    Runs inside the validation loop, so with ``EMAWeightAveraging`` the pictures show the EMA
-    weights. PNGs go to ``<log_dir>/samples/step_<global step>.png``.
+    The samples are drawn as ``leffa predict`` draws them, with the module's own ``model.sampling``
+    (scheduler, guidance, reference timestep, repaint), fewer steps when ``num_steps`` says so, and
+    the same noise at every validation (``model.sampling.seed``). Runs inside the validation loop,
+    so with ``EMAWeightAveraging`` the pictures show the EMA weights. PNGs go to
+    ``<log_dir>/samples/step_<global step>.png``.
 
     Args:
         num_samples: rows of the grid (taken from the first validation batch).
-        num_steps: denoising steps.
-        guidance_scale: classifier-free guidance over the reference.
-        scheduler: sampling scheduler name (see ``leffa.sampling.SCHEDULERS``).
-        seed: seed of the initial noise, the same at every validation.
-        repaint: paste the unmasked region of the person back onto the generated image, as
-            ``leffa predict`` does by default (the grid then shows what the model generates: the
-            masked region).
+        num_steps: denoising steps, when fewer than ``model.sampling.num_steps`` will do for a
+            picture during training (None: the same).
     """
 
     # runs the model on rank 0 alone: refused under sharding (leffa.parallel), with this advice
     unsharded_forward = "sample with `leffa predict`"
 
-    def __init__(self, num_samples: int = 4, num_steps: int = 20, guidance_scale: float = 2.5,
-                 scheduler: str = "ddim", seed: int = 0, repaint: bool = True):
-        self.num_samples, self.num_steps, self.guidance_scale = num_samples, num_steps, guidance_scale
-        self.scheduler_name, self.seed, self.repaint = scheduler, seed, repaint
+    def __init__(self, num_samples: int = 4, num_steps: int | None = None):
+        self.num_samples, self.num_steps = num_samples, num_steps
         self.last_path: Path | None = None
 
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
         if batch_idx != 0 or trainer.sanity_checking or not trainer.is_global_zero:
             return
         batch = {k: v[: self.num_samples] for k, v in batch.items() if k in ("tgt", "ref", "mask", "densepose")}
-        scheduler = make_scheduler(self.scheduler_name, pl_module.scheduler)
-        prediction = sample(pl_module, batch, scheduler, self.num_steps, self.guidance_scale,
-                            generator=torch.Generator().manual_seed(self.seed), repaint=self.repaint)
+        config = pl_module.sampling
+        if self.num_steps is not None:
+            config = dataclasses.replace(config, num_steps=self.num_steps)
+        prediction = sample(pl_module, batch, config, torch.Generator().manual_seed(config.seed))
         grid = sample_grid(batch, prediction)
         log_dir = rank_zero_log_dir(trainer)
         self.last_path = save_png(grid, log_dir / "samples" / f"step_{trainer.global_step:06d}.png")

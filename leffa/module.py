@@ -28,10 +28,11 @@ from leffa.losses import diffusion_loss, warp_loss
 from leffa.parallel import is_sharding
 from leffa.pretrained import load_scheduler, load_vae, load_vae_folder, read_config
 from leffa.released import RELEASED_CROSS_ATTENTION, has_cross_attention_norm
-from leffa.sampling import SamplingConfig, key_generators, make_scheduler, sample
+from leffa.sampling import SamplingConfig, key_generators, sample
 from leffa.schedules import LRSchedule, build_scheduler
 from leffa.speed import (
-    SpeedSettings, compile_blocks, pinned_copy, refuse_compile_with, store_frozen_in_bf16, use_channels_last,
+    SpeedSettings, autocast_on, compile_blocks, pinned_copy, refuse_compile_with, store_frozen_in_bf16,
+    use_channels_last,
 )
 from leffa.throughput import report_training_start
 from leffa.trainable import LORA_MARKERS, LoraSettings, base_layer_names, has_lora
@@ -523,7 +524,10 @@ class LeffaModule(L.LightningModule):
         if generator is not None:
             noise = randn_tensor(latent.shape, generator=generator, device=torch.device("cpu"), dtype=torch.float32)
             latent = latent + std() * pinned_copy(noise, latent.device)
-        return latent * self.vae.config.scaling_factor
+        # float32 under autocast (bf16-mixed) and in float32 runs; under bf16-true (no autocast, every
+        # weight in bf16) the UNets take the VAE's own dtype
+        dtype = torch.float32 if autocast_on(latent.device) else self.vae.dtype
+        return (latent * self.vae.config.scaling_factor).to(dtype)
 
     def encode_inputs(self, batch: dict, generator: torch.Generator | list[torch.Generator] | None = None
                       ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -778,10 +782,7 @@ class LeffaModule(L.LightningModule):
         Each sample's noise comes from a generator seeded by its key and ``sampling.seed``, so its
         image does not depend on the batch size, the order of the samples or the number of ranks.
         """
-        cfg = self.sampling
-        generator = key_generators(batch["key"], cfg.seed)
-        images = sample(self, batch, make_scheduler(cfg.scheduler, self.scheduler), cfg.num_steps,
-                        cfg.guidance_scale, cfg.guidance_rescale, generator, cfg.reference_timestep, cfg.repaint)
+        images = sample(self, batch, self.sampling, key_generators(batch["key"], self.sampling.seed))
         return {"key": batch["key"], "image": images}
 
     def test_step(self, batch: dict, batch_idx: int) -> torch.Tensor:

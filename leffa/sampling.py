@@ -41,7 +41,7 @@ SCHEDULERS = {
 
 @dataclass
 class SamplingConfig:
-    """Settings of ``leffa predict`` (and of sample grids).
+    """How to sample: ``model.sampling`` of ``leffa predict``, also what the ``SampleGrid`` pictures use.
 
     Args:
         scheduler: diffusers scheduler by name (``ddim``, ``ddpm``, ``dpm++``, ``euler``, ``euler_a``, ``unipc``).
@@ -98,34 +98,29 @@ def rescale_noise_cfg(eps_guided: torch.Tensor, eps_cond: torch.Tensor, rescale:
 def sample(
     module,
     batch: dict,
-    scheduler,
-    num_steps: int = 50,
-    guidance_scale: float = 2.5,
-    guidance_rescale: float = 0.0,
+    config: SamplingConfig | None = None,
     generator: torch.Generator | Sequence[torch.Generator] | None = None,
-    reference_timestep: int | str | None = None,
-    repaint: bool = False,
 ) -> torch.Tensor:
-    """Generate the target images of ``batch``; returns (B, 3, H, W) in [-1, 1].
+    """Generate the target images of ``batch`` as ``config`` says; returns (B, 3, H, W) in [-1, 1].
+
+    The one sampler of ``leffa predict`` (``model.sampling``) and of the ``SampleGrid`` pictures.
 
     Args:
-        module: a ``LeffaModule`` (its VAE, denoiser and conditioning layout are used).
+        module: a ``LeffaModule`` (its VAE, denoiser, conditioning layout and training scheduler,
+            whose noise schedule the sampling scheduler shares).
         batch: ``tgt`` (the source person; only its unmasked part is seen), ``ref``, ``mask``,
             ``densepose`` as in training.
-        scheduler: a diffusers scheduler (see :func:`make_scheduler`); its state is reset here.
-        num_steps: number of denoising steps.
-        guidance_scale: CFG scale over the reference; 1 runs the conditional branch only.
-        guidance_rescale: the rescale of Lin et al. 2023 (Sec. 3.4 of arXiv 2305.08891), 0 = off.
+        config: scheduler, steps, guidance, guidance rescale, reference timestep, repaint (see
+            :class:`SamplingConfig`; its ``seed`` is the caller's to use for ``generator``).
         generator: CPU generator for the initial noise and the steps of stochastic schedulers; or
             one generator per sample (see :func:`key_generators`), each drawing all of its sample's
             noise, so that a sample's result does not depend on the batch it is in. Its draws, in
             order: the posterior samples of the conditioning and the reference where the layout
             takes them (``LeffaModule.encode_inputs``), the initial noise, the scheduler's steps.
-        reference_timestep: run the Reference UNet once at this timestep and reuse its features;
-            ``"middle"``: at ``scheduler.timesteps[num_steps // 2]``; None recomputes them at every
-            step with that step's timestep.
-        repaint: paste the unmasked region of the source person back onto the result.
     """
+    config = config or SamplingConfig()
+    scheduler = make_scheduler(config.scheduler, module.scheduler)
+    num_steps, guidance_scale, reference_timestep = config.num_steps, config.guidance_scale, config.reference_timestep
     device = batch["tgt"].device
     b = batch["tgt"].shape[0]
     if generator is not None and not isinstance(generator, torch.Generator):
@@ -166,11 +161,11 @@ def sample(
         if guided:
             eps_uncond, eps_cond = eps.chunk(2)
             eps = eps_uncond + guidance_scale * (eps_cond - eps_uncond)
-            if guidance_rescale > 0:
-                eps = rescale_noise_cfg(eps, eps_cond, guidance_rescale)
+            if config.guidance_rescale > 0:
+                eps = rescale_noise_cfg(eps, eps_cond, config.guidance_rescale)
         x = scheduler.step(eps, t, x, **step_kwargs).prev_sample
 
     image = module.vae.decode(x / module.vae.config.scaling_factor).sample.clamp(-1, 1)
-    if repaint:
+    if config.repaint:
         image = image * batch["mask"] + batch["tgt"] * (1 - batch["mask"])
     return image

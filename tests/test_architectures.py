@@ -8,7 +8,7 @@ from leffa.architectures import ARCHITECTURES, LATENT_CHANNELS, DualUNet
 from leffa.attention import ReferenceBank
 from leffa.errors import UserError
 from leffa.module import LeffaModule
-from leffa.sampling import make_scheduler, sample
+from leffa.sampling import SamplingConfig, sample
 from leffa.testing import make_batch
 from leffa.unets import build_unet
 
@@ -45,8 +45,8 @@ def test_a_second_architecture_plugs_in_through_the_registry(monkeypatch, tiny_c
     loss.backward()
     assert torch.isfinite(loss) and module.denoiser.encoded == 1
     assert module.denoiser.unet.conv_in.weight.grad is not None
-    images = sample(module, batch, make_scheduler("ddim", module.scheduler), num_steps=2, guidance_scale=1.0,
-                    generator=torch.Generator().manual_seed(0))
+    images = sample(module, batch, SamplingConfig(num_steps=2, guidance_scale=1.0, reference_timestep=None,
+                                                  repaint=False), torch.Generator().manual_seed(0))
     assert images.shape == batch["tgt"].shape and module.denoiser.encoded == 3  # once per step
 
 

@@ -22,7 +22,7 @@ from leffa.cli import cli_main
 from leffa.errors import UserError
 from leffa.export import export_folder, load_exported
 from leffa.module import LeffaModule
-from leffa.sampling import make_scheduler, sample
+from leffa.sampling import SamplingConfig, sample
 from leffa.testing import make_batch
 from leffa.unets import set_cross_attention
 
@@ -202,8 +202,8 @@ def test_sampling_guides_against_the_zeroed_garment_and_repaints(tiny_configs):
     module = concat_module(tiny_configs).eval()
     batch = make_batch()
     seen = unet_inputs(module.denoiser.unet)
-    images = sample(module, batch, make_scheduler("ddim", module.scheduler), num_steps=2, guidance_scale=2.5,
-                    generator=torch.Generator().manual_seed(0), repaint=True)
+    images = sample(module, batch, SamplingConfig(num_steps=2, guidance_scale=2.5, reference_timestep=None,
+                                                  repaint=True), torch.Generator().manual_seed(0))
     assert images.shape == batch["tgt"].shape
     outside = batch["mask"].expand_as(images) == 0
     torch.testing.assert_close(images[outside], batch["tgt"][outside])

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from leffa.module import LeffaModule
-from leffa.sampling import make_scheduler, sample
+from leffa.sampling import SamplingConfig, sample
 from leffa.testing import make_batch
 
 pytestmark = [pytest.mark.gpu,
@@ -54,8 +54,7 @@ def test_a_compiled_step_gives_the_eager_step(tiny_configs):
 def test_sampling_runs_on_cuda(tiny_configs):
     module = build(tiny_configs).eval()
     batch = make_batch(device="cuda")
-    image = sample(module, batch, make_scheduler("ddim", module.scheduler), num_steps=3,
-                   generator=torch.Generator().manual_seed(0))
+    image = sample(module, batch, SamplingConfig(num_steps=3), torch.Generator().manual_seed(0))
     assert image.device.type == "cuda" and image.shape == batch["tgt"].shape and torch.isfinite(image).all()
 
 

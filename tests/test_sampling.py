@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from leffa.module import LeffaModule
-from leffa.sampling import make_scheduler, sample
+from leffa.sampling import SamplingConfig, make_scheduler, sample
 from leffa.testing import make_batch
 from leffa.viz import sample_grid
 
@@ -16,9 +16,8 @@ def module(tiny_configs):
 
 
 def run(module, batch, seed=0, **kwargs):
-    scheduler = make_scheduler(kwargs.pop("scheduler", "ddim"), module.scheduler)
-    return sample(module, batch, scheduler, num_steps=kwargs.pop("num_steps", 3),
-                  generator=torch.Generator().manual_seed(seed), **kwargs)
+    config = SamplingConfig(**{"num_steps": 3, "reference_timestep": None, "repaint": False, **kwargs})
+    return sample(module, batch, config, torch.Generator().manual_seed(seed))
 
 
 def test_sampling_is_deterministic_with_a_seed_and_varies_without(module):
@@ -97,9 +96,8 @@ def test_per_sample_generators_give_each_sample_the_same_image_in_any_batch(modu
 
     def generate(indices):
         part = {k: v[indices] for k, v in batch.items() if k != "key"}
-        sampler = make_scheduler(scheduler, module.scheduler)
-        return sample(module, part, sampler, num_steps=2, guidance_scale=2.0,
-                      generator=key_generators([keys[i] for i in indices], seed=7))
+        config = SamplingConfig(scheduler, num_steps=2, guidance_scale=2.0, reference_timestep=None, repaint=False)
+        return sample(module, part, config, key_generators([keys[i] for i in indices], seed=7))
 
     together = generate([0, 1, 2])
     reordered = generate([2, 0, 1])
@@ -119,7 +117,7 @@ def test_key_generators_depend_on_the_key_and_the_seed():
 
 
 @pytest.mark.parametrize("repaint", [True, False])
-def test_sample_grid_callback_repaints_by_default_like_predict(module, tmp_path, repaint):
+def test_sample_grid_samples_with_the_module_sampling_settings(module, tmp_path, repaint):
     from types import SimpleNamespace
 
     from torchvision.io import read_image
@@ -129,11 +127,31 @@ def test_sample_grid_callback_repaints_by_default_like_predict(module, tmp_path,
     batch = make_batch(batch_size=2, height=32, width=24)
     trainer = SimpleNamespace(sanity_checking=False, is_global_zero=True, global_step=7, logger=None,
                               default_root_dir=str(tmp_path))
-    callback = SampleGrid(num_samples=2, num_steps=2) if repaint else SampleGrid(num_samples=2, num_steps=2,
-                                                                                  repaint=False)
+    module.sampling = SamplingConfig(repaint=repaint)  # model.sampling decides, as for leffa predict
+    callback = SampleGrid(num_samples=2, num_steps=2)
     callback.on_validation_batch_end(trainer, module, None, batch, 0)
     grid = read_image(str(callback.last_path)).float() / 255  # rows: target | ref | mask | densepose | generated
     tile = lambda row, col: grid[:, 2 + row * 34: 2 + row * 34 + 32, 2 + col * 26: 2 + col * 26 + 24]  # noqa: E731
     outside = batch["mask"][0].expand(3, -1, -1) == 0
     same = torch.allclose(tile(0, 4)[outside], tile(0, 0)[outside], atol=1 / 255)
     assert same == repaint  # the generated column shows the person outside the mask only when repainting
+
+
+def test_sample_grid_draws_what_predict_draws_with_fewer_steps(module, tmp_path):
+    from types import SimpleNamespace
+
+    from torchvision.io import read_image
+
+    from leffa.callbacks import SampleGrid
+    from leffa.viz import sample_grid
+
+    batch = make_batch(batch_size=2, height=32, width=24)
+    trainer = SimpleNamespace(sanity_checking=False, is_global_zero=True, global_step=3, logger=None,
+                              default_root_dir=str(tmp_path))
+    module.sampling = SamplingConfig(scheduler="ddpm", num_steps=40, guidance_rescale=0.5, seed=5)
+    callback = SampleGrid(num_samples=2, num_steps=3)
+    callback.on_validation_batch_end(trainer, module, None, batch, 0)
+    expected = sample(module, batch, SamplingConfig(scheduler="ddpm", num_steps=3, guidance_rescale=0.5, seed=5),
+                      torch.Generator().manual_seed(5))
+    drawn = read_image(str(callback.last_path)).float() / 255
+    torch.testing.assert_close(drawn, (sample_grid(batch, expected) * 255).round() / 255, atol=1 / 255, rtol=0)
