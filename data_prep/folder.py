@@ -1,6 +1,7 @@
 """Your own photos (a plain folder) -> try-on shards; the same folder `--data.predict_folder` reads.
 
-Layout (root = the folder given as --src), files named by id, each .jpg, .jpeg or .png:
+Layout (root = the folder given as --src), files named by id, each .jpg, .jpeg or .png (indexed by
+`leffa.folder_index`, as `--data.predict_folder` does: two files of one id are an error naming both):
 - `person/<person id>.*`: the person photo (the target).
 - `garment/<garment id>.*`: the in-shop garment (the reference); `reference/` is accepted instead
   (the prediction folder's name), not both.
@@ -39,12 +40,12 @@ from data_prep.openpose import read_coco18
 from data_prep.sample import SampleError, build_sample
 from leffa.images import BLACK, check_aspect_ratios
 from leffa.errors import UserError
+from leffa.folder_index import IMAGE_EXTENSIONS, id_of, index_folder
 from leffa.schema import build_key
 
 DATASET = "folder"
 SPLITS = ("train", "test")
-EXTENSIONS = (".jpg", ".jpeg", ".png")
-POSE_FILES = {"densepose": ("densepose", EXTENSIONS), "keypoints": ("keypoints", (".json",))}  # folder, suffixes
+POSE_FILES = {"densepose": ("densepose", IMAGE_EXTENSIONS), "keypoints": ("keypoints", (".json",))}  # folder, suffixes
 GARMENT_DIRS = ("garment", "reference")
 PAIR_COLUMNS = ("person", "garment")
 SHOWN_MISSING = 3  # missing files named in the error; the rest are counted
@@ -96,23 +97,10 @@ def _garment_dir(root: Path) -> Path:
 
 
 def _index(folder: Path, suffixes: tuple[str, ...]) -> dict[str, Path]:
-    """{id: file} of the files of `folder` with one of `suffixes`; two files of one id are an error."""
+    """{id: file} of `folder` (`leffa.folder_index`: two files of one id are an error naming both)."""
     if not folder.is_dir():
         raise FileNotFoundError(f"folder {folder} not found; {ROOT_HINT}")
-    index: dict[str, Path] = {}
-    for path in sorted(folder.iterdir()):
-        if path.suffix.lower() not in suffixes or not path.is_file():
-            continue
-        if path.stem in index:
-            raise UserError(f"{index[path.stem]} and {path.name} have the same id; keep one of them")
-        index[path.stem] = path
-    return index
-
-
-def _id(name: str) -> str:
-    """A pair-file name as an id: `alice.jpg` -> `alice`; a name without an image extension is the id."""
-    path = Path(name)
-    return path.stem if path.suffix.lower() in EXTENSIONS else name
+    return index_folder(folder, suffixes)
 
 
 def list_samples(args: argparse.Namespace, split: str) -> list[FolderSpec]:
@@ -123,10 +111,10 @@ def list_samples(args: argparse.Namespace, split: str) -> list[FolderSpec]:
         raise FileNotFoundError(f"pair file {pair_file} not found; add it, or convert only the other split "
                                 f"(--split {'train' if split == 'test' else 'test'})")  # fmt: skip
     lines = read_pair_lines(pair_file, PAIR_COLUMNS, ROOT_HINT)  # plain file names only
-    rows = [(_id(person), _id(garment)) for _, (person, garment) in lines]
+    rows = [(id_of(person), id_of(garment)) for _, (person, garment) in lines]
     pose_folder, pose_suffixes = POSE_FILES[args.pose_source]
     names = {"person": "person", "garment": _garment_dir(root).name, "mask": "mask", "pose": pose_folder}
-    folders = {role: _index(root / name, pose_suffixes if role == "pose" else EXTENSIONS)
+    folders = {role: _index(root / name, pose_suffixes if role == "pose" else IMAGE_EXTENSIONS)
                for role, name in names.items()}  # fmt: skip
     missing = []
     for person, garment in rows:

@@ -162,3 +162,36 @@ def test_the_same_folder_serves_prediction(tmp_path):
     (src / "reference").mkdir()
     with pytest.raises(UserError, match="both reference/ and garment/"):
         LeffaDataModule(predict_folder=str(src), height=32, width=24, num_workers=0).predict_dataloader()
+
+
+def test_two_files_of_one_id_are_one_error_naming_both_in_the_converter_and_the_predict_folder(tmp_path):
+    # One indexer (leffa.folder_index) for both readers; the predict folder used to take p3.png silently.
+    from leffa.data.folder import FolderPairs
+
+    src = make_folder(tmp_path / "my_data")
+    save_png(src / "mask" / "p3.png.jpg", np.zeros((H, W), np.uint8), mode="L")  # id p3.png: no clash
+    save_png(src / "person" / "p3.png", solid(H, W, (1, 2, 3)))
+    with pytest.raises(UserError, match=r"person/p3\.jpg and p3\.png have the same id; keep one of them"):
+        convert(src, tmp_path / "shards")
+    with pytest.raises(UserError, match=r"person/p3\.jpg and p3\.png have the same id; keep one of them"):
+        FolderPairs(src, H, W)
+    assert not (tmp_path / "shards").exists()
+
+
+def test_pair_names_and_keys_are_read_alike_by_the_converter_and_the_predict_folder(tmp_path):
+    # An id is the name without its image extension (`p.v2.jpg` and `p.v2` are the id `p.v2`), and a
+    # key holds it as the converter's keys do (SampleKey: '.' -> '_').
+    from leffa.data.folder import FolderPairs
+
+    src = make_folder(tmp_path / "my_data")
+    for folder, name in (("person", "p3.jpg"), ("mask", "p3.png"), ("densepose", "p3.jpeg")):
+        (src / folder / name).rename(src / folder / name.replace("p3", "p.v2"))
+    (src / "test_pairs.txt").write_text("p.v2.jpg g1\np.v2 p3.png\n")
+    manifest = convert(src, tmp_path / "shards", "--split", "test")
+    assert manifest["splits"]["test"]["num_written"] == 2
+    keys = [key for key, _ in read_split(tmp_path / "shards", "test")]
+    assert keys == ["folder_test_unpaired_p_v2__g1", "folder_test_unpaired_p_v2__p3"]
+    folder = FolderPairs(src, H, W)
+    assert folder.pairs == [("p.v2", "g1"), ("p.v2", "p3")]
+    assert [folder[i]["key"] for i in range(2)] == ["p_v2__g1", "p_v2__p3"]
+    assert folder[0]["meta"] == {"tgt_id": "p.v2", "ref_id": "g1"}

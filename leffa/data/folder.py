@@ -3,11 +3,14 @@
 Layout: ``person/<id>.<jpg|png>``, ``reference/<id>.*`` (or ``garment/<id>.*``, the name
 ``python -m data_prep folder`` reads: one folder serves both; not both), ``mask/<id>.png``
 (255 = generate; for pose transfer all 255), ``densepose/<id>.*``; ``mask`` and ``densepose`` are
-named like the person. The pairs come from ``pairs.txt``, else from ``test_pairs.txt`` (the test
-list of a training folder); each line ``<person id> <reference id>`` is one sample, keyed
+named like the person. Files are indexed by ``leffa.folder_index``, as the converter does: an id is
+a file's stem, and two files of one id (``a.jpg``, ``a.png``) are a UserError naming both. The pairs
+come from ``pairs.txt``, else from ``test_pairs.txt`` (the test list of a training folder); each line
+``<person id> <reference id>`` (an id may carry its image extension) is one sample, keyed
 ``<person>__<reference>`` when the ids differ (unpaired try-on) and ``<person>`` when they are the
-same (UTF-8, two columns; a malformed line is a UserError naming the file and line). Without either
-file each person is paired with the reference of the same id.
+same (``leffa.schema.SampleKey.folder``; in keys ``.``, ``/``, ``\\`` and whitespace of an id become
+``_``, as in shard keys; UTF-8, two columns; a malformed line is a UserError naming the file and
+line). Without either file each person is paired with the reference of the same id.
 Images are read as the shard members are (``leffa.images.read_image``: EXIF orientation
 applied, 16-bit scaled to 8 bits, transparent pixels on white, or on black in masks and DensePose)
 and go through the shard pipeline's per-key resize stage. A mask or DensePose image whose aspect
@@ -25,14 +28,15 @@ from torch.utils.data import Dataset
 from leffa.images import BLACK, WHITE, check_aspect_ratios, read_image
 from leffa.data.transforms import resize_sample
 from leffa.errors import MissingFileError, UserError
+from leffa.folder_index import id_of, index_folder
 from leffa.pair_file import read_pair_file
+from leffa.schema import SampleKey, sanitize_id
 
 __all__ = ["FolderPairs"]
 
 FOLDERS = ("person", "reference", "mask", "densepose")
 REFERENCE_ALIAS = "garment"  # the training folder's name for reference/
 PAIR_FILES = ("pairs.txt", "test_pairs.txt")
-EXTENSIONS = (".jpg", ".jpeg", ".png")
 # sample key: (folder, PIL mode, background of transparent pixels, decode a JPEG at reduced scale)
 READ_AS = {"tgt": ("person", "RGB", WHITE, True), "ref": ("reference", "RGB", WHITE, True),
            "mask": ("mask", "L", BLACK, False), "densepose": ("densepose", "RGB", BLACK, False)}  # fmt: skip
@@ -54,18 +58,19 @@ class FolderPairs(Dataset):
         if missing:
             raise MissingFileError(f"{self.root} lacks the folders {missing} (expected {', '.join(FOLDERS)}; "
                                    f"{REFERENCE_ALIAS}/ may stand for reference/)")
-        self.files = {f: {p.stem: p for p in sorted(path.iterdir()) if p.suffix.lower() in EXTENSIONS}
-                      for f, path in folders.items()}
+        self.files = {f: index_folder(path) for f, path in folders.items()}
         pairs_file = next((self.root / n for n in PAIR_FILES if (self.root / n).is_file()), None)
         if pairs_file is not None:
             rows = read_pair_file(pairs_file, ("person", "reference"))
-            self.pairs = [(Path(person).stem, Path(reference).stem) for _, (person, reference) in rows]
+            self.pairs = [(id_of(person), id_of(reference)) for _, (person, reference) in rows]
         else:
             self.pairs = [(stem, stem) for stem in self.files["person"]]
         for person, reference in self.pairs:
             for folder, stem in (("person", person), ("mask", person), ("densepose", person), ("reference", reference)):
                 if stem not in self.files[folder]:
                     raise MissingFileError(f"no {folder} image for '{stem}' in {folders[folder]}")
+        self.keys = [SampleKey.folder(sanitize_id(person), sanitize_id(reference)).build()
+                     for person, reference in self.pairs]  # an id no key can hold: a UserError now
         people = dict.fromkeys(person for person, _ in self.pairs)
         check_aspect_ratios(((self.files["person"][p], (self.files["mask"][p], self.files["densepose"][p]))
                              for p in people), self.root)  # fmt: skip
@@ -75,8 +80,7 @@ class FolderPairs(Dataset):
 
     def __getitem__(self, index: int) -> dict:
         person, reference = self.pairs[index]
-        key = person if person == reference else f"{person}__{reference}"
-        sample = {"key": key, "meta": {"tgt_id": person, "ref_id": reference}}
+        sample = {"key": self.keys[index], "meta": {"tgt_id": person, "ref_id": reference}}
         for name, (folder, mode, background, draft) in READ_AS.items():
             path = self.files[folder][reference if folder == "reference" else person]
             try:
