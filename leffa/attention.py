@@ -15,7 +15,6 @@ the person half's queries and the garment half's keys.
 
 from __future__ import annotations
 
-import contextlib
 import math
 from dataclasses import dataclass, field
 
@@ -25,7 +24,6 @@ from diffusers.models.attention_processor import Attention
 from torch import nn
 
 from leffa.errors import UserError
-from leffa.losses import attention_flow
 
 __all__ = [
     "ReferenceBank",
@@ -36,36 +34,18 @@ __all__ = [
     "attach_reference_attention",
     "WidthConcatAttention",
     "attach_width_concat_attention",
-    "float32_region",
 ]
-
-
-def float32_region(device: torch.device):
-    """A region computed in float32 also under bf16 autocast: autocast off on ``device``. (On the
-    meta device, where a copy of the module counts FLOPs, there is no autocast to turn off.)"""
-    if device.type == "meta":
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, enabled=False)
 
 
 @dataclass
 class LeffaCapture:
-    """What one Leffa layer hands to the loss, for the selected samples only."""
+    """What one Leffa layer hands to the loss, for the selected samples only: a plain record, read by
+    ``leffa.losses.leffa_loss`` (and ``capture_flow``)."""
 
     query: torch.Tensor  # (b, heads, n, d) generative queries
     key: torch.Tensor  # (b, heads, h*w, d) reference keys
     register_key: torch.Tensor | None  # (b, heads, R, d) or None
     grid: tuple[int, int]  # (h, w) of the token grid
-
-    def flow(self, tau: float, average_heads: bool = True) -> torch.Tensor:
-        """The layer's attention flow (Eq. 2-3) in float32, also under bf16 autocast (coordinates
-        need the precision): (b, h, w, 2), or per head (b, heads, h, w, 2)."""
-        h, w = self.grid
-        with float32_region(self.query.device):
-            register = None if self.register_key is None else self.register_key.float()
-            flow = attention_flow(self.query.float(), self.key.float(), self.grid, tau, average_heads,
-                                  register_key=register)
-        return flow.view(*flow.shape[:-2], h, w, 2)
 
 
 @dataclass

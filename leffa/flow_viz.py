@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torchvision.utils import make_grid
 
-from leffa.losses import warp
+from leffa.losses import capture_flow, warp
 from leffa.viz import to_unit
 
 __all__ = ["flow_to_rgb", "warp", "end_point_error", "noised_forward", "capture_flows", "layer_flows",
@@ -55,7 +55,7 @@ def noised_forward(module, batch: dict, timestep: int = 250, seed: int = 0) -> t
 @torch.no_grad()
 def capture_flows(module) -> dict:
     """Per Leffa layer captured by the last forward: its capture and head-averaged flow (B, h, w, 2)."""
-    return {name: {"capture": cap, "flow": cap.flow(module.hparams.tau)} for name, cap in module.bank.captures.items()}
+    return {name: {"capture": cap, "flow": capture_flow(cap, module.hparams.tau)} for name, cap in module.bank.captures.items()}
 
 
 def layer_flows(module, batch: dict, timestep: int = 250, seed: int = 0) -> dict:

@@ -7,12 +7,15 @@ bottom-right +1. docs/design.md ("Conventions", "The Leffa loss, fused") sets th
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterable
 
 import torch
 import torch.nn.functional as F
 
-__all__ = ["coordinate_map", "attention_flow", "warp", "warp_loss", "diffusion_loss"]
+__all__ = ["coordinate_map", "attention_flow", "warp", "warp_loss", "diffusion_loss", "capture_flow", "leffa_loss",
+           "float32_region"]
 
 
 def coordinate_map(h: int, w: int, device=None, dtype=torch.float32) -> torch.Tensor:
@@ -120,3 +123,47 @@ def warp_loss(
 def diffusion_loss(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Eq. 1 of the Leffa paper (epsilon prediction, as SD): per-sample mean squared error, shape (B,)."""
     return ((prediction.float() - target.float()) ** 2).mean(dim=tuple(range(1, prediction.ndim)))
+
+
+def float32_region(device: torch.device):
+    """A region computed in float32 also under bf16 autocast: autocast off on ``device``. (On the
+    meta device, where a copy of the module counts FLOPs, there is no autocast to turn off.)"""
+    if device.type == "meta":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, enabled=False)
+
+
+def capture_flow(capture, tau: float, average_heads: bool = True) -> torch.Tensor:
+    """The attention flow (Eq. 2-3) of one Leffa layer's capture (a record with ``query`` (b, heads,
+    n, d), ``key`` (b, heads, h*w, d), ``register_key`` (b, heads, R, d) or None and ``grid`` (h, w),
+    as ``leffa.attention.LeffaCapture`` holds them), in float32 also under bf16 autocast (coordinates
+    need the precision): (b, h, w, 2), or per head (b, heads, h, w, 2)."""
+    h, w = capture.grid
+    with float32_region(capture.query.device):
+        register = None if capture.register_key is None else capture.register_key.float()
+        flow = attention_flow(capture.query.float(), capture.key.float(), capture.grid, tau, average_heads,
+                              register_key=register)
+    return flow.view(*flow.shape[:-2], h, w, 2)
+
+
+def leffa_loss(captures: Iterable, ref_image: torch.Tensor, tgt_image: torch.Tensor, mask: torch.Tensor, *,
+               tau: float, average_heads: bool = True, upsample: bool = True) -> torch.Tensor:
+    """The Leffa loss of the selected samples: Eq. 4 of every captured layer's flow (Eq. 2-3), summed
+    over the layers; (b,), float32 also under bf16 autocast. ``average_heads=False`` is Tab. 8's
+    per-head ablation (one loss per head, then their mean); ``upsample=False`` compares at the
+    flow's resolution (Tab. 8)."""
+    total = tgt_image.new_zeros(tgt_image.shape[0], dtype=torch.float32)
+    with float32_region(tgt_image.device):
+        for capture in captures:
+            flow = capture_flow(capture, tau, average_heads)
+            if average_heads:
+                loss = warp_loss(flow, ref_image, tgt_image, mask, upsample)
+            else:
+                # (b, heads, h, w, 2) -> (b*heads, h, w, 2): one loss per head, then the mean over heads
+                heads = flow.shape[1]
+                loss = warp_loss(
+                    flow.flatten(0, 1), ref_image.repeat_interleave(heads, 0),
+                    tgt_image.repeat_interleave(heads, 0), mask.repeat_interleave(heads, 0), upsample,
+                ).view(-1, heads).mean(1)
+            total = total + loss
+    return total

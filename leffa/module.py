@@ -7,8 +7,6 @@ Trainer), parallelism from the Trainer's strategy.
 from __future__ import annotations
 
 import dataclasses
-import json
-import math
 import os
 from pathlib import Path
 
@@ -17,19 +15,21 @@ import torch
 from diffusers.utils.torch_utils import randn_tensor
 from jsonargparse.typing import Path_fr, path_type
 from lightning.pytorch.cli import OptimizerCallable
-from lightning.pytorch.utilities import rank_zero_info
 
+from leffa import losses
 from leffa.architectures import LATENT_CHANNELS, ReferenceDenoiser, architecture_class
-from leffa.attention import ConcatAttention, ReferenceBank, WidthConcatAttention, float32_region
+from leffa.attention import ReferenceBank
 from leffa.checkpoints import guard_checkpoint_loading, load_weights, read_settings, read_state_dict
 from leffa.conditioning import build_conditioning, conditioning_channels, samples_posterior
 from leffa.errors import UserError
-from leffa.losses import diffusion_loss, warp_loss
+from leffa.leffa_layers import check_image_size, check_leffa_settings, leffa_layers
 from leffa.parallel import is_sharding
 from leffa.pretrained import load_scheduler, load_vae, load_vae_folder, read_config
 from leffa.released import RELEASED_CROSS_ATTENTION, has_cross_attention_norm
+from leffa.resume_settings import check_resume_settings
 from leffa.sampling import SamplingConfig, key_generators, sample
 from leffa.schedules import LRSchedule, build_scheduler
+from leffa.selection import SelectionWindow, draw_selection, leffa_rows
 from leffa.speed import (
     SpeedSettings, autocast_on, compile_blocks, pinned_copy, refuse_compile_with, store_frozen_in_bf16,
     use_channels_last,
@@ -43,15 +43,6 @@ __all__ = ["LeffaModule"]
 Path_dr = path_type("dr")  # a readable folder; in a YAML config, relative to the config file's folder
 # the loss terms checked for non-finite values before each optimizer step
 LOSS_TERMS = ("diffusion", "leffa")
-#: model settings that a resumed run (``--ckpt_path``) may change: where the same files lie on this
-#: machine (the weights come from the checkpoint), the weights a new run would start from (the
-#: checkpoint's replace them), memory for compute (the same function) and how pictures are sampled.
-#: Every other setting the checkpoint records must equal the config's (``check_resume_settings``).
-RESUME_MAY_CHANGE = ("pretrained_model", "reference_pretrained_model", "vae_pretrained", "init_from",
-                     "init_from_weights", "gradient_checkpointing", "sampling")
-#: what a checkpoint's weights are: the settings checked when validate, test or predict read a
-#: ``ckpt_path`` (plus ``trainable`` and ``lora`` when either side has LoRA adapters)
-WEIGHT_SETTINGS = ("architecture", "unet_config", "vae_config", "conditioning", "cross_attention", "num_registers")
 
 
 class LeffaModule(L.LightningModule):
@@ -164,7 +155,7 @@ class LeffaModule(L.LightningModule):
             raise UserError(f"model.p_drop_ref must be in [0, 1), got {p_drop_ref}")
         if cross_attention not in CROSS_ATTENTION:
             raise UserError(f"model.cross_attention: unknown {cross_attention!r}; valid: {', '.join(CROSS_ATTENTION)}")
-        _check_leffa_settings(lambda_leffa, theta_resolution, tau)
+        check_leffa_settings(lambda_leffa, theta_resolution, tau)
         self.denoiser: ReferenceDenoiser = architecture_class(architecture)(
             pretrained_model, reference_pretrained_model, unet_config,
             in_channels=LATENT_CHANNELS + conditioning_channels(conditioning), num_registers=num_registers,
@@ -187,10 +178,8 @@ class LeffaModule(L.LightningModule):
         # and reference drops, and its state goes into checkpoints so a resumed run draws what an
         # uninterrupted one would have drawn. Seeded per rank in setup().
         self.noise_generator = torch.Generator()
-        # the selection draws of the optimizer step in progress, one pair per micro-batch still to
-        # come, and its Leffa weight (see the comment above draw_selection)
-        self._pending_selection: list[tuple[torch.Tensor, torch.Tensor]] = []
-        self._leffa_weight: torch.Tensor | float | None = None
+        # the selection draws of the optimizer step in progress (leffa.selection)
+        self._window = SelectionWindow()
         # which loss terms went non-finite since the last optimizer step (see on_before_optimizer_step)
         self._nonfinite: torch.Tensor | None = None
         self.sampling = SamplingConfig(**sampling) if isinstance(sampling, dict) else sampling or SamplingConfig()
@@ -313,84 +302,14 @@ class LeffaModule(L.LightningModule):
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
 
     def check_image_size(self, height: int, width: int, stage: str) -> None:
-        """Refuse, in one line, images that the VAE cannot encode and decode to their own size and, when
-        fitting with the Leffa loss, a size at which no attention layer takes part (or, for
-        ``concat_unet``, where the person|garment seam falls inside a Leffa layer's token); then say
-        once which layers and what share of the samples take part in the Leffa loss.
-
-        The UNets themselves take any latent size: a level whose input does not halve evenly is
-        rounded up by the stride-2 convolutions and brought back to the skip connection's size on the
-        way up (diffusers' ``upsample_size``), so the VAE's multiple is the one size rule."""
-        factor = self.vae_scale_factor()
-        bad = [(side, value) for side, value in (("height", height), ("width", width)) if value % factor]
-        if bad:
-            sides = " and ".join(f"data.{side} {value}" for side, value in bad)
-            near = ", ".join(f"data.{side} {value // factor * factor or factor} or {(value // factor + 1) * factor}"
-                             for side, value in bad)
-            raise UserError(f"{sides}: image sides must be a multiple of {factor} (the VAE encodes {factor}x{factor} "
-                            f"pixels to one latent pixel; otherwise its output has another size): use {near}")
+        """``leffa.leffa_layers.check_image_size`` for this module (one line for a size the VAE or the
+        Leffa layer selection cannot take; then which layers take part)."""
         self._checked_size = (height, width)
-        if stage != "fit" or not self.hparams.use_leffa_loss:
-            return
-        layers = self._leffa_grids(height, width)
-        theta = self.hparams.theta_resolution
-        selected = {name: grid for name, grid in layers.items() if grid[0] / height > theta}
-        if not selected:
-            finest = max((grid[0] for grid in layers.values()), default=0)
-            raise UserError(f"model.theta_resolution {theta:g} selects no attention layer for the Leffa loss at "
-                            f"data.height {height}: the finest token grid has {finest} rows ({finest}/{height} = "
-                            f"{finest / height:g}, not above it); lower model.theta_resolution or set "
-                            f"model.use_leffa_loss: false")
-        for name, (rows, columns) in selected.items():
-            if columns != int(columns):
-                raise UserError(f"concat_unet: at data.width {width} the person|garment seam of the Leffa layer {name} "
-                                f"(a {rows}x{int(2 * columns)} token grid over both halves) falls inside a token; "
-                                f"choose a data.width whose latent width ({width // factor}) halves evenly down to "
-                                f"that layer")
-        rank_zero_info(self.describe_leffa(height, width, {name: (r, int(c)) for name, (r, c) in selected.items()}))
+        check_image_size(self, height, width, stage)
 
     def leffa_layers(self, height: int, width: int) -> dict[str, tuple[int, int]]:
-        """The attention layers that take part in the Leffa loss at ``height`` x ``width`` images, by
-        the name the Leffa captures have, with their token grids (the person half's for
-        ``concat_unet``): Sec. 3.3's h / height > theta_resolution."""
-        theta = self.hparams.theta_resolution
-        return {name: (rows, int(columns)) for name, (rows, columns) in self._leffa_grids(height, width).items()
-                if rows / height > theta}
-
-    def _leffa_grids(self, height: int, width: int) -> dict[str, tuple[int, float]]:
-        """Every attention layer that can capture for the Leffa loss, with its token grid at this
-        image size, worked out from the UNet's structure: block i of n works on the latent halved i
-        times (rounded up, as the stride-2 convolutions do), the middle block n - 1 times, up block
-        i n - 1 - i times. For ``concat_unet`` the grid is the person half's, whose width is not a
-        whole number where the seam falls inside a token."""
-        factor = self.vae_scale_factor()
-        latent = (height // factor, width // factor)
-        grids: dict[str, tuple[int, float]] = {}
-        for unet in self.denoiser.components().values():
-            processors = getattr(unet, "attn_processors", {})
-            for name, processor in processors.items():
-                if isinstance(processor, ConcatAttention):
-                    grid = _halved(latent, _unet_level(name, len(unet.down_blocks)))
-                    grids[processor.name] = (grid[0], float(grid[1]))
-                elif isinstance(processor, WidthConcatAttention):
-                    rows, columns = _halved((latent[0], 2 * latent[1]), _unet_level(name, len(unet.down_blocks)))
-                    grids[processor.name] = (rows, columns / 2)
-        return grids
-
-    def describe_leffa(self, height: int, width: int, layers: dict[str, tuple[int, int]]) -> str:
-        """One line: which attention layers (grouped by attention block) and what share of the
-        timesteps and samples take part in the Leffa loss."""
-        blocks: dict[str, list[tuple[int, int]]] = {}
-        for name, grid in layers.items():
-            blocks.setdefault(name.split(".transformer_blocks.")[0], []).append(tuple(grid))
-        named = ", ".join(f"{block} ({'' if len(grids) == 1 else f'{len(grids)} blocks, '}{grids[0][0]}x{grids[0][1]})"
-                          for block, grids in blocks.items())
-        hp, steps = self.hparams, self.scheduler.config.num_train_timesteps
-        share = min(hp.theta_timestep, steps) / steps
-        return (f"Leffa loss on {len(layers)} attention layers at {height}x{width} (theta_resolution "
-                f"{hp.theta_resolution:g}): {named}; samples with t < {hp.theta_timestep} of {steps} "
-                f"({share:.0%}) and their reference kept ({1 - hp.p_drop_ref:.0%}) take part, "
-                f"weight lambda_leffa {hp.lambda_leffa:g}")
+        """The attention layers (and token grids) of the Leffa loss at this image size (``leffa.leffa_layers``)."""
+        return leffa_layers(self, height, width)
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -428,24 +347,8 @@ class LeffaModule(L.LightningModule):
             self.noise_generator.manual_seed(torch.initial_seed() + self.global_rank + 1_000_003 * self.global_step)
 
     def check_resume_settings(self, saved: dict, fitting: bool, source: str = "--ckpt_path") -> None:
-        """One error line naming each model setting of this run that differs from the checkpoint's
-        record ``saved`` (its ``hyper_parameters``), with both values. Resuming (``fitting``)
-        compares every setting but ``RESUME_MAY_CHANGE``; validate, test and predict compare what
-        the weights are (``WEIGHT_SETTINGS``). Settings the checkpoint does not record (it predates
-        them) are not compared."""
-        given = dict(self.hparams)
-        keys = [k for k in saved if k in given and not str(k).startswith("_")]
-        if fitting:
-            keys = [k for k in keys if k not in RESUME_MAY_CHANGE]
-        else:
-            lora = "lora" in (saved.get("trainable"), given.get("trainable"))
-            keys = [k for k in keys if k in WEIGHT_SETTINGS or (lora and k in ("trainable", "lora"))]
-        differences = [line for k in keys for line in _differences(saved[k], given[k], f"model.{k}")]
-        if not differences:
-            return
-        way = ("resume with the checkpoint's settings, or start a new run from its weights with model.init_from"
-               if fitting else "give the settings it was trained with")
-        raise UserError(f"{source} was written with other model settings: {'; '.join(differences)}; {way}")
+        """``leffa.resume_settings.check_resume_settings`` of this module's settings against ``saved``."""
+        check_resume_settings(dict(self.hparams), saved, fitting, source)
 
     def configure_model(self) -> None:
         """Prepare for a sharding strategy (``leffa.parallel``); under DDP or one device, nothing.
@@ -584,41 +487,20 @@ class LeffaModule(L.LightningModule):
     # ---------------------------------------------------------------- losses
 
     def leffa_loss(self, ref_image: torch.Tensor, tgt_image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Eq. 4 summed over the captured layers, per selected sample, shape (b,)."""
+        """Eq. 4 summed over the layers the bank captured, per selected sample, shape (b,)."""
         hp = self.hparams
-        total = tgt_image.new_zeros(tgt_image.shape[0], dtype=torch.float32)
-        # float32 even under bf16 autocast (the flow is too: see LeffaCapture.flow)
-        with float32_region(tgt_image.device):
-            for capture in self.bank.captures.values():
-                flow = capture.flow(hp.tau, hp.average_heads)
-                if hp.average_heads:
-                    loss = warp_loss(flow, ref_image, tgt_image, mask, hp.upsample_flow)
-                else:
-                    # (b, heads, h, w, 2) -> (b*heads, h, w, 2): one loss per head, then the mean over heads
-                    heads = flow.shape[1]
-                    loss = warp_loss(
-                        flow.flatten(0, 1), ref_image.repeat_interleave(heads, 0),
-                        tgt_image.repeat_interleave(heads, 0), mask.repeat_interleave(heads, 0), hp.upsample_flow,
-                    ).view(-1, heads).mean(1)
-                total = total + loss
-        return total
-
-    # Random stream of a training step (``noise_generator``, one per rank). Per optimizer step, i.e.
-    # per window of ``accumulate_grad_batches`` micro-batches of b samples each: first the
-    # timesteps of all A * b samples, then their reference keeps; then, per micro-batch, the VAE
-    # posterior sample of the target and the noise. Drawing the window's selection up front lets
-    # its first micro-batch know how many samples the whole optimizer step selects for the Leffa
-    # term. Outside training (and outside a Trainer) a window is one batch.
+        return losses.leffa_loss(self.bank.captures.values(), ref_image, tgt_image, mask, tau=hp.tau,
+                                 average_heads=hp.average_heads, upsample=hp.upsample_flow)
 
     def draw_selection(self, generator: torch.Generator, n: int, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        """Timesteps and reference keeps (reference dropout in training only) of ``n`` samples, on the CPU."""
-        timesteps = torch.randint(0, self.scheduler.config.num_train_timesteps, (n,), generator=generator)
-        keep_ref = torch.rand(n, generator=generator) >= (self.hparams.p_drop_ref if train else 0.0)
-        return timesteps, keep_ref
+        """Timesteps and reference keeps (reference dropout in training only) of ``n`` samples, on the
+        CPU (``leffa.selection``: the random stream of a training step)."""
+        p_drop_ref = self.hparams.p_drop_ref if train else 0.0
+        return draw_selection(generator, n, self.scheduler.config.num_train_timesteps, p_drop_ref)
 
     def leffa_rows(self, timesteps: torch.Tensor, keep_ref: torch.Tensor) -> torch.Tensor:
         """Samples of the Leffa term: Sec. 3.3's t < theta, and a reference to attend to."""
-        return torch.nonzero((timesteps < self.hparams.theta_timestep) & keep_ref).flatten()
+        return leffa_rows(timesteps, keep_ref, self.hparams.theta_timestep)
 
     def loss_terms(self, batch: dict, generator: torch.Generator, timesteps: torch.Tensor,
                    keep_ref: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -633,7 +515,7 @@ class LeffaModule(L.LightningModule):
         timesteps, keep_ref = pinned_copy(timesteps, self.device), pinned_copy(keep_ref, self.device)
         prediction, noise = self.noised_forward(batch, generator, timesteps, keep_ref, rows)
         tgt, ref, mask = batch["tgt"], batch["ref"], batch["mask"]
-        terms = {"diffusion": diffusion_loss(prediction, noise)}
+        terms = {"diffusion": losses.diffusion_loss(prediction, noise)}
         if hp.use_leffa_loss:
             terms["rows"] = rows
             if self.bank.captures:
@@ -641,38 +523,16 @@ class LeffaModule(L.LightningModule):
         return terms
 
     def _selection(self, b: int, train: bool, generator: torch.Generator,
-                   batch_idx: int | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """This micro-batch's timesteps and reference keeps, and the Leffa term's weight per
-        selected sample: (ranks x micro-batches) / (samples the whole optimizer step selects on
-        all ranks), so that after Lightning's division by the micro-batches and data
-        parallelism's mean over ranks the term is the mean over the global batch's selected
-        samples. ``None`` outside training: the term is then this batch's mean."""
+                   batch_idx: int | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | float | None]:
+        """This micro-batch's timesteps, reference keeps and Leffa weight per selected sample (the
+        window of its optimizer step: ``leffa.selection.SelectionWindow``); ``None`` as the weight
+        outside training: the term is then this batch's mean."""
         trainer = self._trainer
         if not train or batch_idx is None or trainer is None:
             return (*self.draw_selection(generator, b, train), None)
-        accumulate = trainer.accumulate_grad_batches
-        position = batch_idx % accumulate
-        pending = self._pending_selection
-        if position == 0 or not pending:
-            # this micro-batch and the rest of its window (fewer at the end of a finite epoch)
-            size = accumulate - position
-            if trainer.num_training_batches != float("inf"):
-                size = min(size, int(trainer.num_training_batches) - batch_idx)
-            timesteps, keep_ref = self.draw_selection(generator, size * b, train)
-            # counted on the CPU (the draws are there): on one device the weight is a number, no
-            # device tensor and no wait; with several, one scalar all-reduced per optimizer step
-            count = float(self.leffa_rows(timesteps, keep_ref).numel()) if self.hparams.use_leffa_loss else 0.0
-            if trainer.world_size > 1 and self.hparams.use_leffa_loss:  # one scalar, once per optimizer step
-                total = trainer.strategy.reduce(pinned_copy(torch.tensor(count), self.device), reduce_op="sum")
-                self._leffa_weight = trainer.world_size * accumulate / total.clamp(min=1.0)
-            else:
-                self._leffa_weight = trainer.world_size * accumulate / max(count, 1.0)
-            pending = self._pending_selection = list(zip(timesteps.split(b), keep_ref.split(b)))
-        timesteps, keep_ref = pending.pop(0)
-        if len(timesteps) != b:
-            raise ValueError(f"the micro-batches of one optimizer step must have one size: got {b} after "
-                             f"{len(timesteps)} (training batches are never partial)")
-        return timesteps, keep_ref, self._leffa_weight
+        count = (lambda t, k: float(self.leffa_rows(t, k).numel())) if self.hparams.use_leffa_loss else None
+        return self._window.take(b, batch_idx, trainer, lambda n: self.draw_selection(generator, n, train), count,
+                                 self.device)
 
     def compute_loss(self, batch: dict, generator: torch.Generator, train: bool,
                      batch_idx: int | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor | float]]:
@@ -788,63 +648,3 @@ class LeffaModule(L.LightningModule):
     def test_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         generator = torch.Generator().manual_seed(10_000 * self.global_rank + batch_idx)
         return self._step("test", batch, generator)
-
-
-def _check_leffa_settings(lambda_leffa: float, theta_resolution: float, tau: float) -> None:
-    """One error line for a Leffa setting that switches the loss off or turns it around."""
-    if not (math.isfinite(lambda_leffa) and lambda_leffa >= 0):
-        raise UserError(f"model.lambda_leffa must be finite and >= 0 (a negative weight maximises the warp loss), "
-                        f"got {lambda_leffa}")
-    if not (math.isfinite(tau) and tau > 0):
-        raise UserError(f"model.tau must be finite and > 0 (the softmax temperature of the Leffa flow), got {tau}")
-    if not 0 <= theta_resolution < 1:
-        raise UserError(f"model.theta_resolution must be in [0, 1) (layers whose token grid height h has h / "
-                        f"image height > theta_resolution take part; no layer has h >= the image height), "
-                        f"got {theta_resolution}")
-
-
-def _unet_level(name: str, levels: int) -> int:
-    """How many times a ``UNet2DConditionModel`` of ``levels`` down blocks has halved the latent at
-    the attention layer ``name`` (``down_blocks.i...``, ``mid_block...``, ``up_blocks.i...``)."""
-    block, _, rest = name.partition(".")
-    if block == "mid_block":
-        return levels - 1
-    index = int(rest.split(".", 1)[0])
-    return index if block == "down_blocks" else levels - 1 - index
-
-
-def _halved(size: tuple[int, int], times: int) -> tuple[int, int]:
-    h, w = size
-    for _ in range(times):
-        h, w = math.ceil(h / 2), math.ceil(w / 2)
-    return h, w
-
-
-def _differences(saved, given, key: str) -> list[str]:
-    """``key: <saved> in the checkpoint, <given> given`` for each (nested) value that differs. A
-    nested key on one side only is not compared: a record from another version (e.g. an optimizer
-    argument that a newer torch added, filled in with its default) is no difference of settings."""
-    if isinstance(saved, dict) and isinstance(given, dict):
-        return [line for k in sorted(set(saved) & set(given), key=str)
-                for line in _differences(saved[k], given[k], f"{key}.{k}")]
-    if _plain(saved) == _plain(given):
-        return []
-    return [f"{key}: {_shown(saved)} in the checkpoint, {_shown(given)} given"]
-
-
-def _plain(value):
-    """Tuples as lists, recursively: a checkpoint's record and a config's value compare as YAML would."""
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    return value
-
-
-def _shown(value) -> str:
-    if isinstance(value, str):
-        return value
-    try:
-        return json.dumps(_plain(value))
-    except (TypeError, ValueError):
-        return repr(value)

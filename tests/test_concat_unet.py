@@ -22,6 +22,7 @@ from leffa.cli import cli_main
 from leffa.errors import UserError
 from leffa.export import export_folder, load_exported
 from leffa.module import LeffaModule
+from leffa.losses import capture_flow
 from leffa.sampling import SamplingConfig, sample
 from leffa.testing import make_batch
 from leffa.unets import set_cross_attention
@@ -121,7 +122,7 @@ def test_a_capture_holds_person_queries_and_garment_keys_only(tiny_configs):
         torch.testing.assert_close(capture.query, by_hand(layer.to_q, grid[:, :, :w]))
         torch.testing.assert_close(capture.key, by_hand(layer.to_k, grid[:, :, w:]))
     assert capture.grid == (h, w) and capture.register_key is None
-    assert capture.flow(tau=2.0).shape == (len(rows), h, w, 2)
+    assert capture_flow(capture, tau=2.0).shape == (len(rows), h, w, 2)
 
 
 def test_a_forward_captures_the_selected_layers_on_the_person_grid(tiny_configs):
