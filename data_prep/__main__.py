@@ -16,6 +16,7 @@ import shlex
 import sys
 from functools import partial
 from pathlib import Path
+from types import ModuleType
 
 from data_prep.manifest import check_out_dir, discard_staged_manifest, publish_manifest, stage_manifest
 from data_prep.pipeline import SplitReport, convert_split
@@ -29,10 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name, converter in CONVERTERS.items():
         sub = datasets.add_parser(name, help=converter.__doc__.splitlines()[0], description=converter.__doc__,
                                   formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
-        if name == "synthetic":  # generated: --src is accepted (Makefile passes it) and ignored
-            sub.add_argument("--src", type=Path, nargs="?", default=None, help="ignored")
-        else:
-            sub.add_argument("--src", type=Path, required=True, help="raw dataset root folder")
+        converter.add_arguments(sub)  # its --src and its own options
         sub.add_argument("--out", type=Path, required=True, help="output folder for shards and manifest.json")
         sub.add_argument(
             "--split", choices=(*converter.SPLITS, "all"), default="all", help="split to convert (default: all)"
@@ -40,21 +38,17 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--shard-size", type=int, default=1000, help="samples per shard (default: 1000)")
         sub.add_argument("--workers", type=int, default=0, help="loader processes; 0 loads in this process")
         sub.add_argument("--limit", type=int, default=None, help="convert only the first N samples of each split")
-        converter.add_arguments(sub)
     return parser
 
 
-# Options that name a folder of source files (--images, --densepose: DeepFashion's)
-SOURCE_FOLDER_OPTIONS = ("src", "images", "densepose")
-
-
-def check_out_path(args: argparse.Namespace) -> None:
-    """Refuse (UserError) an --out that is, or lies inside, --src (or another source folder: the
-    shards would mix with the dataset's files), or that cannot be created or written (checked on
-    its nearest existing folder). Symbolic links and `..` are resolved first."""
+def check_out_path(args: argparse.Namespace, source_options: tuple[str, ...]) -> None:
+    """Refuse (UserError) an --out that is, or lies inside, --src (or another of the converter's
+    `source_options`, e.g. DeepFashion's --images: the shards would mix with the dataset's files),
+    or that cannot be created or written (checked on its nearest existing folder). Symbolic links
+    and `..` are resolved first."""
     out = args.out
     resolved = out.resolve()
-    for option in SOURCE_FOLDER_OPTIONS:
+    for option in source_options:
         source = getattr(args, option, None)
         if source is not None and (resolved == source.resolve() or source.resolve() in resolved.parents):
             raise UserError(f"--out {out} is inside --{option} {source} (the shards would mix with the dataset's "
@@ -67,16 +61,9 @@ def check_out_path(args: argparse.Namespace) -> None:
                         "choose another --out")  # fmt: skip
 
 
-def zero_samples_reason(args: argparse.Namespace) -> str:
+def zero_samples_reason(args: argparse.Namespace, converter: ModuleType) -> str:
     """Why a split has no sample to convert, in the user's terms."""
-    if args.limit == 0:
-        return "--limit 0"
-    if getattr(args, "count", None) == 0:
-        return "--count 0"
-    categories = getattr(args, "categories", "all")
-    return f"the pair files under --src {args.src} list none" + (
-        f" for --categories {categories}" if categories != "all" else ""
-    )
+    return "--limit 0" if args.limit == 0 else converter.no_samples_reason(args)
 
 
 def _stage_split_manifest(
@@ -102,7 +89,7 @@ def main(argv: list[str] | None = None) -> dict:
         )
     if args.out.exists() and not args.out.is_dir():
         raise UserError(f"--out {args.out} is not a folder")
-    check_out_path(args)
+    check_out_path(args, converter.SOURCE_OPTIONS)
     splits = converter.SPLITS if args.split == "all" else (args.split,)
     # Everything that can refuse the run does so before the first shard is written: the output
     # folder's manifest and every split's pair files and sample count.
@@ -110,7 +97,7 @@ def main(argv: list[str] | None = None) -> dict:
     split_specs = {split: converter.list_samples(args, split)[: args.limit] for split in splits}
     empty = [split for split, specs in split_specs.items() if not specs]
     if empty:
-        raise UserError(f"{args.dataset}: no {empty[0]} samples to convert ({zero_samples_reason(args)}); "
+        raise UserError(f"{args.dataset}: no {empty[0]} samples to convert ({zero_samples_reason(args, converter)}); "
                         "nothing was written")  # fmt: skip
     command = shlex.join(["python", "-m", "data_prep", *argv])
     source = str(args.src.resolve()) if args.src is not None else None

@@ -37,6 +37,7 @@ from leffa.schema import build_key
 
 DATASET = "deepfashion"
 SPLITS = ("train", "test")
+SOURCE_OPTIONS = ("src", "images", "densepose")  # the options that name folders of source files: --out must lie outside them
 KEYPOINT_FRAME = (176, 256)  # (W, H) of the annotation coordinates
 ROOT_HINT = (
     "a DeepFashion pose-transfer root must contain fasion-resize-pairs-{train,test}.csv, "
@@ -62,6 +63,7 @@ class DeepFashionSpec:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--src", type=Path, required=True, help="raw dataset root folder")
     parser.add_argument(
         "--densepose",
         type=Path,
@@ -183,6 +185,11 @@ def list_samples(args: argparse.Namespace, split: str) -> list[DeepFashionSpec]:
             densepose_path=None if args.densepose is None else args.densepose / f"{tgt_stem}.png",
         ))  # fmt: skip
     return specs
+
+
+def no_samples_reason(args: argparse.Namespace) -> str:
+    """Why a split lists no sample, in the user's terms."""
+    return f"the pair files under --src {args.src} list none"
 
 
 def _shortened(raw: tuple[str, str], limit: int = 200) -> str:

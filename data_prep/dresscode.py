@@ -38,6 +38,7 @@ from leffa.schema import KEY_CATEGORIES, build_key
 
 DATASET = "dresscode"
 SPLITS = ("train", "test")
+SOURCE_OPTIONS = ("src",)  # the options that name folders of source files: --out must lie outside them
 CATEGORIES = KEY_CATEGORIES[DATASET]  # upper_body, lower_body, dresses: index 0, 1, 2 of the pair files
 MASK_SOURCES = ("auto", "file", "rule")
 PAIR_FILES = {"train": (("paired", "train_pairs.txt"),),
@@ -70,6 +71,7 @@ class DressCodeSpec:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--src", type=Path, required=True, help="raw dataset root folder")
     parser.add_argument(
         "--categories",
         default="all",
@@ -160,6 +162,12 @@ def list_samples(args: argparse.Namespace, split: str) -> list[DressCodeSpec]:
             )
         )  # fmt: skip
     return specs
+
+
+def no_samples_reason(args: argparse.Namespace) -> str:
+    """Why a split lists no sample, in the user's terms."""
+    chosen = f" for --categories {args.categories}" if args.categories != "all" else ""
+    return f"the pair files under --src {args.src} list none{chosen}"
 
 
 def read_keypoints(path: Path, size: tuple[int, int]) -> np.ndarray:

@@ -45,6 +45,7 @@ from leffa.schema import build_key
 
 DATASET = "folder"
 SPLITS = ("train", "test")
+SOURCE_OPTIONS = ("src",)  # the options that name folders of source files: --out must lie outside them
 POSE_FILES = {"densepose": ("densepose", IMAGE_EXTENSIONS), "keypoints": ("keypoints", (".json",))}  # folder, suffixes
 GARMENT_DIRS = ("garment", "reference")
 PAIR_COLUMNS = ("person", "garment")
@@ -74,6 +75,7 @@ class FolderSpec:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--src", type=Path, required=True, help="raw dataset root folder")
     parser.add_argument(
         "--pose-source",
         choices=tuple(POSE_FILES),
@@ -140,6 +142,11 @@ def list_samples(args: argparse.Namespace, split: str) -> list[FolderSpec]:
             pose_source=args.pose_source,
         ))  # fmt: skip
     return specs
+
+
+def no_samples_reason(args: argparse.Namespace) -> str:
+    """Why a split lists no sample, in the user's terms."""
+    return f"the pair files under --src {args.src} list none"
 
 
 def load_sample(spec: FolderSpec) -> dict:

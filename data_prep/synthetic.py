@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 from PIL import Image
@@ -31,6 +32,7 @@ from leffa.schema import build_key
 
 DATASET = "synthetic"
 SPLITS = ("train", "test")
+SOURCE_OPTIONS = ("src",)  # --src is accepted (make shards passes it) and ignored
 
 
 @dataclass(frozen=True)
@@ -49,6 +51,7 @@ class SyntheticSpec:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--src", type=Path, nargs="?", default=None, help="ignored")
     parser.add_argument("--seed", type=int, default=0, help="base random seed")
     parser.add_argument("--count", type=int, default=64, help="samples per split")
     parser.add_argument("--height", type=int, default=128, help="image height in pixels")
@@ -66,6 +69,11 @@ def list_samples(args: argparse.Namespace, split: str) -> list[SyntheticSpec]:
                       split, "paired", index, args.seed, args.height, args.width, args.texture)
         for index in range(args.count)
     ]  # fmt: skip
+
+
+def no_samples_reason(args: argparse.Namespace) -> str:
+    """Why a split lists no sample, in the user's terms."""
+    return f"--count {args.count}"
 
 
 def grid_sample_bilinear(image: np.ndarray, grid: np.ndarray) -> np.ndarray:

@@ -33,6 +33,7 @@ from leffa.schema import build_key
 
 DATASET = "vitonhd"
 SPLITS = ("train", "test")
+SOURCE_OPTIONS = ("src",)  # the options that name folders of source files: --out must lie outside them
 MASK_SOURCES = ("auto", "file", "rule")
 PARSE_DIRS = ("image-parse-v3", "image-parse")
 POSE_DIRS = ("openpose_json", "openpose-json")
@@ -60,6 +61,7 @@ class VitonHDSpec:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--src", type=Path, required=True, help="raw dataset root folder")
     parser.add_argument(
         "--mask-source",
         choices=MASK_SOURCES,
@@ -117,6 +119,11 @@ def list_samples(args: argparse.Namespace, split: str) -> list[VitonHDSpec]:
             )
         )  # fmt: skip
     return specs
+
+
+def no_samples_reason(args: argparse.Namespace) -> str:
+    """Why a split lists no sample, in the user's terms."""
+    return f"the pair files under --src {args.src} list none"
 
 
 # The mask rule (labels: image-parse-v3, CIHP/LIP 20 classes; keypoints: OpenPose BODY_25)
