@@ -81,8 +81,9 @@ def main(argv: list[str] | None = None) -> dict:
         get_converter(argv[0])  # unknown dataset: one ValueError that lists the valid ones
     args = build_parser().parse_args(argv)
     converter = get_converter(args.dataset)
-    if args.src is not None and not args.src.is_dir():
-        raise FileNotFoundError(f"--src {args.src} is not a folder")
+    src = args.src if "src" in converter.SOURCE_OPTIONS else None  # the dataset root; a generated set has none
+    if src is not None and not src.is_dir():
+        raise FileNotFoundError(f"--src {src} is not a folder")
     if args.shard_size < 1 or args.workers < 0 or (args.limit is not None and args.limit < 0):
         raise ValueError(
             f"need --shard-size >= 1, --workers >= 0, --limit >= 0; got {args.shard_size}, {args.workers}, {args.limit}"
@@ -100,7 +101,7 @@ def main(argv: list[str] | None = None) -> dict:
         raise UserError(f"{args.dataset}: no {empty[0]} samples to convert ({zero_samples_reason(args, converter)}); "
                         "nothing was written")  # fmt: skip
     command = shlex.join(["python", "-m", "data_prep", *argv])
-    source = str(args.src.resolve()) if args.src is not None else None
+    source = str(src.resolve()) if src is not None else None
     manifest = {}
     for split, specs in split_specs.items():
         # Commit order: shards complete under temporary names -> the new manifest written in full

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 from PIL import Image
@@ -32,7 +31,7 @@ from leffa.schema import build_key
 
 DATASET = "synthetic"
 SPLITS = ("train", "test")
-SOURCE_OPTIONS = ("src",)  # --src is accepted (make shards passes it) and ignored
+SOURCE_OPTIONS = ()  # generated: no source folder (--src is accepted and ignored)
 
 
 @dataclass(frozen=True)
@@ -51,7 +50,7 @@ class SyntheticSpec:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--src", type=Path, nargs="?", default=None, help="ignored")
+    parser.add_argument("--src", nargs="?", default=None, help="ignored: the set is generated (make shards passes one)")
     parser.add_argument("--seed", type=int, default=0, help="base random seed")
     parser.add_argument("--count", type=int, default=64, help="samples per split")
     parser.add_argument("--height", type=int, default=128, help="image height in pixels")

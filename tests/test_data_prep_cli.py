@@ -34,6 +34,15 @@ def test_make_shards_command_line(tmp_path):
     assert [s["num_samples"] for s in manifest["splits"]["train"]["shards"]] == [3, 2]
 
 
+
+def test_synthetic_ignores_the_empty_src_make_passes(tmp_path, monkeypatch):
+    # `make shards DATASET=synthetic OUT=shards/synthetic` runs `--src "" --out shards/synthetic` in the
+    # repository; the empty --src used to count as the current folder, which holds --out: refused.
+    monkeypatch.chdir(tmp_path)
+    manifest = main(["synthetic", "--src", "", "--out", "shards/synthetic", "--split", "train", "--count", "2",
+                     "--height", "16", "--width", "16"])  # fmt: skip
+    assert manifest["splits"]["train"]["num_written"] == 2 and manifest["source"] is None
+
 @pytest.mark.slow  # over 10 s on 2 cores: make test runs it, make test-fast does not
 def test_unknown_dataset_lists_the_valid_ones(tmp_path):
     with pytest.raises(
