@@ -23,7 +23,7 @@ from leffa.checkpoints import guard_checkpoint_loading, load_weights, read_setti
 from leffa.conditioning import build_conditioning, conditioning_channels, samples_posterior
 from leffa.errors import UserError
 from leffa.leffa_layers import check_image_size, check_leffa_settings, leffa_layers
-from leffa.parallel import is_sharding
+from leffa.nonfinite import LOSS_TERMS, NonFiniteStop
 from leffa.pretrained import load_scheduler, load_vae, load_vae_folder, read_config
 from leffa.released import RELEASED_CROSS_ATTENTION, has_cross_attention_norm
 from leffa.resume_settings import check_resume_settings
@@ -41,8 +41,6 @@ from leffa.unets import CROSS_ATTENTION, is_sdxl
 __all__ = ["LeffaModule"]
 
 Path_dr = path_type("dr")  # a readable folder; in a YAML config, relative to the config file's folder
-# the loss terms checked for non-finite values before each optimizer step
-LOSS_TERMS = ("diffusion", "leffa")
 
 
 class LeffaModule(L.LightningModule):
@@ -180,8 +178,8 @@ class LeffaModule(L.LightningModule):
         self.noise_generator = torch.Generator()
         # the selection draws of the optimizer step in progress (leffa.selection)
         self._window = SelectionWindow()
-        # which loss terms went non-finite since the last optimizer step (see on_before_optimizer_step)
-        self._nonfinite: torch.Tensor | None = None
+        # the loss terms of the last training micro-batch (checked by leffa.nonfinite.NonFiniteStop)
+        self.step_terms: dict[str, torch.Tensor] = {}
         self.sampling = SamplingConfig(**sampling) if isinstance(sampling, dict) else sampling or SamplingConfig()
         self.speed = SpeedSettings(**speed) if isinstance(speed, dict) else speed or SpeedSettings()
         if self.speed.compile:
@@ -553,8 +551,8 @@ class LeffaModule(L.LightningModule):
                 loss = loss + hp.lambda_leffa * weight * leffa.sum()
                 metrics["leffa"] = leffa.mean()
             metrics.update(leffa_layers=float(len(self.bank.captures)), leffa_samples=float(rows.numel()))
-        if train:
-            self._track_nonfinite(metrics)
+        if train:  # read by leffa.nonfinite.NonFiniteStop before backward
+            self.step_terms = {t: metrics[t].detach() for t in LOSS_TERMS if t in metrics}
         metrics["loss"] = loss
         return loss, metrics
 
@@ -563,50 +561,10 @@ class LeffaModule(L.LightningModule):
         self._log_metrics(stage, metrics, batch)
         return loss
 
-    def _track_nonfinite(self, metrics: dict) -> None:
-        """Remember which loss terms of this micro-batch are not finite; checked (and reduced over
-        the ranks) once per optimizer step, in ``on_before_optimizer_step``."""
-        if self._trainer is None:
-            return
-        zero = torch.zeros((), dtype=torch.bool, device=self.device)
-        flags = torch.stack([~torch.isfinite(metrics[t].detach()) if t in metrics else zero for t in LOSS_TERMS])
-        self._nonfinite = flags if self._nonfinite is None else self._nonfinite | flags
-
-    def on_before_optimizer_step(self, optimizer) -> None:
-        """Stop before a non-finite loss or gradient reaches the weights.
-
-        Stopping (rather than skipping the step) because a learning rate or a batch that makes the
-        loss overflow does so again at the next step: skipping would hide it behind a run that
-        no longer learns. The error comes before the optimizer step, hence before any checkpoint
-        of poisoned weights; the last checkpoint written stays the last good one. Every rank
-        raises at the same step: the flags are summed over the ranks (one small all-reduce).
-        """
-        flags = self._nonfinite if self._nonfinite is not None else torch.zeros(len(LOSS_TERMS), dtype=torch.bool)
-        self._nonfinite = None
-        flags = flags.to(self.device, torch.float32)
-        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-        grads = [g.to_local() if hasattr(g, "to_local") else g for g in grads]  # sharded: this rank's part
-        # under a GradScaler (16-mixed) inf gradients are routine: it skips those steps itself
-        if getattr(self.trainer.precision_plugin, "scaler", None) is None:
-            # the largest magnitude: finite exactly when every entry is (no overflow, unlike a 2-norm)
-            largest = torch.nn.utils.get_total_norm(grads, norm_type=float("inf")) if grads else flags.new_zeros(())
-            flags = torch.cat([flags, (~torch.isfinite(largest)).float().view(1).to(flags.device)])
-        # train/grad_norm: the total 2-norm before clipping (Lightning clips after this hook); a
-        # sharded rank holds a part of the gradients, so the squares are summed over the ranks
-        norm = torch.nn.utils.get_total_norm(grads, norm_type=2.0) if grads else flags.new_zeros(())
-        sharded = is_sharding(self.trainer.strategy)
-        flags = torch.cat([flags, norm.float().square().view(1).to(flags.device) if sharded else flags.new_zeros(1)])
-        if self.trainer.world_size > 1:
-            flags = self.trainer.strategy.reduce(flags, reduce_op="sum")
-        flags, squares = flags[:-1], flags[-1]
-        self.log("train/grad_norm", squares.sqrt() if sharded else norm.float())
-        bad = [name for name, flag in zip((*LOSS_TERMS, "gradient"), flags.tolist()) if flag]
-        if bad:
-            what = f"{bad[0]} loss" if bad[0] in LOSS_TERMS else "gradient (the losses were finite)"
-            step = self.trainer.global_step
-            raise UserError(f"the {what} is not finite at global step {step}: training stopped before that step's "
-                            f"optimizer update, so the weights and checkpoints of step {step} are intact; lower "
-                            f"model.learning_rate or check the data")
+    def configure_callbacks(self) -> list[L.Callback]:
+        """The callback that stops before a non-finite loss or gradient reaches the weights and logs
+        ``train/grad_norm`` (``leffa.nonfinite``): part of the model, on every Trainer that fits it."""
+        return [NonFiniteStop()]
 
     def _log_metrics(self, stage: str, metrics: dict, batch: dict) -> None:
         if self._trainer is None:  # called outside a Trainer (tests, benchmarks)
