@@ -127,7 +127,7 @@ def list_samples(args: argparse.Namespace, split: str) -> list[FolderSpec]:
         shown = ", ".join(missing[:SHOWN_MISSING])
         more = f" and {len(missing) - SHOWN_MISSING} more" if len(missing) > SHOWN_MISSING else ""
         raise UserError(f"{len(missing)} files missing in {root} for the pairs of {pair_file.name}: {shown}{more}; "
-                        "add them (see the README on masks and DensePose) or remove those pair lines")  # fmt: skip
+                        "add them (see docs/data.md on masks and DensePose) or remove those pair lines")  # fmt: skip
     aligned = ("mask", "pose") if args.pose_source == "densepose" else ("mask",)  # keypoints: no image
     people = dict.fromkeys(person for person, _ in rows)
     check_aspect_ratios(((folders["person"][p], [folders[role][p] for role in aligned]) for p in people), root)

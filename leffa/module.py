@@ -60,7 +60,7 @@ class LeffaModule(L.LightningModule):
             diffusers ``config.json``), used when no folder is given; tests and the demo use it.
         vae_config: ``AutoencoderKL`` config (mapping or file), used when no folder is given.
         vae_pretrained: a local diffusers ``AutoencoderKL`` folder (e.g. ``assets/tiny_vae_synthetic``,
-            written by ``python -m data_prep.train_tiny_vae``; in a YAML config, relative to the
+            written by ``python -m replicate.train_tiny_vae``; in a YAML config, relative to the
             config file's folder); it takes precedence over ``vae_config`` and over
             ``pretrained_model``'s VAE.
         conditioning: Generative UNet input layout: ``tryon``, ``pose``, ``pose_image`` or
