@@ -1,5 +1,5 @@
 """Dataset converters: raw VITON-HD, DressCode, DeepFashion or a synthetic set -> WebDataset shards.
 
 Every converter writes the one sample schema of `leffa.schema` (docs/design.md, "Shard schema") through
-`data_prep.shard_writer`; run them with `python -m data_prep <dataset> --src DIR --out DIR`.
+`leffa.shard_writer`; run them with `python -m data_prep <dataset> --src DIR --out DIR`.
 """

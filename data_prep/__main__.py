@@ -3,7 +3,7 @@
     python -m data_prep vitonhd --src /data/zalando-hd-resized --out shards/vitonhd --workers 8
     python -m data_prep synthetic --out shards/synthetic --count 256 --split all
 
-Writes `<out>/<split>-%06d.tar` and `<out>/manifest.json` (see data_prep/manifest.py).
+Writes `<out>/<split>-%06d.tar` and `<out>/manifest.json` (see leffa/manifest.py).
 `python -m data_prep <dataset> --help` lists the dataset's own options.
 """
 
@@ -18,10 +18,10 @@ from functools import partial
 from pathlib import Path
 from types import ModuleType
 
-from data_prep.manifest import check_out_dir, discard_staged_manifest, publish_manifest, stage_manifest
 from data_prep.pipeline import SplitReport, convert_split
 from data_prep.registry import CONVERTERS, get_converter
 from leffa.errors import UserError, user_errors_as_one_line
+from leffa.manifest import check_out_dir, discard_staged_manifest, publish_manifest, stage_manifest
 
 
 def build_parser() -> argparse.ArgumentParser:

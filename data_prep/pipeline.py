@@ -15,9 +15,9 @@ from types import ModuleType
 from tqdm import tqdm
 
 from data_prep.load import take_conversions
-from data_prep.manifest import check_out_dir
 from data_prep.sample import SampleError
-from data_prep.shard_writer import AtomicShardWriter
+from leffa.manifest import check_out_dir
+from leffa.shard_writer import AtomicShardWriter
 
 log = logging.getLogger(__name__)
 

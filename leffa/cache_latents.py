@@ -185,14 +185,14 @@ class LatentShardWriter(BasePredictionWriter):
         self.published: dict | None = None
 
     def on_predict_start(self, trainer, pl_module) -> None:
-        from data_prep.shard_writer import reporting_write_errors
+        from leffa.shard_writer import reporting_write_errors
 
         self.open, self.done, self.skips, self.temps = {}, [], [], []
         with reporting_write_errors(self.out):
             self.out.mkdir(parents=True, exist_ok=True)
 
     def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx=0):
-        from data_prep.shard_writer import write_error
+        from leffa.shard_writer import write_error
 
         name = batch["shard"]
         entry = self.open.get(name) or self._open(name, batch)
@@ -219,7 +219,7 @@ class LatentShardWriter(BasePredictionWriter):
     def _open(self, name: str, batch: dict) -> dict:
         import webdataset as wds
 
-        from data_prep.shard_writer import TAR_OPTIONS, reporting_write_errors, temp_path
+        from leffa.shard_writer import TAR_OPTIONS, reporting_write_errors, temp_path
 
         path = temp_path(self.out / name)
         if path.resolve().parent != self.out.resolve():  # names come from split names: never outside --out
@@ -232,8 +232,8 @@ class LatentShardWriter(BasePredictionWriter):
         return entry
 
     def on_predict_end(self, trainer, pl_module) -> None:
-        from data_prep.manifest import discard_staged_manifest, publish_manifest, staged_manifest_path
-        from data_prep.shard_writer import reporting_write_errors, temp_path
+        from leffa.manifest import discard_staged_manifest, publish_manifest, staged_manifest_path
+        from leffa.shard_writer import reporting_write_errors, temp_path
 
         if self.open:  # every shard ends with a batch marked last
             raise RuntimeError(f"shards left open: {sorted(self.open)}")

@@ -137,8 +137,8 @@ def write_samples(folder: str | Path, split: str, samples: Iterable[dict], shard
                   dataset: str = "synthetic") -> list[Path]:
     """Write encoded ``samples`` (e.g. altered :func:`synthetic_sample` outputs) with data_prep's
     shard writer and manifest, as a conversion would; returns the shard paths."""
-    from data_prep.manifest import update_manifest
-    from data_prep.shard_writer import AtomicShardWriter
+    from leffa.manifest import update_manifest
+    from leffa.shard_writer import AtomicShardWriter
 
     folder = Path(folder)
     samples = list(samples)

@@ -18,16 +18,16 @@ import webdataset as wds
 from raw_datasets import make_vitonhd, read_manifest, read_split
 from raw_dresscode import make_dresscode
 
-from data_prep import manifest as manifest_module
-from data_prep import shard_writer
 from data_prep.__main__ import main
 from data_prep.deepfashion import parse_keypoints
 from data_prep.sample import SampleError
-from data_prep.shard_writer import AtomicShardWriter
+from leffa import manifest as manifest_module
+from leffa import shard_writer
 from leffa.data import LeffaDataModule
 from leffa.data.preflight import check_sources
 from leffa.data.shards import resolve_shards
 from leffa.errors import UserError, user_errors_as_one_line
+from leffa.shard_writer import AtomicShardWriter
 from leffa.testing import synthetic_sample
 
 DEEP = "[" * 100_000 + "]" * 100_000  # json.loads raises RecursionError on it
@@ -75,7 +75,7 @@ def test_dense_index_scale_outside_1_to_10_is_one_line(capsys, tmp_path, scale):
 
 
 class FillingDisk:
-    """`open` for data_prep.shard_writer: files that share `capacity` bytes, then fail with ENOSPC
+    """`open` for leffa.shard_writer: files that share `capacity` bytes, then fail with ENOSPC
     like a full disk (the buffered stream's flush, hence also its close, fails)."""
 
     def __init__(self, capacity: int):
@@ -123,7 +123,7 @@ def test_disk_full_while_writing_shards_is_one_line_and_leaves_the_folder(capsys
 
 
 class FullManifestFile:
-    """What data_prep.manifest's `open` gives for writing on a full disk: the file exists, writes fail."""
+    """What leffa.manifest's `open` gives for writing on a full disk: the file exists, writes fail."""
 
     def __init__(self, handle):
         self._handle = handle

@@ -10,9 +10,9 @@ from raw_datasets import read_manifest, read_split
 
 from data_prep import synthetic
 from data_prep.__main__ import main
-from data_prep.manifest import update_manifest
-from data_prep.shard_writer import AtomicShardWriter
 from leffa.errors import UserError
+from leffa.manifest import update_manifest
+from leffa.shard_writer import AtomicShardWriter
 
 
 def tiny(index: int) -> dict:

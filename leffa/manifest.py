@@ -20,7 +20,7 @@ from collections.abc import Iterable
 from datetime import UTC, datetime
 from pathlib import Path
 
-from data_prep.shard_writer import reporting_write_errors, split_shards
+from leffa.shard_writer import reporting_write_errors, split_shards
 from leffa.errors import UserError
 from leffa.schema import MANIFEST_NAME, SCHEMA_VERSION
 

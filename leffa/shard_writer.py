@@ -7,7 +7,7 @@ shards are renamed (os.replace, atomic on one file system) and shards of the spl
 run did not produce again are deleted. An interrupted run therefore leaves the previous shards
 and manifest as they were, and no partial shard under a `.tar` name. `finish()` completes the
 shards without renaming them, so that the caller can write the manifest (to its own temporary
-name) before `commit()`: see data_prep/__main__.py.
+name) before `commit()`: see data_prep/__main__.py and leffa/cache_latents.py.
 
 A failed write (a full disk, no permission) is one `UserError` that names the file (`write_error`);
 the temporaries are removed all the same.
