@@ -1,6 +1,6 @@
 """Training dataloader throughput against what one GPU consumes.
 
-Writes shards of native 1024x768 samples of data_prep's synthetic set (``leffa.testing``) into a
+Writes shards of native 1024x768 samples of data_prep's synthetic set (``data_prep.synthetic_shards``) into a
 temporary folder, then times ``LeffaDataModule.train_dataloader()`` (resampled shards, shuffle
 buffer, decode, resize, batch; no flip, which data_prep's sided pose images refuse) at each
 output resolution and worker count: a
@@ -28,8 +28,8 @@ import time
 import torch
 from table import add_output_flag, compared, emit, row
 
+from data_prep.synthetic_shards import synthetic_sample, write_samples
 from leffa.data import LeffaDataModule
-from leffa.testing import synthetic_sample, write_samples
 
 GPU_SAMPLES_PER_S_1024 = 0.4 * 989 / 25  # ~16 samples/s per GPU at 1024x768, 40% MFU
 NATIVE = (1024, 768)

@@ -1,5 +1,6 @@
-"""Tiny models and data for tests and benchmarks: random-initialised diffusers configs, batches of the
-batch contract (docs/design.md, "Batch contract"), and shards from data_prep's synthetic generator.
+"""Tiny models and data for tests and benchmarks: random-initialised diffusers configs and batches of the
+batch contract (docs/design.md, "Batch contract"). Shards of data_prep's synthetic set are made by
+``data_prep.synthetic_shards``.
 
 Nothing here downloads; everything runs on a CPU in seconds. ``tests/conftest.py`` turns these into
 fixtures; tests and benchmarks import them from here (never from ``conftest``).
@@ -7,14 +8,10 @@ fixtures; tests and benchmarks import them from here (never from ``conftest``).
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from pathlib import Path
-
 import torch
 
 __all__ = [
     "TINY_UNET", "TINY_SDXL_UNET", "TINY_VAE", "tiny_configs", "make_batch", "FixedBatches", "batch_loader",
-    "synthetic_shards", "synthetic_sample", "write_samples",
 ]
 
 # Two resolution levels with attention at 1/8 and 1/16 of the image, and a mid block at 1/16.
@@ -90,63 +87,3 @@ class FixedBatches(torch.utils.data.IterableDataset):
 
 def batch_loader(count: int = 2, **kwargs) -> torch.utils.data.DataLoader:
     return torch.utils.data.DataLoader(FixedBatches(count, **kwargs), batch_size=None)
-
-
-def synthetic_shards(
-    folder: str | Path,
-    count: int,
-    height: int,
-    width: int,
-    split: str = "train",
-    texture: str = "periodic",
-    shard_size: int | None = None,
-    seed: int = 0,
-) -> list[Path]:
-    """Write ``count`` samples per split of data_prep's synthetic set into ``folder``.
-
-    Runs ``python -m data_prep synthetic`` in this process (``split`` is ``train``, ``test`` or
-    ``all``); ``shard_size`` defaults to ``count`` (one shard per split).
-
-    Returns:
-        The shard paths written, sorted.
-    """
-    from data_prep.__main__ import main as data_prep_main
-
-    folder = Path(folder)
-    data_prep_main([
-        "synthetic", "--out", str(folder), "--count", str(count), "--split", split,
-        "--shard-size", str(shard_size or max(count, 1)), "--height", str(height), "--width", str(width),
-        "--texture", texture, "--seed", str(seed),
-    ])  # fmt: skip
-    splits = ("train", "test") if split == "all" else (split,)
-    return sorted(p for s in splits for p in folder.glob(f"{s}-*.tar"))
-
-
-def synthetic_sample(
-    index: int = 0, height: int = 32, width: int = 24, split: str = "train", texture: str = "periodic", seed: int = 0
-) -> dict:
-    """One encoded sample of data_prep's synthetic set, as a shard holds it (``{"__key__", "tgt.jpg", ...}``)."""
-    from data_prep.synthetic import DATASET, SyntheticSpec, load_sample
-    from leffa.schema import build_key
-
-    key = build_key(DATASET, split, "paired", f"{index:06d}")
-    return load_sample(SyntheticSpec(key, "test", split, "paired", index, seed, height, width, texture))
-
-
-def write_samples(folder: str | Path, split: str, samples: Iterable[dict], shard_size: int,
-                  dataset: str = "synthetic") -> list[Path]:
-    """Write encoded ``samples`` (e.g. altered :func:`synthetic_sample` outputs) with data_prep's
-    shard writer and manifest, as a conversion would; returns the shard paths."""
-    from leffa.manifest import update_manifest
-    from leffa.shard_writer import AtomicShardWriter
-
-    folder = Path(folder)
-    samples = list(samples)
-    with AtomicShardWriter(folder, split, shard_size) as writer:
-        for sample in samples:
-            writer.write(sample)
-        records = writer.commit()
-    entry = {"pairings": ["paired"], "num_samples_in": len(samples), "num_written": len(samples),
-             "num_skipped": 0, "shards": records}  # fmt: skip
-    update_manifest(folder, dataset, split, entry, [], None, "leffa.testing.write_samples")
-    return [folder / record["name"] for record in records]

@@ -16,6 +16,7 @@ import pytest
 import torch
 from tiny_runs import CONFIG, ROOT
 
+from data_prep.synthetic_shards import synthetic_sample, write_samples
 from leffa.cache_latents import cache_latents_main
 from leffa.cli import cli_main
 from leffa.data import LeffaDataModule, to_model_batch
@@ -28,7 +29,6 @@ from leffa.data.transforms import resize_sample
 from leffa.errors import UserError
 from leffa.module import LeffaModule
 from leffa.pretrained import load_vae_folder
-from leffa.testing import synthetic_sample, write_samples
 
 TINY_VAE = ROOT / "assets" / "tiny_vae_synthetic"
 # the model of configs/tiny_synthetic.yaml (conditioning released: the reference and masked-image

@@ -5,8 +5,8 @@ import pytest
 import torch
 from lightning.pytorch.cli import LightningCLI
 
+from data_prep.synthetic_shards import synthetic_shards
 from leffa.data import LeffaDataModule
-from leffa.testing import synthetic_shards
 
 
 @pytest.fixture(scope="module")

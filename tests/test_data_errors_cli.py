@@ -6,8 +6,8 @@ from pathlib import Path
 import pytest
 
 from data_prep.__main__ import main as data_prep_main
+from data_prep.synthetic_shards import synthetic_sample, write_samples
 from leffa.cli import cli_main
-from leffa.testing import synthetic_sample, write_samples
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "tiny_synthetic.yaml"
 

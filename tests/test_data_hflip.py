@@ -14,11 +14,11 @@ from PIL import Image
 from data_prep.__main__ import main as data_prep_main
 from data_prep.encode import json_bytes, png_bytes
 from data_prep.keypoints import draw_coco18
+from data_prep.synthetic_shards import synthetic_sample, write_samples
 from leffa.data import LeffaDataModule
 from leffa.data.decode import decode_sample
 from leffa.data.transforms import hflip_sample, random_hflip, resize_sample
 from leffa.errors import UserError
-from leffa.testing import synthetic_sample, write_samples
 
 ROOT = Path(__file__).resolve().parents[1]
 

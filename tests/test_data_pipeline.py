@@ -16,9 +16,9 @@ import webdataset as wds
 from PIL import Image
 
 from data_prep.sample import build_sample
+from data_prep.synthetic_shards import synthetic_sample, write_samples
 from leffa.data import LeffaDataModule, to_model_batch
 from leffa.errors import UserError
-from leffa.testing import synthetic_sample, write_samples
 
 H0, W0 = 40, 30  # native size in the shards
 H, W = 32, 24  # the stage's resolution

@@ -21,6 +21,7 @@ from raw_dresscode import make_dresscode
 from data_prep.__main__ import main
 from data_prep.deepfashion import parse_keypoints
 from data_prep.sample import SampleError
+from data_prep.synthetic_shards import synthetic_sample
 from leffa import manifest as manifest_module
 from leffa import shard_writer
 from leffa.data import LeffaDataModule
@@ -28,7 +29,6 @@ from leffa.data.preflight import check_sources
 from leffa.data.shards import resolve_shards
 from leffa.errors import UserError, user_errors_as_one_line
 from leffa.shard_writer import AtomicShardWriter
-from leffa.testing import synthetic_sample
 
 DEEP = "[" * 100_000 + "]" * 100_000  # json.loads raises RecursionError on it
 REPO = Path(__file__).resolve().parents[1]

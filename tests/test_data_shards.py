@@ -5,8 +5,8 @@ import os
 
 import pytest
 
+from data_prep.synthetic_shards import synthetic_shards
 from leffa.data.shards import resolve_shards, resolve_sources
-from leffa.testing import synthetic_shards
 
 
 @pytest.fixture(scope="module")

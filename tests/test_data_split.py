@@ -6,10 +6,10 @@ import itertools
 
 import pytest
 
+from data_prep.synthetic_shards import synthetic_shards
 from leffa.data import LeffaDataModule
 from leffa.data.eval_split import rank_plan
 from leffa.errors import UserError
-from leffa.testing import synthetic_shards
 
 
 @pytest.fixture(scope="module")

@@ -11,11 +11,11 @@ from PIL import Image
 
 from data_prep.encode import png_bytes
 from data_prep.sample import build_sample
+from data_prep.synthetic_shards import synthetic_sample
 from leffa.data.batch import Collate, to_model_batch
 from leffa.data.decode import CorruptSample, decode_sample
 from leffa.data.skips import DATA_ERRORS, SkipCounter
 from leffa.data.transforms import hflip_sample, resize_sample
-from leffa.testing import synthetic_sample
 
 H0, W0 = 40, 30
 

@@ -14,6 +14,7 @@ from raw_dresscode import make_dresscode
 from data_prep.__main__ import build_parser
 from data_prep.dresscode import CATEGORIES as DRESSCODE_CATEGORIES
 from data_prep.registry import get_converter
+from data_prep.synthetic_shards import synthetic_sample
 from leffa.errors import UserError
 from leffa.schema import (
     KEY_CATEGORIES,
@@ -23,7 +24,6 @@ from leffa.schema import (
     SampleKey,
     build_key,
 )
-from leffa.testing import synthetic_sample
 
 
 def converter_keys(dataset: str, src: Path | None, tmp_path: Path) -> list[tuple[object, str]]:

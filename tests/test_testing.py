@@ -1,4 +1,4 @@
-"""leffa.testing: the shards tests and benchmarks use come from data_prep's one synthetic generator,
+"""leffa.testing and data_prep.synthetic_shards: the shards tests and benchmarks use come from data_prep's one synthetic generator,
 whose flow carries the reference onto the target (what a Leffa loss is checked against)."""
 
 import json
@@ -6,8 +6,9 @@ import json
 import torch
 import torch.nn.functional as F
 
+from data_prep.synthetic_shards import synthetic_sample, synthetic_shards
 from leffa.data import LeffaDataModule, to_model_batch
-from leffa.testing import make_batch, synthetic_sample, synthetic_shards
+from leffa.testing import make_batch
 
 
 def test_synthetic_shards_are_data_prep_shards_whose_flow_warps_ref_onto_tgt(tmp_path):
