@@ -18,6 +18,7 @@ import difflib
 import os
 import sys
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import yaml
@@ -38,11 +39,39 @@ DESCRIPTION = (
     "pictures of a checkpoint) and `leffa cache-latents` (a stage's VAE latents computed once, for training "
     "with data.latents). `leffa <command> --help` for each."
 )
-EXTRA_COMMANDS = {
-    "eval": "leffa.evaluate:eval_main",
-    "visualize": "leffa.visualize:visualize_main",
-    "export": "leffa.export:export_main",
-    "cache-latents": "leffa.cache_latents:cache_latents_main",
+
+
+# The commands that are not Lightning's. Each module is imported only when its command runs, so that
+# `leffa --help` and the Lightning stages do not pay for it; only this module imports them.
+def _eval(argv: list[str]) -> None:
+    from leffa.evaluate import eval_main
+
+    eval_main(argv)
+
+
+def _visualize(argv: list[str]) -> None:
+    from leffa.visualize import visualize_main
+
+    visualize_main(argv)
+
+
+def _export(argv: list[str]) -> None:
+    from leffa.export import export_main
+
+    export_main(argv)
+
+
+def _cache_latents(argv: list[str]) -> None:
+    from leffa.cache_latents import cache_latents_main
+
+    cache_latents_main(argv)
+
+
+EXTRA_COMMANDS: dict[str, Callable[[list[str]], None]] = {
+    "eval": _eval,
+    "visualize": _visualize,
+    "export": _export,
+    "cache-latents": _cache_latents,
 }
 #: the exit status of a stage stopped by SIGTERM: a process killed by it (128 + 15)
 SIGTERM_STATUS = 143
@@ -198,12 +227,6 @@ def _config_chain(path: Path, seen: tuple[Path, ...]) -> list[Path]:
     return chain + [path]
 
 
-def _run_extra(command: str, argv: list[str]) -> None:
-    module_name, func_name = EXTRA_COMMANDS[command].split(":")
-    module = __import__(module_name, fromlist=[func_name])
-    getattr(module, func_name)(argv)
-
-
 def cli_main(args: list[str] | None = None) -> None:
     """Entry point of the ``leffa`` console script; ``args`` defaults to ``sys.argv[1:]``.
 
@@ -216,7 +239,7 @@ def cli_main(args: list[str] | None = None) -> None:
 def _main(args: list[str] | None) -> None:
     argv = list(sys.argv[1:] if args is None else args)
     if argv and argv[0] in EXTRA_COMMANDS:
-        _run_extra(argv[0], argv[1:])
+        EXTRA_COMMANDS[argv[0]](argv[1:])
         return
     from omegaconf.errors import InterpolationResolutionError
 
