@@ -26,14 +26,13 @@ from leffa.leffa_layers import check_image_size, check_leffa_settings, leffa_lay
 from leffa.nonfinite import LOSS_TERMS, NonFiniteStop
 from leffa.pretrained import load_scheduler, load_vae, load_vae_folder, read_config
 from leffa.released import RELEASED_CROSS_ATTENTION, has_cross_attention_norm
-from leffa.resume_settings import check_resume_settings
+from leffa.parallel import shard_for_strategy
+from leffa.resume_settings import check_optimizer_covers, check_resume_settings
+from leffa.rng_state import generator_states, restore_generator_state
 from leffa.sampling import SamplingConfig, key_generators, sample
 from leffa.schedules import LRSchedule, build_scheduler
 from leffa.selection import SelectionWindow, draw_selection, leffa_rows
-from leffa.speed import (
-    SpeedSettings, autocast_on, compile_blocks, pinned_copy, refuse_compile_with, store_frozen_in_bf16,
-    use_channels_last,
-)
+from leffa.speed import SpeedSettings, apply_speed, autocast_on, pinned_copy, refuse_compile_with
 from leffa.throughput import report_training_start
 from leffa.trainable import LORA_MARKERS, LoraSettings, base_layer_names, has_lora
 from leffa.unets import CROSS_ATTENTION, is_sdxl
@@ -261,21 +260,8 @@ class LeffaModule(L.LightningModule):
                 self.check_image_size(settings["height"], settings["width"], stage)
 
     def apply_speed(self, bf16: bool) -> None:
-        """Apply ``self.speed`` (``leffa.speed``), each switch once: channels_last, the frozen weights in bf16 when
-        ``bf16`` (a bf16 precision), the UNets' blocks compiled. Before any sharding (FSDP2 shards
-        the compiled blocks in ``configure_model``)."""
-        unets = list(self.denoiser.components().values())
-        wanted = {"channels_last": self.speed.channels_last, "frozen_bf16": self.speed.frozen_bf16 and bf16,
-                  "compile": self.speed.compile}
-        for switch in [s for s, on in wanted.items() if on and s not in self._speed_applied]:
-            if switch == "channels_last":
-                use_channels_last(*unets, self.vae)
-            elif switch == "frozen_bf16":
-                store_frozen_in_bf16(self)
-            else:
-                for unet in unets:
-                    compile_blocks(unet)
-            self._speed_applied.add(switch)
+        """``leffa.speed.apply_speed``: each switch of ``self.speed`` once, before any sharding."""
+        apply_speed(self, self.speed, self._speed_applied, bf16)
 
     def vae_fingerprint(self) -> str:
         """The frozen VAE's fingerprint (``leffa.data.latents.vae_fingerprint``), computed once, from
@@ -315,11 +301,7 @@ class LeffaModule(L.LightningModule):
         return self
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        # every rank's generator state, (world, n) bytes: Lightning writes rank 0's dict only
-        state = self.noise_generator.get_state()
-        if self._trainer is not None and self.trainer.world_size > 1:
-            state = self.all_gather(state.to(self.device)).cpu()
-        checkpoint["noise_generator"] = state.reshape(-1, state.shape[-1])
+        checkpoint["noise_generator"] = generator_states(self)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.check_cross_attention(checkpoint.get("state_dict", {}), "--ckpt_path")
@@ -327,22 +309,8 @@ class LeffaModule(L.LightningModule):
             path = self.trainer.ckpt_path
             self.check_resume_settings(checkpoint.get("hyper_parameters") or {}, self.trainer.state.fn == "fit",
                                        f"--ckpt_path {path}" if path else "--ckpt_path")
-        # the optimizer (configure_optimizers) holds every trainable tensor: a resumed one must match
-        saved = [group for state in checkpoint.get("optimizer_states", ()) if isinstance(state, dict)
-                 for group in state.get("param_groups", ())]
-        held, trainable = sum(len(g["params"]) for g in saved), sum(p.requires_grad for p in self.parameters())
-        if saved and held != trainable:
-            raise UserError(f"--ckpt_path: its optimizer state covers {held} parameter tensors, this model trains "
-                            f"{trainable} (another model.trainable, or written before the Reference UNet's unused "
-                            "head was frozen): start a new run from its weights with model.init_from instead")
-        states = checkpoint.get("noise_generator")
-        if states is None:
-            return
-        states = states.reshape(-1, states.shape[-1])
-        if self.global_rank < len(states):
-            self.noise_generator.set_state(states[self.global_rank].clone())
-        else:  # more ranks than when saved: a fresh stream of its own for this rank
-            self.noise_generator.manual_seed(torch.initial_seed() + self.global_rank + 1_000_003 * self.global_step)
+        check_optimizer_covers(checkpoint, sum(p.requires_grad for p in self.parameters()))
+        restore_generator_state(self, checkpoint.get("noise_generator"))
 
     def check_resume_settings(self, saved: dict, fitting: bool, source: str = "--ckpt_path") -> None:
         """``leffa.resume_settings.check_resume_settings`` of this module's settings against ``saved``."""
@@ -360,21 +328,8 @@ class LeffaModule(L.LightningModule):
         "doesn't support sharding model layers" and calls it itself (``leffa.ema.TrainableEMA``
         calls it without the warning); under DDP or one device nothing is sharded.
         """
-        from leffa import parallel
-
-        if self._trainer is None or not parallel.is_sharding(self.trainer.strategy):
-            return
-        parallel.refuse_unshardable_callbacks(self.trainer.strategy, self.trainer.callbacks)
-        mesh = self.device_mesh
-        if mesh is None:  # FSDPStrategy: it wraps the model after this hook
-            return
-        if "tensor_parallel" in (mesh.mesh_dim_names or ()) and mesh["tensor_parallel"].size() > 1:
-            raise UserError(f"the UNets have no tensor-parallel plan: use tensor_parallel_size=1, "
-                             f"got {mesh['tensor_parallel'].size()} (mesh {mesh})")
-        # a bf16 Trainer ("bf16-mixed", "bf16-true") also all-gathers and computes in bf16;
-        # the sharded master weights and the gradient reduction stay float32
-        param_dtype = torch.bfloat16 if str(self.trainer.precision).startswith("bf16") else None
-        self.denoiser.shard(mesh["data_parallel"], param_dtype)
+        if self._trainer is not None:
+            shard_for_strategy(self, self.trainer)
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
         """Lightning's clipping (``trainer.gradient_clip_val``), except by norm under

@@ -199,3 +199,22 @@ def freeze_unused_reference_parameters(reference_unet: nn.Module, bank: Referenc
     for name in unused:
         trainable[name].requires_grad_(False)
     return unused
+
+
+def shard_for_strategy(module, trainer) -> None:
+    """``LeffaModule.configure_model``: under a sharding strategy, refuse the callbacks that cannot
+    work with a sharded model and, under ``ModelParallelStrategy`` (it gives a device mesh), shard
+    the denoiser with FSDP2 (``FSDPStrategy`` wraps the model itself after the hook). Under DDP or
+    one device, nothing. A bf16 Trainer (``bf16-mixed``, ``bf16-true``) also all-gathers and computes
+    in bf16; the sharded master weights and the gradient reduction stay float32."""
+    if not is_sharding(trainer.strategy):
+        return
+    refuse_unshardable_callbacks(trainer.strategy, trainer.callbacks)
+    mesh = module.device_mesh
+    if mesh is None:
+        return
+    if "tensor_parallel" in (mesh.mesh_dim_names or ()) and mesh["tensor_parallel"].size() > 1:
+        raise UserError(f"the UNets have no tensor-parallel plan: use tensor_parallel_size=1, "
+                        f"got {mesh['tensor_parallel'].size()} (mesh {mesh})")
+    param_dtype = torch.bfloat16 if str(trainer.precision).startswith("bf16") else None
+    module.denoiser.shard(mesh["data_parallel"], param_dtype)

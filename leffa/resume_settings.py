@@ -12,7 +12,7 @@ import json
 
 from leffa.errors import UserError
 
-__all__ = ["RESUME_MAY_CHANGE", "WEIGHT_SETTINGS", "check_resume_settings"]
+__all__ = ["RESUME_MAY_CHANGE", "WEIGHT_SETTINGS", "check_resume_settings", "check_optimizer_covers"]
 
 #: model settings that a resumed run (``--ckpt_path``) may change: where the same files lie on this
 #: machine (the weights come from the checkpoint), the weights a new run would start from (the
@@ -74,3 +74,15 @@ def _shown(value) -> str:
         return json.dumps(_plain(value))
     except (TypeError, ValueError):
         return repr(value)
+
+
+def check_optimizer_covers(checkpoint: dict, trainable: int) -> None:
+    """One error line when the checkpoint's optimizer state covers another number of parameter
+    tensors than the ``trainable`` ones this model's optimizer holds (``configure_optimizers``)."""
+    saved = [group for state in checkpoint.get("optimizer_states", ()) if isinstance(state, dict)
+             for group in state.get("param_groups", ())]
+    held = sum(len(g["params"]) for g in saved)
+    if saved and held != trainable:
+        raise UserError(f"--ckpt_path: its optimizer state covers {held} parameter tensors, this model trains "
+                        f"{trainable} (another model.trainable, or written before the Reference UNet's unused "
+                        "head was frozen): start a new run from its weights with model.init_from instead")

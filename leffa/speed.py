@@ -32,8 +32,8 @@ from torch import nn
 
 from leffa.errors import UserError
 
-__all__ = ["SpeedSettings", "compile_blocks", "refuse_compile_with", "use_channels_last", "store_frozen_in_bf16",
-           "pinned_copy", "autocast_on"]
+__all__ = ["SpeedSettings", "apply_speed", "compile_blocks", "refuse_compile_with", "use_channels_last",
+           "store_frozen_in_bf16", "pinned_copy", "autocast_on"]
 
 
 @dataclass
@@ -106,3 +106,21 @@ def autocast_on(device: torch.device) -> bool:
         return torch.is_autocast_enabled(device.type)
     except RuntimeError:
         return False
+
+
+def apply_speed(module, settings: SpeedSettings, applied: set[str], bf16: bool) -> None:
+    """Apply ``settings`` to a ``LeffaModule``, each switch once (``applied`` records which): its UNets
+    and VAE in channels_last, its frozen weights in bf16 when ``bf16`` (a bf16 precision), its UNets'
+    blocks compiled. Before any sharding (FSDP2 shards the compiled blocks in ``configure_model``)."""
+    unets = list(module.denoiser.components().values())
+    wanted = {"channels_last": settings.channels_last, "frozen_bf16": settings.frozen_bf16 and bf16,
+              "compile": settings.compile}
+    for switch in [s for s, on in wanted.items() if on and s not in applied]:
+        if switch == "channels_last":
+            use_channels_last(*unets, module.vae)
+        elif switch == "frozen_bf16":
+            store_frozen_in_bf16(module)
+        else:
+            for unet in unets:
+                compile_blocks(unet)
+        applied.add(switch)
