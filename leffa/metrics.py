@@ -514,14 +514,21 @@ def mask_size(source: Path | ShardMask) -> tuple[int, int]:
         raise _unreadable(source, error) from None
 
 
+def _match_masks(pairs: list[tuple[Path, Path]], by_prediction: dict, by_ground_truth: dict) -> tuple[list, list]:
+    """(the mask of each pair: the one named like its prediction, else like its ground truth; the
+    names of the predictions that have none)."""
+    found, missing = [], []
+    for pred, gt in pairs:
+        mask = by_prediction.get(pred.stem) or by_ground_truth.get(gt.stem)
+        (found if mask else missing).append(mask or pred.name)
+    return found, missing
+
+
 def masks_from_folder(folder: str | Path, pairs: list[tuple[Path, Path]]) -> list[Path]:
     """The mask of each pair from ``folder``: the image named like the prediction (its sample key),
     else like the ground truth (the target id); a pair without one is an error naming the count."""
     by_stem = {path.stem: path for path in list_images(folder)}
-    found, missing = [], []
-    for pred, gt in pairs:
-        mask = by_stem.get(pred.stem) or by_stem.get(gt.stem)
-        (found if mask else missing).append(mask or pred.name)
+    found, missing = _match_masks(pairs, by_stem, by_stem)
     if missing:
         raise UserError(
             f"--masks {folder}: {len(missing)} of {len(pairs)} predictions have no mask named like the "
@@ -556,10 +563,7 @@ def masks_from_shards(spec: str, pairs: list[tuple[Path, Path]]) -> list[ShardMa
         parsed = prediction_key(Path(key))
         if parsed is not None:
             by_target.setdefault(parsed.target, mask)
-    found, missing = [], []
-    for pred, gt in pairs:
-        mask = by_key.get(pred.stem) or by_target.get(gt.stem)
-        (found if mask else missing).append(mask or pred.name)
+    found, missing = _match_masks(pairs, by_key, by_target)
     if missing:
         raise UserError(
             f"--masks-from-shards {spec}: {len(missing)} of {len(pairs)} predictions have no sample with "

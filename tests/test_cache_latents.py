@@ -10,10 +10,10 @@ import json
 import tarfile
 from pathlib import Path
 
-import lightning as L
 import numpy as np
 import pytest
 import torch
+from one_line_errors import refused
 from tiny_runs import CONFIG, ROOT
 
 from data_prep.synthetic_shards import synthetic_sample, write_samples
@@ -56,18 +56,6 @@ def cached(shards, tmp_path_factory):
 def members(shard: Path) -> list[dict]:
     return list(read_samples(str(shard), 0, None, handler=lambda error: False))
 
-
-def refused(capsys, argv: list[str], *named: object) -> str:
-    """Exit status 2 and exactly one ``error:`` line naming each of ``named``, no traceback."""
-    with pytest.raises(SystemExit) as error:
-        cli_main(argv)
-    assert error.value.code == 2
-    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
-    errors = [line for line in lines if line.startswith("error: ")]
-    assert len(errors) == 1 and "Traceback" not in "\n".join(lines), lines
-    for item in named:
-        assert str(item) in errors[0], errors[0]
-    return errors[0]
 
 
 def test_cache_keeps_every_member_and_adds_the_vae_moments(shards, cached):

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from one_line_errors import error_line, refused
 from tiny_runs import CONFIG, ROOT, fit_args
 
 from leffa.cli import cli_main
@@ -46,21 +47,6 @@ def run_args(shards, root: Path, steps: int, *extra: str) -> list[str]:
     return [*args[:3], "--config", str(root / "checkpoints.yaml"), *args[3:], "--trainer.limit_val_batches=0", *extra]
 
 
-def error_line(capsys, error: pytest.ExceptionInfo, *named: object) -> str:
-    """Exit status 2 and exactly one ``error:`` line on stderr, naming each of ``named``, no traceback."""
-    assert error.value.code == 2, error.value.code
-    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
-    errors = [line for line in lines if line.startswith("error: ")]
-    assert len(errors) == 1 and "Traceback" not in "\n".join(lines), lines
-    for item in named:
-        assert str(item) in errors[0], errors[0]
-    return errors[0]
-
-
-def refused(capsys, argv: list[str], *named: object) -> str:
-    with pytest.raises(SystemExit) as error:
-        cli_main(argv)
-    return error_line(capsys, error, *named)
 
 
 class Messages(logging.Handler):
