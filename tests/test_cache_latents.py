@@ -177,7 +177,7 @@ def test_two_fit_steps_log_the_same_losses_on_cached_and_source_shards(shards, c
 def fit_on_cache(shards, cached, *extra: str) -> list[str]:
     return ["fit", "--config", str(CONFIG), *data_args(shards), f"--data.train_shards={cached[0]}@train",
             f"--data.val_shards={cached[0]}@test", "--data.latents=true", "--trainer.max_steps=1",
-            "--trainer.limit_val_batches=0", *extra]
+            "--trainer.limit_val_batches=0", "--trainer.logger=false", *extra]  # nothing under ./demo_out
 
 
 def test_latents_of_another_size_are_one_line(capsys, shards, cached):
