@@ -58,6 +58,7 @@ def members(shard: Path) -> list[dict]:
 
 
 
+@pytest.mark.slow  # over 1 s on 2 cores: make test runs it, make test-fast does not
 def test_cache_keeps_every_member_and_adds_the_vae_moments(shards, cached):
     out, manifest = cached
     assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "test-000000.tar", "test-000001.tar",
@@ -138,6 +139,7 @@ def test_cached_latents_give_the_uncached_loss_and_gradients(shards, cached):
     same_loss_cached_and_not(module, str(shards), str(cached[0]))
 
 
+@pytest.mark.slow  # over 1 s on 2 cores: make test runs it, make test-fast does not
 @pytest.mark.parametrize("layout", ["tryon", "pose"])
 def test_cached_latents_of_the_other_encoding_layouts(shards, tmp_path, layout):
     """tryon: the masked image at the posterior mode; pose: the DensePose latent."""
@@ -149,6 +151,7 @@ def test_cached_latents_of_the_other_encoding_layouts(shards, tmp_path, layout):
     same_loss_cached_and_not(module, str(shards), str(tmp_path / "latents"))
 
 
+@pytest.mark.slow  # over 1 s on 2 cores: make test runs it, make test-fast does not
 def test_two_fit_steps_log_the_same_losses_on_cached_and_source_shards(shards, cached, tmp_path):
     overlay = tmp_path / "overlay.yaml"
     overlay.write_text("trainer:\n  callbacks: null\n  enable_checkpointing: false\n  enable_progress_bar: false\n"
@@ -195,6 +198,7 @@ def test_latents_of_another_vae_are_one_line_before_training(capsys, shards, cac
     assert not list(tmp_path.rglob("*.ckpt"))
 
 
+@pytest.mark.slow  # over 1 s on 2 cores: make test runs it, make test-fast does not
 def test_a_conditioning_whose_images_the_cache_lacks_is_one_line(capsys, shards, cached, tmp_path):
     # the released layout's cache has no DensePose latent; pose_image needs none and is accepted
     refused(capsys, fit_on_cache(shards, cached, "--model.conditioning=pose", f"--trainer.default_root_dir={tmp_path}"),

@@ -110,6 +110,7 @@ def assert_one_line_exit(capsys, error: pytest.ExceptionInfo, path: Path) -> str
 
 # ---------------------------------------------------------------- point 1: crafted payloads never run
 
+@pytest.mark.slow  # over 1 s on 2 cores: make test runs it, make test-fast does not
 def test_init_from_refuses_a_crafted_checkpoint_without_running_it(crafted):
     path, marker = crafted
     with pytest.raises(UserError, match="refusing") as error:
@@ -128,6 +129,7 @@ def test_export_and_visualize_refuse_a_crafted_checkpoint(command, crafted, tmp_
     assert not marker.exists() and not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow  # over 1 s on 2 cores: make test runs it, make test-fast does not
 def test_predict_init_from_refuses_a_crafted_checkpoint(crafted, shards, tmp_path, capsys):
     path, marker = crafted
     with pytest.raises(SystemExit) as error:
@@ -193,6 +195,7 @@ def test_shard_index_naming_a_file_outside_its_folder_is_refused(trained, tmp_pa
 
 # ---------------------------------------------------------------- point 11: one loader for every form
 
+@pytest.mark.slow  # over 1 s on 2 cores: make test runs it, make test-fast does not
 def test_one_loader_for_every_form_with_settings(trained, tmp_path):
     from leffa.checkpoints import read_settings
     from leffa.module import LeffaModule
@@ -228,6 +231,7 @@ def test_weights_only_forms_say_to_use_init_from(trained, tmp_path, capsys):
     assert same_weights(LeffaModule(**SETTINGS, init_from=str(weights)), module.state_dict())
 
 
+@pytest.mark.slow  # over 1 s on 2 cores: make test runs it, make test-fast does not
 def test_export_and_visualize_read_a_sharded_folder(trained, shards, tmp_path):
     from leffa.visualize import visualize_main
 
@@ -274,6 +278,7 @@ def broken(request, trained, tmp_path):
     return path
 
 
+@pytest.mark.slow  # over 1 s on 2 cores: make test runs it, make test-fast does not
 def test_a_missing_or_broken_checkpoint_is_one_line_naming_it(broken, tmp_path, capsys):
     with pytest.raises(UserError) as error:
         LeffaModule(**SETTINGS, init_from=str(broken))

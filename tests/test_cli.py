@@ -20,6 +20,7 @@ def trained(shards, tmp_path_factory):
     return root / "tiny_synthetic" / "version_0"
 
 
+@pytest.mark.slow  # over 1 s on 2 cores: make test runs it, make test-fast does not
 def test_fit_on_the_tiny_config_writes_logs_checkpoints_samples_and_config(trained):
     run = trained
     assert (run / "config.yaml").is_file()
@@ -81,6 +82,7 @@ def test_config_bases_env_interpolation_and_missing_variables(tmp_path, monkeypa
         expand_bases(["fit", "--config", str(tmp_path / "loop.yaml")])
 
 
+@pytest.mark.slow  # over 1 s on 2 cores: make test runs it, make test-fast does not
 def test_predict_writes_an_image_per_sample_and_the_settings(shards, trained, tmp_path):
     import json
 
@@ -104,6 +106,7 @@ def test_predict_writes_an_image_per_sample_and_the_settings(shards, trained, tm
     assert settings["sampling"]["num_steps"] == 2 and settings["sampling"]["guidance_scale"] == 2.0
 
 
+@pytest.mark.slow  # over 1 s on 2 cores: make test runs it, make test-fast does not
 def test_visualize_writes_a_picture_per_leffa_layer(shards, trained, tmp_path):
     from PIL import Image
 

@@ -316,6 +316,7 @@ def resolved(monkeypatch, capsys, config: Path) -> dict:
     return yaml.safe_load(capsys.readouterr().out)
 
 
+@pytest.mark.slow  # over 1 s on 2 cores: make test runs it, make test-fast does not
 @pytest.mark.parametrize("task", ["vton", "dresscode"])
 def test_the_concat_stages_are_the_paper_stages_with_one_unet(monkeypatch, capsys, task):
     stages = [f"{task}_512", f"{task}_1024", f"{task}_1024_leffa"]

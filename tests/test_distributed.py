@@ -599,6 +599,7 @@ def test_sharding_strategies_refuse_ema_and_rank_zero_samplers(tmp_path, own_pro
         trainer.fit(build_module(), train_dataloaders=torch.utils.data.DataLoader(RankHalves(0), batch_size=None))
 
 
+@pytest.mark.slow  # over 1 s on 2 cores: make test runs it, make test-fast does not
 @pytest.mark.parametrize("checkpointing", [False, True])
 def test_unused_reference_parameters_are_those_without_gradient(checkpointing):
     from leffa.parallel import freeze_unused_reference_parameters

@@ -44,6 +44,7 @@ def test_recipe_resolves_with_the_env_vars_and_train_shards(released_env, capsys
     assert any(c["class_path"] == "leffa.ema.TrainableEMA" for c in trainer["callbacks"])
 
 
+@pytest.mark.slow  # over 1 s on 2 cores: make test runs it, make test-fast does not
 @pytest.mark.parametrize("recipe", list(RECIPES))
 def test_a_missing_env_var_is_one_line(released_env, capsys, recipe):
     for variable in RECIPES[recipe]:

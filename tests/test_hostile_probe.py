@@ -46,6 +46,7 @@ def tree(folder: Path) -> dict[str, bytes | None]:
 
 # ---------------------------------------------------------------- item 1: predict's output_dir is a file
 
+@pytest.mark.slow  # over 1 s on 2 cores: make test runs it, make test-fast does not
 def test_predict_output_dir_that_is_a_file_is_one_line_naming_it(shards, tmp_path, capsys):
     not_a_folder = tmp_path / "some_file.txt"
     not_a_folder.write_text("mine")
@@ -112,6 +113,7 @@ def test_paired_eval_under_the_lpips_minimum_size_is_one_line(net, minimum, tmp_
     assert f"LPIPS {net}" in line and not loaded  # refused before any network is loaded
 
 
+@pytest.mark.slow  # over 1 s on 2 cores: make test runs it, make test-fast does not
 def test_the_lpips_minimum_sizes_are_those_of_the_networks():
     for net, minimum in metrics.LPIPS_MIN_SIDE.items():
         model = metrics.load_lpips(net, "random")
@@ -260,6 +262,7 @@ def refused_everywhere(folder: Path, tmp_path: Path, capsys, *named: object) -> 
     return lines[0]
 
 
+@pytest.mark.slow  # over 1 s on 2 cores: make test runs it, make test-fast does not
 def test_a_sharded_chunk_that_is_a_pickle_is_refused_in_one_line(sharded, tmp_path, capsys):
     folder = copy_folder(sharded, tmp_path / "hostile")
     marker = tmp_path / "ran"

@@ -24,6 +24,7 @@ def fixed_step(module, batch, seed=0):
     return module.compute_loss(batch, torch.Generator().manual_seed(seed), train=False)[0]
 
 
+@pytest.mark.slow  # over 1 s on 2 cores: make test runs it, make test-fast does not
 @pytest.mark.parametrize("conditioning,channels", [("tryon", 9), ("pose", 8), ("pose_image", 7), ("released", 12)])
 def test_generative_input_channels_follow_the_conditioning(tiny_configs, conditioning, channels):
     module = tiny_module(tiny_configs, conditioning=conditioning)
@@ -133,6 +134,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(tiny_configs):
     torch.testing.assert_close(grads[0], grads[1], atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.slow  # over 1 s on 2 cores: make test runs it, make test-fast does not
 def test_a_few_adamw_steps_lower_the_loss_on_a_fixed_batch(tiny_configs):
     module = tiny_module(tiny_configs, use_leffa_loss=True, theta_timestep=1000, learning_rate=1e-3, p_drop_ref=0.0)
     optimizer = module.configure_optimizers()

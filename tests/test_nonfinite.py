@@ -73,6 +73,7 @@ def train_until_stopped(tmp_path, batches: Batches, **kwargs):
     # the pose conditioning does not use the mask, the Leffa loss does (Eq. 4)
     ("mask", "leffa", "pose"),
 ])
+@pytest.mark.slow  # over 1 s on 2 cores: make test runs it, make test-fast does not
 def test_a_non_finite_term_stops_training_naming_step_and_term(tmp_path, poison, term, conditioning):
     message, step = train_until_stopped(tmp_path, Batches(poison, poison_at=3), conditioning=conditioning)
     assert step == 3

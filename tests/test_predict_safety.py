@@ -68,6 +68,7 @@ def _pixels(path: Path) -> np.ndarray:
 
 # -- point 2: keys from data files never become paths outside the output folder -----------------
 
+@pytest.mark.slow  # over 1 s on 2 cores: make test runs it, make test-fast does not
 def test_hostile_keys_are_refused_named_once_and_nothing_leaves_the_output_folder(test_shard, tmp_path):
     work, out = tmp_path / "work", tmp_path / "work" / "out"
     (work / "abs").mkdir(parents=True)

@@ -146,6 +146,7 @@ def cfg_inputs(seed: int = 1, b: int = 2, h: int = 8, w: int = 6):
 # ---------------------------------------------------------------- the forward
 
 
+@pytest.mark.slow  # over 1 s on 2 cores: make test runs it, make test-fast does not
 def test_imported_released_checkpoint_gives_the_released_epsilon(released, tiny_configs):
     backbone, config, path, state = released
     module = LeffaModule(unet_config=config, vae_config=tiny_configs["vae_config"], conditioning="released",
@@ -172,6 +173,7 @@ def test_a_released_checkpoint_refuses_a_module_with_removed_cross_attention(rel
     assert len(str(error.value).splitlines()) == 1
 
 
+@pytest.mark.slow  # over 1 s on 2 cores: make test runs it, make test-fast does not
 def test_checkpoints_record_their_cross_attention_and_refuse_the_other(tiny_configs, tmp_path):
     removed = LeffaModule(**tiny_configs, conditioning="released", cross_attention="removed")
     ckpt = save_ckpt(removed, tmp_path / "removed.ckpt")
@@ -332,6 +334,7 @@ def test_predict_released_config_has_the_released_pipeline_settings():
             sampling.reference_timestep, sampling.repaint) == ("ddpm", 50, 2.5, 2.5, None, False)
 
 
+@pytest.mark.slow  # over 1 s on 2 cores: make test runs it, make test-fast does not
 @pytest.mark.parametrize("ref_acceleration", [False, True])
 def test_predict_released_samples_the_released_pipelines_image(released, tiny_configs, ref_acceleration):
     backbone, config, path, state = released

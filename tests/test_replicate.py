@@ -191,6 +191,7 @@ def test_attention_entropy_is_one_for_uniform_and_near_zero_for_one_hot_attentio
     assert attention_entropy(sharp, 2.0, valid) < 0.05
 
 
+@pytest.mark.slow  # over 1 s on 2 cores: make test runs it, make test-fast does not
 def test_a_user_error_of_the_script_is_one_line(tmp_path):
     result = subprocess.run([sys.executable, str(ROOT / "replicate" / "run.py"), "--out", str(tmp_path), "--report-only"],
                             capture_output=True, text=True)

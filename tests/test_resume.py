@@ -127,6 +127,7 @@ def test_interrupted_and_resumed_run_follows_the_uninterrupted_one(tmp_path):
     assert not torch.equal(final[0]["state_dict"][key], final[0]["current_model_state"][key])
 
 
+@pytest.mark.slow  # over 1 s on 2 cores: make test runs it, make test-fast does not
 def test_a_checkpoint_that_trained_the_reference_head_initialises_but_does_not_resume(tmp_path):
     """Checkpoints written while the Reference UNet's unused head was still trainable (before it
     was frozen when the model is built): their optimizer state covers more tensors. Resuming them

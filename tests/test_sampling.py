@@ -87,6 +87,7 @@ def test_guidance_rescale_matches_the_papers_formula():
     torch.testing.assert_close(rescale_noise_cfg(guided, cond, 0.0), guided)
 
 
+@pytest.mark.slow  # over 1 s on 2 cores: make test runs it, make test-fast does not
 @pytest.mark.parametrize("scheduler", ["ddim", "ddpm", "euler_a", "dpm++", "unipc"])
 def test_per_sample_generators_give_each_sample_the_same_image_in_any_batch(module, scheduler):
     from leffa.sampling import key_generators

@@ -88,6 +88,7 @@ def test_lora_merged_equals_unmerged(tiny_configs, one_thread):
     torch.testing.assert_close(after, before, atol=1e-5, rtol=0)
 
 
+@pytest.mark.slow  # over 1 s on 2 cores: make test runs it, make test-fast does not
 def test_a_full_checkpoint_initialises_a_lora_module(tiny_configs, tmp_path, one_thread):
     full = tiny(tiny_configs)
     path = tmp_path / "full.ckpt"
@@ -112,6 +113,7 @@ def ema_bytes(callback) -> int:
     return sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
 
 
+@pytest.mark.slow  # over 1 s on 2 cores: make test runs it, make test-fast does not
 def test_trainable_ema_keeps_only_trainable_weights_in_the_checkpoint_layout(tiny_configs, tmp_path, one_thread):
     from lightning.pytorch.callbacks import EMAWeightAveraging, ModelCheckpoint
 
@@ -155,6 +157,7 @@ def unet_outputs(module, seed=3):
         return module.eval()(x[:, :4], torch.tensor([10, 700]), x[:, 4:], ref)
 
 
+@pytest.mark.slow  # over 1 s on 2 cores: make test runs it, make test-fast does not
 def test_lora_exports_merged_to_the_released_layout_and_to_a_folder(tiny_configs, tmp_path, one_thread):
     from released_files import export, released_file, save_ckpt
 

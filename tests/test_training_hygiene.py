@@ -92,6 +92,7 @@ def test_the_global_batch_is_logged_once_at_the_start(tmp_path, caplog):
     assert hparams["global_batch_size"] == 6
 
 
+@pytest.mark.slow  # over 1 s on 2 cores: make test runs it, make test-fast does not
 def test_throughput_monitor_logs_samples_per_second_and_flops_per_batch(tmp_path):
     monitor = ThroughputMonitor(batch_size_fn=batch_samples, window_size=2)
     run = trainer(tmp_path, max_steps=3, log_every_n_steps=1, logger=CSVLogger(tmp_path, name="csv"),

@@ -74,6 +74,7 @@ def lora_run(shards, tmp_path_factory):
 # ---------------------------------------------------------------- item 1: --ckpt_path and the config
 
 
+@pytest.mark.slow  # over 1 s on 2 cores: make test runs it, make test-fast does not
 def test_resuming_with_other_model_settings_is_one_line_naming_each_key(lora_run, shards, tmp_path, capsys):
     last, _ = lora_run
     line = refused(capsys, run_args(shards, tmp_path, 3, f"--ckpt_path={last}", "--model.trainable=all",
@@ -84,6 +85,7 @@ def test_resuming_with_other_model_settings_is_one_line_naming_each_key(lora_run
     assert not (tmp_path / "ck").exists()  # nothing trained
 
 
+@pytest.mark.slow  # over 1 s on 2 cores: make test runs it, make test-fast does not
 def test_resuming_a_checkpoint_of_another_architecture_is_refused(lora_run, shards, tmp_path, capsys):
     last, _ = lora_run
     checkpoint = torch.load(last, weights_only=True)
@@ -94,6 +96,7 @@ def test_resuming_a_checkpoint_of_another_architecture_is_refused(lora_run, shar
             "model.architecture: concat_unet in the checkpoint, dual_unet given")
 
 
+@pytest.mark.slow  # over 1 s on 2 cores: make test runs it, make test-fast does not
 def test_resuming_uses_the_config_as_given_and_saves_it(lora_run, shards, tmp_path):
     last, _ = lora_run
     # gradient checkpointing changes memory, not the function: a resumed run may turn it on
@@ -185,6 +188,7 @@ def test_a_concat_seam_inside_a_leffa_token_is_refused_before_training(tiny_conf
 # ---------------------------------------------------------------- item 3: image sizes
 
 
+@pytest.mark.slow  # over 1 s on 2 cores: make test runs it, make test-fast does not
 def test_a_height_that_the_vae_cannot_halve_is_refused_at_start(shards, tmp_path, capsys):
     line = refused(capsys, run_args(shards, tmp_path, 2, "--data.height=60"), "data.height 60", "multiple of 8")
     assert "data.width" not in line
@@ -214,6 +218,7 @@ class FullDisk(io.RawIOBase):
         return self.file.write(data)
 
 
+@pytest.mark.slow  # over 1 s on 2 cores: make test runs it, make test-fast does not
 def test_a_full_disk_during_a_save_is_one_line_and_keeps_the_previous_checkpoint(shards, tmp_path, capsys,
                                                                                  monkeypatch):
     import leffa.checkpoint_io

@@ -51,6 +51,7 @@ def test_the_folder_takes_precedence_and_encodes_with_its_scaling_factor(vae_fol
     assert not any(p.requires_grad for p in module.vae.parameters())
 
 
+@pytest.mark.slow  # over 1 s on 2 cores: make test runs it, make test-fast does not
 def test_saved_settings_rebuild_the_module_and_an_export_carries_the_vae(vae_folder, tmp_path, one_thread):
     module = LeffaModule(unet_config=dict(TINY_UNET), vae_pretrained=str(vae_folder)).eval()
     # the hyper-parameters a Lightning checkpoint holds rebuild the module with the folder's VAE
