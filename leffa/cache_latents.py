@@ -415,7 +415,7 @@ def cache_latents_main(argv: list[str] | None = None) -> dict | None:
     docstring). Returns the published manifest on rank 0 (None on the other ranks)."""
     from omegaconf.errors import InterpolationResolutionError
 
-    from leffa.cli import LeffaArgumentParser, LeffaCLI, expand_bases
+    from leffa.lightning_cli import LeffaArgumentParser, LeffaCLI, expand_bases
     from leffa.data import LeffaDataModule
     from leffa.module import LeffaModule
 
