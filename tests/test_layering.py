@@ -118,6 +118,13 @@ def test_only_the_cli_imports_the_command_modules():
     )
 
 
+def test_nothing_in_leffa_imports_the_dispatcher():
+    # leffa.cli is the top: the commands and the library reach Lightning's CLI through leffa.lightning_cli
+    wrong = [f"{MODULES[name].relative_to(ROOT)}:{line} imports leffa.cli"
+             for name in MODULES if name != "leffa.cli" for target, line in _imports(name) if target == "leffa.cli"]
+    assert not wrong, "\n".join(wrong)
+
+
 def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
     """One cycle of ``graph`` (``[a, b, ..., a]``), or None; depth-first search with three colours."""
     state: dict[str, int] = {}  # 1: on the current path, 2: done
