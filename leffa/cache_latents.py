@@ -55,6 +55,7 @@ from leffa.data.skips import DATA_ERRORS, SkipCounter
 from leffa.data.tar_samples import count_samples, is_local, read_samples
 from leffa.data.transforms import resize_sample
 from leffa.errors import UserError
+from leffa.pretrained import vae_scale_factor
 from leffa.schema import MANIFEST_NAME, SCHEMA_VERSION
 
 __all__ = ["cache_latents_main", "CacheSamples", "LatentEncoder", "LatentShardWriter"]
@@ -146,7 +147,7 @@ class LatentEncoder(L.LightningModule):
 
     def predict_step(self, batch: dict, batch_idx: int) -> dict:
         images = {"tgt": batch["tgt"], "ref": batch["ref"]}
-        factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        factor = vae_scale_factor(self.vae)
         height, width = batch["tgt"].shape[-2:]
         latent_hw = (height // factor, width // factor)
 
@@ -413,16 +414,11 @@ def _parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
 def cache_latents_main(argv: list[str] | None = None) -> dict | None:
     """``leffa cache-latents --config <stage config> --out DIR [--batch-size N] [overrides]`` (module
     docstring). Returns the published manifest on rank 0 (None on the other ranks)."""
-    from omegaconf.errors import InterpolationResolutionError
-
-    from leffa.lightning_cli import LeffaArgumentParser, LeffaCLI, expand_bases
     from leffa.data import LeffaDataModule
-    from leffa.module import LeffaModule
+    from leffa.lightning_cli import LeffaCLI, build_cli
 
     argv = list(sys.argv[1:] if argv is None else argv)
     args, rest = _parse(argv)
-    # the arguments given to the CLI are these (config bases expanded), not a second set
-    warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
     # an iterable dataset has no batch indices; the writer does not need them
     warnings.filterwarnings("ignore", message="Couldn't infer the batch indices")
     out = Path(args.out)
@@ -444,17 +440,13 @@ def cache_latents_main(argv: list[str] | None = None) -> dict | None:
         def instantiate_trainer(self, **kwargs):
             return None
 
-    try:
-        cli = CacheCLI(LeffaModule, LeffaDataModule, save_config_callback=None, auto_configure_optimizers=False,
-                       parser_kwargs={"parser_mode": "omegaconf+", "prog": "leffa cache-latents"},
-                       parser_class=LeffaArgumentParser, args=expand_bases(rest), run=False)
-    except InterpolationResolutionError as error:
-        raise UserError(f"{str(error).splitlines()[0]} (config key {getattr(error, 'full_key', '?')})") from None
+    cli = build_cli(rest, CacheCLI, parser_kwargs={"prog": "leffa cache-latents"}, save_config_callback=None,
+                    run=False)
     module, data = cli.model, cli.datamodule.hparams
     height, width, layout = data["height"], data["width"], module.hparams.conditioning
     module.check_image_size(height, width, "cache")  # a size the VAE cannot encode: one line
     vae = module.vae
-    factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    factor = vae_scale_factor(vae)
     channels = int(vae.config.latent_channels)
     images = list(encoded_images(layout))
     record = {

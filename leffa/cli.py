@@ -15,11 +15,10 @@ own values win. Relative paths resolve against the file that holds them.
 from __future__ import annotations
 
 import sys
-import warnings
 from collections.abc import Callable
 
-from leffa.errors import UserError, user_errors_as_one_line
-from leffa.lightning_cli import LeffaArgumentParser, LeffaCLI, RunConfigSaver, expand_bases
+from leffa.errors import user_errors_as_one_line
+from leffa.lightning_cli import RunConfigSaver, build_cli
 
 DESCRIPTION = (
     "leffa: training, sampling and evaluation for Leffa (learning flow fields in attention) person image "
@@ -77,30 +76,7 @@ def _main(args: list[str] | None) -> None:
     if argv and argv[0] in EXTRA_COMMANDS:
         EXTRA_COMMANDS[argv[0]](argv[1:])
         return
-    from omegaconf.errors import InterpolationResolutionError
-
-    from leffa.data import LeffaDataModule
-    from leffa.module import LeffaModule
-
-    # the parsed arguments are sys.argv's with config bases expanded, not a second set of arguments
-    warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
-    try:
-        LeffaCLI(
-            LeffaModule,
-            LeffaDataModule,
-            save_config_callback=RunConfigSaver,
-            # one place for the optimizer and schedule: model.optimizer and model.lr_schedule
-            auto_configure_optimizers=False,
-            parser_kwargs={"parser_mode": "omegaconf+", "description": DESCRIPTION},
-            parser_class=LeffaArgumentParser,
-            args=expand_bases(argv),
-        )
-    except InterpolationResolutionError as error:
-        # e.g. a required environment variable of the config is not set: one line, not a traceback
-        message = str(error).splitlines()[0]
-        key = str(getattr(error, "full_key", "?"))
-        key = key.split(".", 1)[1] if key.split(".", 1)[0] in ("fit", "validate", "test", "predict") else key
-        raise UserError(f"{message} (config key {key})") from None
+    build_cli(argv, save_config_callback=RunConfigSaver, parser_kwargs={"description": DESCRIPTION})
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ from __future__ import annotations
 import difflib
 import os
 import sys
+import warnings
 from pathlib import Path
 
 import yaml
@@ -23,7 +24,8 @@ from leffa.callbacks import ImageWriter
 from leffa.checkpoints import check_checkpoint
 from leffa.errors import DEBUG_ENV, UserError
 
-__all__ = ["LeffaCLI", "LeffaArgumentParser", "RunConfigSaver", "expand_bases", "sigterm_report", "SIGTERM_STATUS"]
+__all__ = ["LeffaCLI", "LeffaArgumentParser", "RunConfigSaver", "build_cli", "expand_bases", "sigterm_report",
+           "SIGTERM_STATUS"]
 
 #: the exit status of a stage stopped by SIGTERM: a process killed by it (128 + 15)
 SIGTERM_STATUS = 143
@@ -177,3 +179,28 @@ def _config_chain(path: Path, seen: tuple[Path, ...]) -> list[Path]:
     for base in [bases] if isinstance(bases, str) else bases or []:
         chain += _config_chain(path.parent / base, seen + (resolved,))
     return chain + [path]
+
+
+def build_cli(args: list[str], cli_class: type[LeffaCLI] = LeffaCLI, parser_kwargs: dict | None = None,
+              **kwargs) -> LeffaCLI:
+    """``cli_class`` over :class:`leffa.module.LeffaModule` and :class:`leffa.data.LeffaDataModule` as every
+    command of the project parses a config: omegaconf interpolation, ``base:`` chains expanded,
+    :class:`LeffaArgumentParser`, the optimizer and schedule only where the model names them
+    (``model.optimizer``, ``model.lr_schedule``). A config value that does not resolve (an unset
+    ``${oc.env:VAR}``) is one line naming its key. ``kwargs`` go to ``cli_class``."""
+    from omegaconf.errors import InterpolationResolutionError
+
+    from leffa.data import LeffaDataModule
+    from leffa.module import LeffaModule
+
+    # the parsed arguments are these (config bases expanded), not a second set of arguments
+    warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
+    try:
+        return cli_class(LeffaModule, LeffaDataModule, auto_configure_optimizers=False,
+                         parser_kwargs={"parser_mode": "omegaconf+", **(parser_kwargs or {})},
+                         parser_class=LeffaArgumentParser, args=expand_bases(args), **kwargs)
+    except InterpolationResolutionError as error:
+        message = str(error).splitlines()[0]
+        key = str(getattr(error, "full_key", "?"))
+        key = key.split(".", 1)[1] if key.split(".", 1)[0] in ("fit", "validate", "test", "predict") else key
+        raise UserError(f"{message} (config key {key})") from None

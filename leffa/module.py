@@ -24,7 +24,7 @@ from leffa.conditioning import build_conditioning, conditioning_channels, sample
 from leffa.errors import UserError
 from leffa.leffa_layers import check_image_size, check_leffa_settings, leffa_layers
 from leffa.nonfinite import LOSS_TERMS, NonFiniteStop
-from leffa.pretrained import load_scheduler, load_vae, load_vae_folder, read_config
+from leffa.pretrained import load_scheduler, load_vae, load_vae_folder, read_config, vae_scale_factor
 from leffa.released import RELEASED_CROSS_ATTENTION, has_cross_attention_norm
 from leffa.parallel import shard_for_strategy
 from leffa.resume_settings import check_optimizer_covers, check_resume_settings
@@ -35,7 +35,7 @@ from leffa.selection import SelectionWindow, draw_selection, leffa_rows
 from leffa.speed import SpeedSettings, apply_speed, autocast_on, pinned_copy, refuse_compile_with
 from leffa.throughput import report_training_start
 from leffa.trainable import LORA_MARKERS, LoraSettings, base_layer_names, has_lora
-from leffa.unets import CROSS_ATTENTION, is_sdxl
+from leffa.unets import check_cross_attention_mode, is_sdxl
 
 __all__ = ["LeffaModule"]
 
@@ -150,8 +150,7 @@ class LeffaModule(L.LightningModule):
                             vae_pretrained=None if vae_pretrained is None else os.fspath(vae_pretrained))
         if not 0.0 <= p_drop_ref < 1.0:
             raise UserError(f"model.p_drop_ref must be in [0, 1), got {p_drop_ref}")
-        if cross_attention not in CROSS_ATTENTION:
-            raise UserError(f"model.cross_attention: unknown {cross_attention!r}; valid: {', '.join(CROSS_ATTENTION)}")
+        check_cross_attention_mode(cross_attention)
         check_leffa_settings(lambda_leffa, theta_resolution, tau)
         self.denoiser: ReferenceDenoiser = architecture_class(architecture)(
             pretrained_model, reference_pretrained_model, unet_config,
@@ -282,8 +281,8 @@ class LeffaModule(L.LightningModule):
         check_cache_fits(record, self.vae_fingerprint(), self.hparams.conditioning)
 
     def vae_scale_factor(self) -> int:
-        """Image pixels per latent pixel along each side: 2 ** (VAE levels - 1)."""
-        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+        """Image pixels per latent pixel along each side (``leffa.pretrained.vae_scale_factor``)."""
+        return vae_scale_factor(self.vae)
 
     def check_image_size(self, height: int, width: int, stage: str) -> None:
         """``leffa.leffa_layers.check_image_size`` for this module (one line for a size the VAE or the
@@ -373,13 +372,12 @@ class LeffaModule(L.LightningModule):
         """
         if moments is None:
             dist = self.vae.encode(image.to(self.vae.dtype)).latent_dist
-            # float32 also from a VAE stored in bf16 (model.speed.frozen_bf16)
-            latent, std = dist.mode().float(), (lambda: dist.std.float())
-        else:
-            latent, std = moments[0].float(), (lambda: moments[1].float())
+            moments = dist.mode(), dist.std
+        # float32 also from a VAE stored in bf16 (model.speed.frozen_bf16)
+        latent = moments[0].float()
         if generator is not None:
             noise = randn_tensor(latent.shape, generator=generator, device=torch.device("cpu"), dtype=torch.float32)
-            latent = latent + std() * pinned_copy(noise, latent.device)
+            latent = latent + moments[1].float() * pinned_copy(noise, latent.device)
         # float32 under autocast (bf16-mixed) and in float32 runs; under bf16-true (no autocast, every
         # weight in bf16) the UNets take the VAE's own dtype
         dtype = torch.float32 if autocast_on(latent.device) else self.vae.dtype
@@ -395,7 +393,7 @@ class LeffaModule(L.LightningModule):
         encode_with = generator if samples_posterior(self.hparams.conditioning) else None
         moments = batch.get("moments") or {}
         height, width = batch["ref"].shape[-2:]
-        factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        factor = self.vae_scale_factor()
         conditioning = build_conditioning(self.hparams.conditioning, batch,
                                           lambda x, name: self.encode(x, encode_with, moments.get(name)),
                                           (height // factor, width // factor))

@@ -16,6 +16,7 @@ from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from leffa.errors import MissingFileError, UserError
 
 __all__ = ["read_config", "component_location", "load_unet", "load_vae", "load_vae_folder", "load_scheduler",
+           "vae_scale_factor",
            "SD15_SCHEDULER"]
 
 VAE_WEIGHTS = "diffusion_pytorch_model.safetensors"
@@ -112,3 +113,8 @@ def load_scheduler(path: str | Path | None = None, zero_terminal_snr: bool = Fal
             return DDPMScheduler.from_pretrained(root, subfolder="scheduler", local_files_only=True,
                                                  rescale_betas_zero_snr=zero_terminal_snr)
     return DDPMScheduler(**SD15_SCHEDULER, rescale_betas_zero_snr=zero_terminal_snr)
+
+
+def vae_scale_factor(vae: AutoencoderKL) -> int:
+    """Image pixels per latent pixel along each side: 2 ** (VAE levels - 1) (8 for SD1.5's and SDXL's)."""
+    return 2 ** (len(vae.config.block_out_channels) - 1)

@@ -19,8 +19,8 @@ from torch import nn
 from leffa.errors import UserError
 from leffa.pretrained import component_location, load_unet
 
-__all__ = ["CROSS_ATTENTION", "CrossAttentionPassthrough", "build_unet", "set_cross_attention",
-           "drop_added_embedding", "set_input_channels", "unet_config_of", "is_sdxl", "pretrained_input_channels"]
+__all__ = ["CROSS_ATTENTION", "CrossAttentionPassthrough", "build_unet", "check_cross_attention_mode",
+           "set_cross_attention", "drop_added_embedding", "set_input_channels", "unet_config_of", "is_sdxl", "pretrained_input_channels"]
 
 #: ``model.cross_attention``: what becomes of each transformer block's text cross-attention
 CROSS_ATTENTION = ("passthrough", "removed")
@@ -38,6 +38,12 @@ class CrossAttentionPassthrough(nn.Module):
         return hidden_states
 
 
+def check_cross_attention_mode(mode: str) -> None:
+    """One line for a ``model.cross_attention`` that is not one of :data:`CROSS_ATTENTION`."""
+    if mode not in CROSS_ATTENTION:
+        raise UserError(f"model.cross_attention: unknown {mode!r}; valid: {', '.join(CROSS_ATTENTION)}")
+
+
 def set_cross_attention(unet: UNet2DConditionModel, mode: str) -> int:
     """Replace the text cross-attention of every transformer block; returns how many.
 
@@ -46,8 +52,7 @@ def set_cross_attention(unet: UNet2DConditionModel, mode: str) -> int:
     (the paper's text): ``attn2`` and ``norm2`` are deleted; ``BasicTransformerBlock`` skips the
     step when ``attn2`` is None.
     """
-    if mode not in CROSS_ATTENTION:
-        raise UserError(f"model.cross_attention: unknown {mode!r}; valid: {', '.join(CROSS_ATTENTION)}")
+    check_cross_attention_mode(mode)
     changed = 0
     for block in unet.modules():
         if isinstance(block, BasicTransformerBlock) and block.attn2 is not None \
@@ -99,8 +104,7 @@ def build_unet(pretrained: str | None, config: dict | None, in_channels: int,
                cross_attention: str = "passthrough") -> UNet2DConditionModel:
     """Load (or build) a UNet, replace its text cross-attention (``cross_attention``), drop an added
     embedding and give it ``in_channels`` inputs."""
-    if cross_attention not in CROSS_ATTENTION:  # before any weights are read
-        raise UserError(f"model.cross_attention: unknown {cross_attention!r}; valid: {', '.join(CROSS_ATTENTION)}")
+    check_cross_attention_mode(cross_attention)  # before any weights are read
     unet = load_unet(pretrained, config)
     set_cross_attention(unet, cross_attention)
     drop_added_embedding(unet)

@@ -57,7 +57,7 @@ def test_console_script_exits_zero_and_bad_values_fail_with_the_key(tmp_path):
 
 @pytest.mark.slow
 def test_config_bases_env_interpolation_and_missing_variables(tmp_path, monkeypatch):
-    from leffa.cli import expand_bases
+    from leffa.lightning_cli import expand_bases
 
     (tmp_path / "model").mkdir()
     (tmp_path / "base.yaml").write_text(
