@@ -61,7 +61,10 @@ def report(summary: dict) -> str:
         + ("(`configs/model/tiny_vae.yaml`, random weights, frozen)" if s["vae"] == "random"
            else f"(trained for the synthetic set: {s['vae_folder'] or 'assets/tiny_vae_synthetic'})")
         + f". {size} synthetic samples, {s['train_samples']} train and {s['eval_samples']} held out per texture "
-        f"family; batch {s['batch_size']}, AdamW lr {s['learning_rate']}, try-on conditioning (the synthetic "
+        f"family; batch {s['batch_size']}, AdamW lr {s['learning_rate']}"
+        + (f" (the continuations: lr {s['continuation_learning_rate']})"
+           if s.get("continuation_learning_rate", s["learning_rate"]) != s["learning_rate"] else "")
+        + ", try-on conditioning (the synthetic "
         "DensePose colours each pixel by its reference coordinate: it would hand the model the answer).",
         "- Texture families (`data_prep/synthetic_textures.py`), fixed before any run; for a given sample every "
         "family shares the garment region, the flow and the background, only the reference differs: "

@@ -50,18 +50,20 @@ FAMILIES = list(TEXTURES)  # periodic (negative control), ramp (positive control
 TRAINED_VAE = ROOT / "assets" / "tiny_vae_synthetic"
 
 
-def module_settings(args) -> dict:
+def module_settings(args, learning_rate: float | None = None) -> dict:
+    """The tiny model's settings; ``learning_rate`` in place of ``--learning-rate`` where given."""
+    lr = args.learning_rate if learning_rate is None else learning_rate
     settings = dict(
         unet_config=ROOT / "configs/model/tiny_unet.yaml",
         vae_config=ROOT / "configs/model/tiny_vae.yaml",
         # "tryon": mask + masked-image latent. The synthetic DensePose colours each pixel by its
         # reference coordinate, i.e. it would hand the model the answer; try-on conditioning does not.
         conditioning="tryon",
-        learning_rate=args.learning_rate,
+        learning_rate=lr,
         lambda_leffa=args.lambda_leffa,
         p_drop_ref=0.0,
         # one fused kernel for the ~700 small tensors of the tiny model: a step 20% faster on a CPU
-        optimizer=functools.partial(torch.optim.AdamW, lr=args.learning_rate, weight_decay=1e-2, fused=True),
+        optimizer=functools.partial(torch.optim.AdamW, lr=lr, weight_decay=1e-2, fused=True),
     )
     if args.vae != "random":
         folder = Path(args.vae_folder or TRAINED_VAE)
@@ -121,6 +123,8 @@ def run_matrix(out: Path, args, summary: dict) -> None:
     size, work = tuple(args.size), str(out / "work")
     seconds, start = summary["seconds"], time.perf_counter()
     settings = {arch: {**module_settings(args), "architecture": arch} for arch in args.architectures}
+    continued = {arch: {**module_settings(args, args.continuation_learning_rate), "architecture": arch}
+                 for arch in args.architectures}
     base_files = {arch: str(out / "work" / f"baseline_{arch}.pt") for arch in args.architectures}
     plans = {family: step_zero_plan(out, family, args) for family in args.families}
     seconds["data"] = time.perf_counter() - start
@@ -141,7 +145,7 @@ def run_matrix(out: Path, args, summary: dict) -> None:
             seconds[f"{arch} baseline"] = base.result()
         work_list = continuation_jobs(args)
         pending = Counter((arch, family) for arch, family, *_ in work_list)
-        futures = [pool.submit(jobs.continuation, settings[arch], base_files[arch], arch, family, name, seed, lengths,
+        futures = [pool.submit(jobs.continuation, continued[arch], base_files[arch], arch, family, name, seed, lengths,
                                str(shard_folder(out, family, size)), size, args.batch_size, work,
                                seed == args.seeds[0] and name in ("no_leffa", "leffa"))
                    for arch, family, name, seed, lengths in work_list]
@@ -234,6 +238,8 @@ def parse(argv=None):
     p.add_argument("--ablation-families", nargs="*", default=["smooth"])
     p.add_argument("--lambda-leffa", type=float, default=0.1)
     p.add_argument("--learning-rate", type=float, default=1e-4)
+    p.add_argument("--continuation-learning-rate", type=float,
+                   help="the continuations' learning rate (default: --learning-rate; the baseline keeps that)")
     p.add_argument("--vae", choices=["random", "trained"], default="random",
                    help="the tiny VAE: random and frozen, or the one trained for the synthetic set")
     p.add_argument("--vae-folder", help=f"AutoencoderKL folder for --vae trained (default {TRAINED_VAE})")
@@ -254,6 +260,8 @@ def parse(argv=None):
     p.add_argument("--quick", action="store_true", help="a handful of steps on tiny sets, to check the pipeline")
     args = p.parse_args(argv)
     args.continue_families = args.continue_families or args.families
+    if args.continuation_learning_rate is None:
+        args.continuation_learning_rate = args.learning_rate
     if args.quick:
         args.seeds, args.baseline_steps, args.steps, args.long_steps = [0, 1], 2, 2, 3
         args.train_samples, args.eval_samples, args.size = 8, 4, [64, 48]
