@@ -1,11 +1,11 @@
-# leffa: make install | test | test-fast | test-gpu | demo | shards | bench | bench-gpu | replicate
+# leffa: make install | test | test-fast | test-gpu | demo | shards | bench | bench-gpu | replicate | fidelity
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 # Torch is pinned here so that pip takes a known build (CUDA wheels on Linux x86_64).
 TORCH  ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: install test test-fast test-gpu demo shards bench bench-gpu replicate clean
+.PHONY: install test test-fast test-gpu demo shards bench bench-gpu replicate fidelity clean
 
 # One torch (OpenMP) thread per process for every target: the tiny CPU models run as fast on one
 # thread as on two, and beside another busy process two spinning OpenMP threads slow to a crawl,
@@ -74,6 +74,12 @@ bench-gpu: install
 # The paper's claim at CPU scale on the synthetic set, per texture family and architecture: writes replicate/report.md, results.json, figures/ (under 25 min on 2 free cores).
 replicate: install
 	$(PY) replicate/run.py --out replicate --vae trained
+
+# Does the Leffa loss reach the pixels? make demo's protocol with and without it, 3 seeds; masked PSNR/SSIM
+# of the sampled images, flow EPE and scale rows on held-out samples: writes replicate/fidelity/ (report.md,
+# results.json, grids/; about 40 min on 2 free cores).
+fidelity: install
+	$(PY) replicate/fidelity.py --out replicate/fidelity
 
 clean:
 	rm -rf $(VENV) *.egg-info

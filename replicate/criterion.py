@@ -53,3 +53,25 @@ def verdict(no_leffa: list[dict], leffa: list[dict], grid: str, floor_epe: float
     return {"grid": grid, "no_leffa_epe": base_epe, "leffa_epe": epe, "drop_px": drop, "seed_sd": spread,
             "gap_px": base_epe - floor_epe, "gap_closed": drop / (base_epe - floor_epe), "checks": checks,
             "effect": effect, "verdict": outcome}
+
+
+# The fidelity study (replicate/fidelity.py), fixed before its full run: the masked PSNR of the
+# sampled images on the held-out samples, ``leffa`` against ``no_leffa`` (same protocol and seeds).
+FIDELITY_SEED_SDS = 3.0
+FIDELITY_CONTROLS = ("periodic",)  # negative controls: no gain beyond noise expected
+
+
+def fidelity_verdict(no_leffa: list[float], leffa: list[float], family: str) -> dict:
+    """Masked PSNR per seed of each arm -> the verdict. On a valid family the effect is shown when
+    mean(leffa) - mean(no_leffa) > ``FIDELITY_SEED_SDS`` x the larger of the two seed SDs; on a
+    negative control the control holds when the gain is no more than that (no gain beyond noise)."""
+    base, base_sd = _mean_sd(no_leffa)
+    with_loss, sd = _mean_sd(leffa)
+    gain, spread = with_loss - base, max(base_sd, sd)
+    beyond_noise = gain > FIDELITY_SEED_SDS * spread  # NaN (one seed) is never beyond
+    if family in FIDELITY_CONTROLS:
+        outcome = "control fails: a gain beyond noise" if beyond_noise else "control holds: no gain beyond noise"
+    else:
+        outcome = "effect shown" if beyond_noise else "effect not shown"
+    return {"no_leffa_psnr": base, "leffa_psnr": with_loss, "gain_db": gain, "seed_sd": spread,
+            "beyond_noise": beyond_noise, "control": family in FIDELITY_CONTROLS, "verdict": outcome}

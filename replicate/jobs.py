@@ -74,13 +74,14 @@ class EvaluateAt(L.Callback):
 
 
 def train(module: LeffaModule, data: LeffaDataModule, lengths: list[int], seed: int, root: Path,
-          batches: list[dict] | None) -> dict:
-    """Train for max(lengths) steps from ``seed``; evaluate after each length when ``batches`` are given."""
+          batches: list[dict] | None, callbacks: list | None = None) -> dict:
+    """Train for max(lengths) steps from ``seed``; evaluate after each length when ``batches`` are given.
+    ``callbacks``: more Lightning callbacks (the fidelity study's EMA)."""
     L.seed_everything(seed, verbose=False)
     evaluator = EvaluateAt(lengths, batches or [])
     trainer = L.Trainer(max_steps=max(lengths), accelerator="cpu", logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
-                        default_root_dir=root, callbacks=[evaluator] if batches else [])
+                        default_root_dir=root, callbacks=([evaluator] if batches else []) + list(callbacks or []))
     trainer.fit(module, datamodule=data)
     if batches:
         for length in lengths:  # a run that stopped early (it never does) is measured where it ended
