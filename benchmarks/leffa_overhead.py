@@ -205,7 +205,8 @@ def flow_backends(q, k, grid) -> dict:
 def case_concat(args) -> dict:
     from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 
-    from leffa.attention import ConcatAttention, ReferenceBank
+    from leffa.architectures.dual_unet_attention import ConcatAttention
+    from leffa.attention import ReferenceBank
 
     torch.manual_seed(0)
     dim = args.heads * args.head_dim

@@ -1,16 +1,11 @@
-"""Spatially concatenated self-attention (Leffa paper, Sec. 3.1), added to stock diffusers UNets
-through attention processors.
+"""What every architecture's attention processors share (Leffa paper, Sec. 3.1-3.3): the
+:class:`ReferenceBank` that carries one forward pass's reference features and Leffa captures, the
+:class:`LeffaCapture` record a Leffa layer hands to the loss, :func:`token_grid`, and the helpers
+that compute a diffusers ``Attention`` layer's heads and output as its own processor does.
 
-The Reference UNet runs first; its processors record the input of every self-attention layer in a
-shared :class:`ReferenceBank`. The matching layer of the Generative UNet then attends from its own
-queries over ``[generative keys ; reference keys (; register keys)]``. Queries are computed for the
-generative tokens only: the paper's "concatenate, attend, keep the first half" gives exactly this
-output, because each output row depends only on its own query. Layers selected for the Leffa loss
-also hand out their queries and reference keys (Sec. 3.2-3.3).
-
-:class:`WidthConcatAttention` is the single-UNet form (``concat_unet``): the UNet's input holds
-person and garment side by side, so its self-attention already spans both; a Leffa layer hands out
-the person half's queries and the garment half's keys.
+The processors themselves belong to their architecture: ``leffa.architectures.dual_unet_attention``
+(the paper's Reference/Generative UNet pair) and ``leffa.architectures.concat_unet`` (one UNet over
+person and garment side by side).
 """
 
 from __future__ import annotations
@@ -19,22 +14,12 @@ import math
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from diffusers.models.attention_processor import Attention
 from torch import nn
 
-from leffa.errors import UserError
 
-__all__ = [
-    "ReferenceBank",
-    "LeffaCapture",
-    "ReferenceRecorder",
-    "ConcatAttention",
-    "token_grid",
-    "attach_reference_attention",
-    "WidthConcatAttention",
-    "attach_width_concat_attention",
-]
+__all__ = ["ReferenceBank", "LeffaCapture", "token_grid", "project_heads", "finish_attention",
+           "check_plain_self_attention", "self_attention_layers", "set_self_attention_processors"]
 
 
 @dataclass
@@ -109,7 +94,7 @@ def _norm_width(norm: nn.Module) -> int | None:
     return shape[-1] if shape else None
 
 
-def _heads(attn: Attention, project: nn.Module, x: torch.Tensor, norm: nn.Module | None) -> torch.Tensor:
+def project_heads(attn: Attention, project: nn.Module, x: torch.Tensor, norm: nn.Module | None) -> torch.Tensor:
     """``project(x)`` split into heads (B, heads, n, d), with the layer's query/key norm applied as
     diffusers' own processor does: per head, or over all heads (``*_across_heads``) before the split."""
     y = project(x)
@@ -119,7 +104,7 @@ def _heads(attn: Attention, project: nn.Module, x: torch.Tensor, norm: nn.Module
     return norm(y) if norm is not None else y
 
 
-def _finish(attn: Attention, out: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+def finish_attention(attn: Attention, out: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
     # (B, heads, n, d) -> (B, n, heads*d), then the layer's output projection and dropout
     batch, heads, n, d = out.shape
     out = out.transpose(1, 2).reshape(batch, n, heads * d)
@@ -129,76 +114,12 @@ def _finish(attn: Attention, out: torch.Tensor, residual: torch.Tensor) -> torch
     return out / attn.rescale_output_factor
 
 
-def _check_plain_self_attention(attn: Attention, hidden_states: torch.Tensor) -> None:
+def check_plain_self_attention(attn: Attention, hidden_states: torch.Tensor) -> None:
     if hidden_states.ndim != 3 or attn.group_norm is not None or attn.spatial_norm is not None:
         raise ValueError("reference attention expects the (B, tokens, C) self-attention of a transformer block")
 
 
-class ReferenceRecorder:
-    """Reference UNet processor: records the layer's input, then runs plain self-attention."""
-
-    def __init__(self, bank: ReferenceBank, name: str):
-        self.bank, self.name = bank, name
-
-    def __call__(self, attn: Attention, hidden_states: torch.Tensor, encoder_hidden_states=None,
-                 attention_mask=None, temb=None, **kwargs) -> torch.Tensor:
-        _check_plain_self_attention(attn, hidden_states)
-        self.bank.features[self.name] = hidden_states
-        q = _heads(attn, attn.to_q, hidden_states, attn.norm_q)
-        k = _heads(attn, attn.to_k, hidden_states, attn.norm_k)
-        v = _heads(attn, attn.to_v, hidden_states, None)
-        return _finish(attn, F.scaled_dot_product_attention(q, k, v), hidden_states)
-
-
-class ConcatAttention(nn.Module):
-    """Generative UNet processor: own queries over ``[own keys ; reference keys ; register keys]``.
-
-    Args:
-        bank: the shared reference bank.
-        name: the layer's name, the same in both UNets.
-        dim: the layer's input width (the hidden size C of its tokens).
-        num_registers: learnable register tokens (Darcet et al. 2024, cited in Sec. 3.2). Our reading
-            of the paper: per layer, R extra input tokens of width C that are projected by the layer's
-            own ``to_k``/``to_v`` and appended to the keys and values, so queries can put attention
-            somewhere other than the reference when no region fits. 0 turns them off.
-    """
-
-    def __init__(self, bank: ReferenceBank, name: str, dim: int, num_registers: int = 0):
-        super().__init__()
-        self.bank, self.name = bank, name
-        self.registers = nn.Parameter(torch.randn(num_registers, dim) / math.sqrt(dim)) if num_registers else None
-
-    def __call__(self, attn: Attention, hidden_states: torch.Tensor, encoder_hidden_states=None,
-                 attention_mask=None, temb=None, **kwargs) -> torch.Tensor:
-        _check_plain_self_attention(attn, hidden_states)
-        reference = self.bank.features.get(self.name)
-        if reference is None:
-            raise RuntimeError(f"no reference features for layer {self.name}: run the Reference UNet first")
-        batch, n, _ = hidden_states.shape
-        if reference.shape[0] != batch:
-            raise ValueError(f"layer {self.name}: {batch} generative samples but {reference.shape[0]} references")
-        parts = [hidden_states, reference.to(hidden_states.dtype)]
-        if self.registers is not None:
-            parts.append(self.registers.to(hidden_states.dtype).expand(batch, -1, -1))
-        # (B, n + m + R, C): the key/value tokens of the concatenated attention
-        context = torch.cat(parts, dim=1)
-        q = _heads(attn, attn.to_q, hidden_states, attn.norm_q)
-        k = _heads(attn, attn.to_k, context, attn.norm_k)
-        v = _heads(attn, attn.to_v, context, None)
-        self._maybe_capture(q, k, n, reference.shape[1])
-        return _finish(attn, F.scaled_dot_product_attention(q, k, v), hidden_states)
-
-    def _maybe_capture(self, q: torch.Tensor, k: torch.Tensor, n: int, m: int) -> None:
-        grid = self.bank.grid_of(m)
-        if not self.bank.wants_capture(grid):
-            return
-        rows = self.bank.capture_rows
-        # keys (B, heads, n + m + R, d) -> reference part (b, heads, m, d), registers (b, heads, R, d)
-        register_key = k[rows, :, n + m:] if self.registers is not None else None
-        self.bank.captures[self.name] = LeffaCapture(q[rows], k[rows, :, n:n + m], register_key, grid)
-
-
-def _self_attention_layers(unet: nn.Module) -> dict[str, Attention]:
+def self_attention_layers(unet: nn.Module) -> dict[str, Attention]:
     """The self-attention (``attn1``) layers of a UNet's transformer blocks, by processor name."""
     return {
         name: unet.get_submodule(name.removesuffix(".processor"))
@@ -207,72 +128,10 @@ def _self_attention_layers(unet: nn.Module) -> dict[str, Attention]:
     }
 
 
-def attach_reference_attention(generative_unet: nn.Module, reference_unet: nn.Module,
-                               num_registers: int = 0, bank: ReferenceBank | None = None) -> ReferenceBank:
-    """Install :class:`ReferenceRecorder` in the Reference UNet and :class:`ConcatAttention` in the
-    Generative UNet, layer by layer; returns the bank they share."""
-    bank = bank or ReferenceBank()
-    gen_layers, ref_layers = _self_attention_layers(generative_unet), _self_attention_layers(reference_unet)
-    if gen_layers.keys() != ref_layers.keys():
-        raise ValueError("the Generative and Reference UNets must have the same self-attention layers")
-    # set_attn_processor wants every attention layer named; layers other than attn1 keep theirs
-    reference_unet.set_attn_processor(
-        {**reference_unet.attn_processors, **{n: ReferenceRecorder(bank, n) for n in ref_layers}}
-    )
-    generative_unet.set_attn_processor({
-        **generative_unet.attn_processors,
-        **{n: ConcatAttention(bank, n, layer.to_k.in_features, num_registers) for n, layer in gen_layers.items()},
-    })
-    return bank
-
-
-class WidthConcatAttention:
-    """Self-attention of a UNet whose input is ``[person | garment]`` along the latent width
-    (``concat_unet``): plain self-attention over all tokens of the (h, 2w) grid. At layers selected
-    for the Leffa loss it captures, for the bank's ``capture_rows``, the queries of the person
-    half's h*w tokens and the keys of the garment half's h*w tokens, each row-major over its own
-    (h, w) grid (a row of the concatenated grid is w person tokens, then w garment tokens). The
-    selection uses the person half's grid against the image height, as :class:`ReferenceBank` does.
-    """
-
-    def __init__(self, bank: ReferenceBank, name: str):
-        self.bank, self.name = bank, name
-
-    def __call__(self, attn: Attention, hidden_states: torch.Tensor, encoder_hidden_states=None,
-                 attention_mask=None, temb=None, **kwargs) -> torch.Tensor:
-        _check_plain_self_attention(attn, hidden_states)
-        q = _heads(attn, attn.to_q, hidden_states, attn.norm_q)
-        k = _heads(attn, attn.to_k, hidden_states, attn.norm_k)
-        v = _heads(attn, attn.to_v, hidden_states, None)
-        self._maybe_capture(q, k)
-        return _finish(attn, F.scaled_dot_product_attention(q, k, v), hidden_states)
-
-    def _maybe_capture(self, q: torch.Tensor, k: torch.Tensor) -> None:
-        bank = self.bank
-        if bank.capture_rows is None or bank.capture_rows.numel() == 0:
-            return
-        if bank.latent_hw is None:
-            raise RuntimeError("ReferenceBank.latent_hw is unset: set it before running the UNet")
-        h, w = bank.latent_hw  # the person's latent; the UNet sees (h, 2w)
-        rows, width = token_grid(q.shape[2], (h, 2 * w))
-        if not bank.wants_capture((rows, width // 2)):
-            return
-        if width % 2:
-            raise UserError(f"concat_unet: the Leffa layer {self.name} has a {rows}x{width} token grid, whose "
-                            f"person|garment seam falls inside a token; choose a data.width whose latent width "
-                            f"({w}) halves evenly down to that layer")
-        picked = bank.capture_rows
-
-        def half(x: torch.Tensor, side: int) -> torch.Tensor:
-            # (B, heads, rows*width, d) -> the side's (b, heads, rows*width/2, d), row-major
-            x = x[picked].unflatten(2, (rows, 2, width // 2))[:, :, :, side]
-            return x.flatten(2, 3)
-
-        bank.captures[self.name] = LeffaCapture(half(q, 0), half(k, 1), None, (rows, width // 2))
-
-
-def attach_width_concat_attention(unet: nn.Module, bank: ReferenceBank) -> ReferenceBank:
-    """Install :class:`WidthConcatAttention` in every self-attention layer of ``unet``; returns ``bank``."""
-    layers = _self_attention_layers(unet)
-    unet.set_attn_processor({**unet.attn_processors, **{n: WidthConcatAttention(bank, n) for n in layers}})
-    return bank
+def set_self_attention_processors(unet: nn.Module, make) -> dict[str, Attention]:
+    """Give every self-attention layer of ``unet`` the processor ``make(name, layer)``; the other
+    attention layers keep theirs. Returns the layers by processor name."""
+    layers = self_attention_layers(unet)
+    # set_attn_processor wants every attention layer named
+    unet.set_attn_processor({**unet.attn_processors, **{n: make(n, layer) for n, layer in layers.items()}})
+    return layers

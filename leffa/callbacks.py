@@ -17,6 +17,7 @@ from torchvision.utils import save_image
 
 from leffa.atomic_write import write_atomically
 from leffa.errors import UserError
+from leffa.parallel import refuse_under_sharding
 from leffa.sampling import sample
 from leffa.viz import sample_grid, save_png
 
@@ -47,12 +48,12 @@ class SampleGrid(L.Callback):
             picture during training (None: the same).
     """
 
-    # runs the model on rank 0 alone: refused under sharding (leffa.parallel), with this advice
-    unsharded_forward = "sample with `leffa predict`"
-
     def __init__(self, num_samples: int = 4, num_steps: int | None = None):
         self.num_samples, self.num_steps = num_samples, num_steps
         self.last_path: Path | None = None
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        refuse_under_sharding(trainer, self, "sample with `leffa predict`")  # it runs the model on rank 0 alone
 
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
         if batch_idx != 0 or trainer.sanity_checking or not trainer.is_global_zero:
@@ -83,11 +84,12 @@ class FlowPictures(L.Callback):
         timestep: the noise level the UNets see (below theta_timestep, where the loss acts).
     """
 
-    unsharded_forward = "draw them with `leffa visualize`"  # see SampleGrid
-
     def __init__(self, num_samples: int = 2, timestep: int = 250):
         self.num_samples, self.timestep = num_samples, timestep
         self.last_epe_px: float | None = None
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        refuse_under_sharding(trainer, self, "draw them with `leffa visualize`")  # see SampleGrid
 
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
         if batch_idx != 0 or trainer.sanity_checking or not trainer.is_global_zero:

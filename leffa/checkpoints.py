@@ -23,21 +23,22 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 from torch import nn
 
-from leffa.architectures import architecture_class
+from leffa.architectures.registry import architecture_class, architecture_record, upgrade_settings
 from leffa.errors import MissingFileError, UserError
-from leffa.released import convert_released_state_dict, is_released_state_dict
+from leffa.released import RELEASED_COMPONENTS, convert_released_state_dict, is_released_state_dict
 
 __all__ = [
     "read_state_dict", "read_settings", "load_weights",
     "load_checkpoint_file", "check_checkpoint", "guard_checkpoint_loading", "is_export_folder",
     "read_export_state_dict", "is_sharded_checkpoint", "read_sharded_state_dict", "EXPORT_SETTINGS",
-    "export_components",
+    "EXPORT_FOLDERS_KEY",
 ]
 
 WEIGHTS = ("ema", "live")
 # a folder written by ``leffa export``: one diffusers folder per component (the architecture's
-# ``export_folders`` and the VAE, see export_components), plus the module's settings
+# ``export_folders`` and the VAE), plus the module's settings and, under EXPORT_FOLDERS_KEY, the folders
 EXPORT_SETTINGS = "leffa.json"
+EXPORT_FOLDERS_KEY = "export_folders"
 WEIGHTS_ONLY_HINT = ("it holds weights only, no model settings: give it as model.init_from together with a "
                      "config (leffa predict --config ... --model.init_from PATH)")
 
@@ -85,7 +86,8 @@ def is_export_folder(path: str | Path) -> bool:
     return (Path(path) / EXPORT_SETTINGS).is_file()
 
 
-def read_state_dict(path: str | Path, weights: str = "ema") -> dict[str, torch.Tensor]:
+def read_state_dict(path: str | Path, weights: str = "ema",
+                    released_components: dict[str, str] | None = RELEASED_COMPONENTS) -> dict[str, torch.Tensor]:
     """The model state dict stored in ``path``.
 
     Args:
@@ -97,6 +99,8 @@ def read_state_dict(path: str | Path, weights: str = "ema") -> dict[str, torch.T
             ``EMAWeightAveraging`` was on (and the live ones otherwise); ``"live"``: the raw
             training weights (``current_model_state``, written by the EMA callback), falling back
             to ``state_dict`` when the run had no EMA.
+        released_components: the reading architecture's ``released_components`` (released prefix
+            -> component), for the authors' ``.pth`` files; None: such a file is one error line.
     """
     if weights not in WEIGHTS:
         raise UserError(f"unknown weights {weights!r}; valid: {', '.join(WEIGHTS)}")
@@ -113,7 +117,7 @@ def read_state_dict(path: str | Path, weights: str = "ema") -> dict[str, torch.T
         return checkpoint["current_model_state"]
     state = checkpoint.get("state_dict", checkpoint)
     # the authors' released virtual_tryon*.pth: one flat dict of unet.*, unet_encoder.*, vae.*
-    return convert_released_state_dict(state) if is_released_state_dict(state) else state
+    return convert_released_state_dict(state, released_components) if is_released_state_dict(state) else state
 
 
 def read_settings(path: str | Path) -> dict:
@@ -123,16 +127,10 @@ def read_settings(path: str | Path) -> dict:
     safetensors) have none: a :class:`UserError` says to use ``model.init_from``."""
     path = _existing(path)
     if is_export_folder(path):
-        try:
-            settings = json.loads((path / EXPORT_SETTINGS).read_text())
-        except (UnicodeDecodeError, json.JSONDecodeError) as error:
-            raise UserError(f"{path / EXPORT_SETTINGS}: not valid JSON ({error})") from error
-        if not isinstance(settings, dict):
-            raise UserError(f"{path / EXPORT_SETTINGS}: expected a mapping of settings")
-        _check_export_weights(path, settings.get("architecture", "dual_unet"))
-        reference = path / "reference_unet"  # dual_unet's; a single-UNet export has none
-        settings.update(pretrained_model=str(path), reference_pretrained_model=str(reference) if reference.is_dir()
-                        else None, unet_config=None, vae_config=None)
+        settings, folders = _read_export(path)
+        record = architecture_record(settings.get("architecture", "dual_unet"))
+        record["init_args"].update(architecture_class(record["class_path"]).export_args(path))
+        settings.update(architecture=record, pretrained_model=str(path), unet_config=None, vae_config=None)
     elif is_sharded_checkpoint(path):
         _read_shard_index(path)
         meta = path / LIGHTNING_META
@@ -144,7 +142,7 @@ def read_settings(path: str | Path) -> dict:
         settings = load_checkpoint_file(path, mmap=True).get("hyper_parameters")
     if not isinstance(settings, dict):
         raise UserError(f"{path}: {WEIGHTS_ONLY_HINT}")
-    settings = {k: v for k, v in settings.items() if not k.startswith("_")}
+    settings = upgrade_settings({k: v for k, v in settings.items() if not k.startswith("_")})
     # written before model.cross_attention existed, when the text cross-attention was always removed
     settings.setdefault("cross_attention", "removed")
     return settings
@@ -191,11 +189,36 @@ def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
         raise UserError(f"{path}: cannot read this safetensors file ({_first_line(error)})") from error
 
 
-def _check_export_weights(path: Path, architecture: str) -> None:
+def _read_export(path: Path) -> tuple[dict, dict[str, str]]:
+    """An export folder's settings (``leffa.json``, without the folders) and its folders (export
+    folder -> module attribute), each folder's weights checked to read. Exports written before the
+    folders were recorded get their architecture's. A folder name that is not one plain name (it
+    comes from a file) is one error line."""
+    file = path / EXPORT_SETTINGS
+    try:
+        settings = json.loads(file.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as error:
+        raise UserError(f"{file}: not valid JSON ({_first_line(error)})") from error
+    if not isinstance(settings, dict):
+        raise UserError(f"{file}: expected a mapping of settings")
+    settings = upgrade_settings(settings)
+    folders = settings.pop(EXPORT_FOLDERS_KEY, None)
+    if folders is None:
+        record = architecture_record(settings.get("architecture", "dual_unet"))
+        folders = {**architecture_class(record["class_path"]).export_folders, "vae": "vae"}
+    if not isinstance(folders, dict) or not all(
+            isinstance(f, str) and isinstance(a, str) and f and a and "/" not in f and "\\" not in f
+            and not f.startswith(".") and a.isidentifier() for f, a in folders.items()):
+        raise UserError(f"{file}: {EXPORT_FOLDERS_KEY} must map plain folder names to component names")
+    _check_export_weights(path, folders)
+    return settings, folders
+
+
+def _check_export_weights(path: Path, folders: dict[str, str]) -> None:
     """Every safetensors file of an export folder's components reads as one (safetensors' own check
     of its header against the file's size), before diffusers' ``from_pretrained`` reads the folder
     (it would fail inside diffusers, with a traceback): a :class:`UserError` naming the file."""
-    for folder in export_components(architecture):
+    for folder in folders:
         for file in sorted((path / folder).glob("*.safetensors")):
             try:
                 with safe_open(str(file), framework="pt"):
@@ -205,18 +228,14 @@ def _check_export_weights(path: Path, architecture: str) -> None:
                                 "export complete? Export the checkpoint again") from error
 
 
-def export_components(architecture: str) -> dict[str, str]:
-    """The folders of a ``leffa export`` of ``architecture`` and the module attribute each holds."""
-    return {**architecture_class(architecture).export_folders, "vae": "vae"}
-
-
 def read_export_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """The module state dict of an exported folder (every component, registers included)."""
+    path = _existing(path)
     state = {}
-    for folder, attribute in export_components(read_settings(path).get("architecture", "dual_unet")).items():
-        files = sorted((Path(path) / folder).glob("*.safetensors"))
+    for folder, attribute in _read_export(path)[1].items():
+        files = sorted((path / folder).glob("*.safetensors"))
         if not files:
-            raise MissingFileError(f"no safetensors weights in {Path(path) / folder}")
+            raise MissingFileError(f"no safetensors weights in {path / folder}")
         for file in files:
             state.update({f"{attribute}.{k}": v for k, v in _read_safetensors(file).items()})
     return state

@@ -1,8 +1,9 @@
 """A trained model as a diffusers-style folder, and back; or as one ``.pth`` in the authors' layout.
 
-Layout: ``unet/`` (the Generative UNet), ``reference_unet/``, ``vae/``, ``scheduler/`` as diffusers'
-``save_pretrained`` writes them (safetensors), plus ``leffa.json`` with the module's settings; a
-``concat_unet`` model has no ``reference_unet/`` and its one UNet in ``unet/``.
+Layout: one folder per network, as the architecture's ``export_folders`` name them (``dual_unet``:
+``unet/`` the Generative UNet, ``reference_unet/``; ``concat_unet``: ``unet/``), ``vae/``,
+``scheduler/`` as diffusers' ``save_pretrained`` writes them (safetensors), plus ``leffa.json`` with
+the module's settings and the folders.
 ``UNet2DConditionModel.from_pretrained(folder, subfolder="unet")`` reads a UNet back (its text
 cross-attention projections come back randomly initialised: give it a pass-through, as
 ``leffa.unets.set_cross_attention`` does); :meth:`leffa.module.LeffaModule.from_checkpoint`
@@ -23,20 +24,21 @@ from pathlib import Path
 import torch
 
 from leffa.atomic_write import write_atomically
+from leffa.architectures.registry import architecture_class, architecture_record, comparable_record
 from leffa.checkpoints import (
-    EXPORT_SETTINGS, export_components, is_export_folder, load_checkpoint_file, read_settings, read_state_dict,
+    EXPORT_FOLDERS_KEY, EXPORT_SETTINGS, is_export_folder, load_checkpoint_file, read_settings, read_state_dict,
 )
 from leffa.errors import UserError
 from leffa.module import LeffaModule
-from leffa.released import RELEASED_CONDITIONING, to_released_state_dict
+from leffa.released import RELEASED_COMPONENTS, RELEASED_CONDITIONING, to_released_state_dict
 from leffa.trainable import LoraSettings, has_lora, merge_lora, merge_lora_state_dict
 
 __all__ = ["export_folder", "export_released", "load_exported", "export_main"]
 FORMATS = ("folder", "released")
 
 # settings that describe a folder on the machine that wrote it, not the model
-LOCAL_SETTINGS = ("pretrained_model", "reference_pretrained_model", "init_from", "unet_config", "vae_config",
-                  "vae_pretrained")
+# (and the architecture's own ``local_args``)
+LOCAL_SETTINGS = ("pretrained_model", "init_from", "unet_config", "vae_config", "vae_pretrained")
 
 
 def export_folder(module, out_dir: str | Path) -> Path:
@@ -55,11 +57,14 @@ def export_folder(module, out_dir: str | Path) -> Path:
     merge_lora(module)
     staging.mkdir()
     try:
-        for folder, attribute in export_components(module.hparams.architecture).items():
+        folders = {**module.denoiser.export_folders, "vae": "vae"}
+        for folder, attribute in folders.items():
             getattr(module, attribute).save_pretrained(staging / folder, safe_serialization=True)
         module.scheduler.save_pretrained(staging / "scheduler")
         settings = {k: v for k, v in dict(module.hparams).items()
                     if k not in LOCAL_SETTINGS and not k.startswith("_")}
+        settings.update(architecture=comparable_record(module.hparams.architecture, fitting=True),
+                        **{EXPORT_FOLDERS_KEY: folders})
         (staging / EXPORT_SETTINGS).write_text(json.dumps(settings, indent=2, sort_keys=True))
         os.replace(staging, out)  # an empty out_dir is replaced; a non-empty one was refused above
     except BaseException:
@@ -92,14 +97,17 @@ def export_released(ckpt: str | Path, base: str | Path, out: str | Path, weights
     if conditioning != RELEASED_CONDITIONING:
         raise UserError(f"{ckpt} was trained with conditioning {conditioning!r}; the released layout needs "
                         f"model.conditioning: {RELEASED_CONDITIONING}")
+    # the architecture's released layout (a weights-only file: the paper's, whose layout it is)
+    components = (architecture_class(architecture_record(settings["architecture"])["class_path"]).released_components
+                  if "architecture" in settings else RELEASED_COMPONENTS)
     base_state = load_checkpoint_file(base, mmap=True)  # weights_only=True; tensors read when written
-    own = read_state_dict(ckpt, weights)
+    own = read_state_dict(ckpt, weights, components)
     if has_lora(own):
         if not isinstance(settings.get("lora"), dict):
             raise UserError(f"{ckpt} holds LoRA adapters but not their settings (model.lora); export its "
                             "Lightning checkpoint")
         own = merge_lora_state_dict(own, LoraSettings(**settings["lora"]), source=str(ckpt))
-    released = to_released_state_dict(own, base_state, source=str(ckpt))
+    released = to_released_state_dict(own, base_state, components, source=str(ckpt))
     return write_atomically(out, lambda file: torch.save(released, file))
 
 

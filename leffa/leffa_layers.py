@@ -10,10 +10,10 @@ import math
 
 from lightning.pytorch.utilities import rank_zero_info
 
-from leffa.attention import ConcatAttention, WidthConcatAttention
 from leffa.errors import UserError
 
-__all__ = ["check_leffa_settings", "check_image_size", "leffa_layers", "leffa_grids", "describe_leffa"]
+__all__ = ["check_leffa_settings", "check_theta_timestep", "check_image_size", "leffa_layers", "leffa_grids",
+           "describe_leffa"]
 
 
 def check_leffa_settings(lambda_leffa: float, theta_resolution: float, tau: float) -> None:
@@ -29,27 +29,17 @@ def check_leffa_settings(lambda_leffa: float, theta_resolution: float, tau: floa
                         f"got {theta_resolution}")
 
 
-def _unet_level(name: str, levels: int) -> int:
-    """How many times a ``UNet2DConditionModel`` of ``levels`` down blocks has halved the latent at
-    the attention layer ``name`` (``down_blocks.i...``, ``mid_block...``, ``up_blocks.i...``)."""
-    block, _, rest = name.partition(".")
-    if block == "mid_block":
-        return levels - 1
-    index = int(rest.split(".", 1)[0])
-    return index if block == "down_blocks" else levels - 1 - index
-
-
-def _halved(size: tuple[int, int], times: int) -> tuple[int, int]:
-    h, w = size
-    for _ in range(times):
-        h, w = math.ceil(h / 2), math.ceil(w / 2)
-    return h, w
+def check_theta_timestep(theta_timestep: int, steps: int) -> None:
+    """One error line for a ``model.theta_timestep`` outside the scheduler's ``steps``."""
+    if not 1 <= theta_timestep <= steps:
+        raise UserError(f"model.theta_timestep must be in 1..{steps} (samples with t < theta_timestep take part in "
+                        f"the Leffa loss; the scheduler has {steps} timesteps), got {theta_timestep}")
 
 
 def check_image_size(module, height: int, width: int, stage: str) -> None:
     """Refuse, in one line, images that the VAE cannot encode and decode to their own size and, when
-    fitting with the Leffa loss, a size at which no attention layer takes part (or, for
-    ``concat_unet``, where the person|garment seam falls inside a Leffa layer's token); then say
+    fitting with the Leffa loss, a size at which no attention layer takes part (or where a Leffa
+    layer's grid is not whole: ``concat_unet``'s person|garment seam inside a token); then say
     once which layers and what share of the samples take part in the Leffa loss.
 
     The UNets themselves take any latent size: a level whose input does not halve evenly is
@@ -76,10 +66,10 @@ def check_image_size(module, height: int, width: int, stage: str) -> None:
                         f"model.use_leffa_loss: false")
     for name, (rows, columns) in selected.items():
         if columns != int(columns):
-            raise UserError(f"concat_unet: at data.width {width} the person|garment seam of the Leffa layer {name} "
-                            f"(a {rows}x{int(2 * columns)} token grid over both halves) falls inside a token; "
-                            f"choose a data.width whose latent width ({width // factor}) halves evenly down to "
-                            f"that layer")
+            raise UserError(f"{type(module.denoiser).__name__}: at data.width {width} the Leffa layer {name} has a "
+                            f"token grid {columns:g} tokens wide, not a whole number (a seam between images laid "
+                            f"side by side falls inside a token); choose a data.width whose latent width "
+                            f"({width // factor}) halves evenly down to that layer")
     rank_zero_info(describe_leffa(module, height, width, {name: (r, int(c)) for name, (r, c) in selected.items()}))
 
 def leffa_layers(module, height: int, width: int) -> dict[str, tuple[int, int]]:
@@ -92,23 +82,12 @@ def leffa_layers(module, height: int, width: int) -> dict[str, tuple[int, int]]:
 
 def leffa_grids(module, height: int, width: int) -> dict[str, tuple[int, float]]:
     """Every attention layer that can capture for the Leffa loss, with its token grid at this
-    image size, worked out from the UNet's structure: block i of n works on the latent halved i
-    times (rounded up, as the stride-2 convolutions do), the middle block n - 1 times, up block
-    i n - 1 - i times. For ``concat_unet`` the grid is the person half's, whose width is not a
-    whole number where the seam falls inside a token."""
+    image size, as the architecture says (``ReferenceDenoiser.leffa_grids``: worked out from its
+    networks' structure). A width that is not a whole number (``concat_unet``'s person half where
+    the seam falls inside a token) is refused by :func:`check_image_size`."""
     factor = module.vae_scale_factor()
-    latent = (height // factor, width // factor)
-    grids: dict[str, tuple[int, float]] = {}
-    for unet in module.denoiser.components().values():
-        processors = getattr(unet, "attn_processors", {})
-        for name, processor in processors.items():
-            if isinstance(processor, ConcatAttention):
-                grid = _halved(latent, _unet_level(name, len(unet.down_blocks)))
-                grids[processor.name] = (grid[0], float(grid[1]))
-            elif isinstance(processor, WidthConcatAttention):
-                rows, columns = _halved((latent[0], 2 * latent[1]), _unet_level(name, len(unet.down_blocks)))
-                grids[processor.name] = (rows, columns / 2)
-    return grids
+    return module.denoiser.leffa_grids((height // factor, width // factor))
+
 
 def describe_leffa(module, height: int, width: int, layers: dict[str, tuple[int, int]]) -> str:
     """One line: which attention layers (grouped by attention block) and what share of the

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import re
 import sys
 import warnings
 from pathlib import Path
@@ -76,11 +77,23 @@ class LeffaArgumentParser(LightningArgumentParser):
         parser = getattr(ex, "subcommand_parser", None) or self
         words = parser.prog.replace(" [options]", "").split()
         command = f"leffa {words[-1]}" if len(words) > 1 else "leffa"
-        line = " ".join(str(message).split())
+        line = _plain_union_error(" ".join(str(message).split()))
         near = _nearest_options(parser, line)
         hint = f" (did you mean {', '.join(near)}?)" if near else ""
         sys.stderr.write(f"error: {line}{hint}; `{command} --help` lists the options\n")
         self.exit(2)
+
+
+def _plain_union_error(line: str) -> str:
+    """jsonargparse's report for a class given an argument it does not take, through a union of
+    types (``model.architecture``: a short name or a ``class_path``), in a few words:
+    ``model.architecture: leffa.architectures.ConcatUNet does not take num_registers``."""
+    found = re.search(r"Parser key \"([^\"]+)\": Does not validate against any of the Union subtypes.*?"
+                      r"Option '([^']+)' is not accepted\. Got value: Namespace\(class_path='([^']+)'", line)
+    if not found:
+        return line
+    key, option, class_path = found.groups()
+    return f"{key}: {class_path} does not take {option}"
 
 
 def _nearest_options(parser, message: str) -> list[str]:

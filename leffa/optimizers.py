@@ -1,4 +1,5 @@
-"""Optimizers for ``model.optimizer`` beyond ``torch.optim``: 8-bit AdamW from ``bitsandbytes``.
+"""The module's optimizer and schedule (:func:`configure_optimizers`), and optimizers for
+``model.optimizer`` beyond ``torch.optim``: 8-bit AdamW from ``bitsandbytes``.
 
 ``bitsandbytes`` is optional (not a dependency): installed by those who want it, GPU only. A config
 names it like any optimizer::
@@ -14,8 +15,27 @@ from __future__ import annotations
 import torch
 
 from leffa.errors import UserError
+from leffa.schedules import build_scheduler
 
-__all__ = ["AdamW8bit"]
+__all__ = ["AdamW8bit", "configure_optimizers"]
+
+
+def configure_optimizers(module):
+    """``LeffaModule.configure_optimizers``: the optimizer over the trainable parameters only (the
+    config's ``model.optimizer``, else AdamW with ``learning_rate`` and ``weight_decay``, one fused
+    kernel for every tensor on a GPU), with ``model.lr_schedule`` when there is one."""
+    params = [p for p in module.parameters() if p.requires_grad]
+    if module.optimizer_factory is None:
+        hp = module.hparams
+        optimizer = torch.optim.AdamW(params, lr=hp.learning_rate, weight_decay=hp.weight_decay,
+                                      fused=module.device.type == "cuda" or None)
+    else:
+        optimizer = module.optimizer_factory(params)
+    if module.lr_schedule is None:
+        return optimizer
+    trainer = module._trainer
+    max_steps = trainer.max_steps if trainer is not None and trainer.max_steps > 0 else None
+    return {"optimizer": optimizer, "lr_scheduler": build_scheduler(optimizer, module.lr_schedule, max_steps)}
 
 
 class AdamW8bit(torch.optim.AdamW):

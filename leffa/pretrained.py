@@ -16,8 +16,7 @@ from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from leffa.errors import MissingFileError, UserError
 
 __all__ = ["read_config", "component_location", "load_unet", "load_vae", "load_vae_folder", "load_scheduler",
-           "vae_scale_factor",
-           "SD15_SCHEDULER"]
+           "vae_latent_channels", "vae_scale_factor", "SD15_SCHEDULER"]
 
 VAE_WEIGHTS = "diffusion_pytorch_model.safetensors"
 
@@ -118,3 +117,20 @@ def load_scheduler(path: str | Path | None = None, zero_terminal_snr: bool = Fal
 def vae_scale_factor(vae: AutoencoderKL) -> int:
     """Image pixels per latent pixel along each side: 2 ** (VAE levels - 1) (8 for SD1.5's and SDXL's)."""
     return 2 ** (len(vae.config.block_out_channels) - 1)
+
+
+def vae_latent_channels(pretrained: str | Path | None, config: dict | None, folder: str | Path | None) -> int:
+    """The latent channels of the VAE the module loads (``vae_pretrained`` ``folder``, else the
+    ``pretrained`` folder's, else ``config``), read from its config alone, so the denoiser can be
+    built before the VAE; AutoencoderKL's default (4) where no config says (loading the VAE then
+    names what is missing)."""
+    if folder is None and pretrained is None:
+        return int((config or {}).get("latent_channels", 4))
+    root = Path(folder or pretrained).expanduser()
+    for file in (root / "vae" / "config.json", root / "config.json"):
+        if file.is_file():
+            try:
+                return int(json.loads(file.read_text()).get("latent_channels", 4))
+            except (ValueError, OSError, AttributeError):
+                break
+    return 4

@@ -18,12 +18,14 @@ import torch
 from leffa.errors import UserError
 
 __all__ = ["is_released_state_dict", "convert_released_state_dict", "to_released_state_dict", "RELEASED_CONDITIONING",
-           "RELEASED_CROSS_ATTENTION", "has_cross_attention_norm"]
+           "RELEASED_CROSS_ATTENTION", "RELEASED_COMPONENTS", "has_cross_attention_norm"]
 
 RELEASED_CONDITIONING = "released"
 #: the ``model.cross_attention`` that computes what the released code computes
 RELEASED_CROSS_ATTENTION = "passthrough"
-PREFIXES = {"unet.": "generative_unet.", "unet_encoder.": "reference_unet.", "vae.": "vae."}
+#: the networks of a released file: its key prefix -> the ``dual_unet`` component it holds (the
+#: released layout's own architecture: ``DualUNet.released_components`` says the same to the module)
+RELEASED_COMPONENTS = {"unet": "generative_unet", "unet_encoder": "reference_unet"}
 
 
 def is_released_state_dict(state_dict: dict) -> bool:
@@ -43,23 +45,31 @@ def has_cross_attention_norm(state_dict) -> bool:
     return any(".transformer_blocks." in k and ".norm2." in k for k in state_dict)
 
 
-def own_name(name: str) -> str | None:
-    """The ``LeffaModule`` key of a released key; None for the weights the released code never uses."""
-    # longest prefix first: "unet_encoder." before "unet."
-    prefix = next((p for p in sorted(PREFIXES, key=len, reverse=True) if name.startswith(p)), None)
-    if prefix is None:
-        raise UserError(f"unexpected key in a released checkpoint: {name} (expected unet.*, unet_encoder.*, vae.*)")
-    return None if _is_unused(name) else PREFIXES[prefix] + name[len(prefix):]
+def own_name(name: str, components: dict[str, str]) -> str | None:
+    """The ``LeffaModule`` key of a released key, its network renamed by ``components`` (released
+    prefix -> component; the VAE keeps its name); None for the weights the released code never uses."""
+    prefix, _, rest = name.partition(".")
+    prefixes = {**components, "vae": "vae"}
+    if prefix not in prefixes or not rest:
+        raise UserError(f"unexpected key in a released checkpoint: {name} (expected "
+                        f"{', '.join(f'{p}.*' for p in prefixes)})")
+    return None if _is_unused(name) else f"{prefixes[prefix]}.{rest}"
 
 
-def convert_released_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Released keys -> ``LeffaModule`` keys (a ``cross_attention: passthrough`` module), without
-    the weights the released code never uses."""
-    return {own: tensor for name, tensor in state_dict.items() if (own := own_name(name)) is not None}
+def convert_released_state_dict(state_dict: dict[str, torch.Tensor],
+                                components: dict[str, str] | None) -> dict[str, torch.Tensor]:
+    """Released keys -> ``LeffaModule`` keys (a ``cross_attention: passthrough`` module) of an
+    architecture whose ``released_components`` are ``components``, without the weights the released
+    code never uses. An architecture without them (None) is one error line."""
+    if components is None:
+        raise UserError("a released checkpoint holds the paper's Generative and Reference UNets "
+                        "(model.architecture: dual_unet); this architecture has no such layout")
+    return {own: tensor for name, tensor in state_dict.items() if (own := own_name(name, components)) is not None}
 
 
 def to_released_state_dict(
-    own: dict[str, torch.Tensor], base: dict[str, torch.Tensor], source: str = "checkpoint"
+    own: dict[str, torch.Tensor], base: dict[str, torch.Tensor], components: dict[str, str] | None,
+    source: str = "checkpoint",
 ) -> dict[str, torch.Tensor]:
     """``own`` (``LeffaModule`` keys) in the layout of ``base`` (a released state dict).
 
@@ -78,9 +88,11 @@ def to_released_state_dict(
         raise UserError(f"{source} was trained with model.cross_attention: removed (no norm2 in its transformer "
                         f"blocks); the released layout computes with model.cross_attention: "
                         f"{RELEASED_CROSS_ATTENTION}, so it cannot be exported to it")
+    if components is None:
+        raise UserError(f"{source}: only model.architecture dual_unet has the released layout")
     released, used = {}, set()
     for name, base_tensor in base.items():
-        key = own_name(name)
+        key = own_name(name, components)
         if key is None:
             released[name] = base_tensor
             continue

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 
+from leffa.architectures.registry import comparable_record, upgrade_settings
 from leffa.errors import UserError
 
 __all__ = ["RESUME_MAY_CHANGE", "WEIGHT_SETTINGS", "check_resume_settings", "check_optimizer_covers"]
@@ -18,12 +19,14 @@ __all__ = ["RESUME_MAY_CHANGE", "WEIGHT_SETTINGS", "check_resume_settings", "che
 #: machine (the weights come from the checkpoint), the weights a new run would start from (the
 #: checkpoint's replace them), memory for compute (the same function), the speed switches (the same
 #: function, ``leffa.speed``) and how pictures are sampled.
-#: Every other setting the checkpoint records must equal the config's (:func:`check_resume_settings`).
-RESUME_MAY_CHANGE = ("pretrained_model", "reference_pretrained_model", "vae_pretrained", "init_from",
-                     "init_from_weights", "gradient_checkpointing", "speed", "sampling")
+#: Every other setting the checkpoint records must equal the config's (:func:`check_resume_settings`);
+#: within ``architecture``, the architecture's own ``local_args`` may change too.
+RESUME_MAY_CHANGE = ("pretrained_model", "vae_pretrained", "init_from", "init_from_weights", "gradient_checkpointing",
+                     "speed", "sampling")
 #: what a checkpoint's weights are: the settings checked when validate, test or predict read a
-#: ``ckpt_path`` (plus ``trainable`` and ``lora`` when either side has LoRA adapters)
-WEIGHT_SETTINGS = ("architecture", "unet_config", "vae_config", "conditioning", "cross_attention", "num_registers")
+#: ``ckpt_path`` (plus ``trainable`` and ``lora`` when either side has LoRA adapters); within
+#: ``architecture``, its class and the architecture's own ``weight_args``
+WEIGHT_SETTINGS = ("architecture", "unet_config", "vae_config", "conditioning", "cross_attention")
 
 
 def check_resume_settings(given: dict, saved: dict, fitting: bool, source: str = "--ckpt_path") -> None:
@@ -31,7 +34,12 @@ def check_resume_settings(given: dict, saved: dict, fitting: bool, source: str =
     record ``saved`` (its ``hyper_parameters``), with both values. Resuming (``fitting``)
     compares every setting but ``RESUME_MAY_CHANGE``; validate, test and predict compare what
     the weights are (``WEIGHT_SETTINGS``). Settings the checkpoint does not record (it predates
-    them) are not compared."""
+    them) are not compared; a checkpoint's older record is read as this version reads it
+    (``leffa.architectures.upgrade_settings``)."""
+    saved, given = upgrade_settings(saved), dict(given)
+    for side in (saved, given):
+        if "architecture" in side:
+            side["architecture"] = comparable_record(side["architecture"], fitting)
     keys = [k for k in saved if k in given and not str(k).startswith("_")]
     if fitting:
         keys = [k for k in keys if k not in RESUME_MAY_CHANGE]

@@ -44,6 +44,20 @@ class SelectionWindow:
         self.pending: list[Draws] = []
         self.weight: torch.Tensor | float | None = None
 
+    def select(self, module, b: int, train: bool, generator: torch.Generator,
+               batch_idx: int | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | float | None]:
+        """A ``LeffaModule`` micro-batch's timesteps, reference keeps (reference dropout in training
+        only) and Leffa weight per selected sample (the window of its optimizer step, :meth:`take`);
+        ``None`` as the weight outside training (or outside a Trainer): the term is then this
+        batch's mean."""
+        hp, trainer = module.hparams, module._trainer
+        steps, p_drop_ref = module.scheduler.config.num_train_timesteps, hp.p_drop_ref if train else 0.0
+        if not train or batch_idx is None or trainer is None:
+            return (*draw_selection(generator, b, steps, p_drop_ref), None)
+        count = (lambda t, k: float(leffa_rows(t, k, hp.theta_timestep).numel())) if hp.use_leffa_loss else None
+        return self.take(b, batch_idx, trainer, lambda n: draw_selection(generator, n, steps, p_drop_ref), count,
+                         module.device)
+
     def take(self, b: int, batch_idx: int, trainer, draw: Callable[[int], Draws],
              count: Callable[[torch.Tensor, torch.Tensor], float] | None,
              device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | float]:

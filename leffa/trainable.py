@@ -1,13 +1,15 @@
-"""Which parameters of the two UNets (or the one UNet of ``concat_unet``) train (``model.trainable``).
+"""Which parameters of the architecture's networks train (``model.trainable``); each architecture
+applies it to its own networks (:func:`select_trainable`).
 
 * ``all``: every parameter (the paper).
 * ``attention``: the self-attention layers (``attn1``: ``to_q``, ``to_k``, ``to_v``, ``to_out``,
-  and its register tokens when there are any) of both UNets, plus the Generative UNet's
-  ``conv_in`` (its input channels are the conditioning layout's, which the pretrained UNet may not
-  have had). Everything else is frozen. For SD1.5 shapes this is about 50 M parameters per UNet.
+  and its register tokens when there are any) of every network, plus what the architecture names
+  (``dual_unet``: the Generative UNet's ``conv_in``, whose input channels are the conditioning
+  layout's, which the pretrained UNet may not have had). Everything else is frozen. For SD1.5
+  shapes this is about 50 M parameters per UNet.
 * ``lora``: low-rank adapters (``peft``'s LoRA, injected with :func:`peft.inject_adapter_in_model`)
   on the layers named by :class:`LoraSettings` (the self-attention projections by default) of
-  both UNets, plus the Generative UNet's ``conv_in``; every pretrained weight is frozen. The
+  every network, plus what the architecture names; every pretrained weight is frozen. The
   adapted layers' pretrained weights move to ``<layer>.base_layer.*`` in the state dict, the
   adapters are ``<layer>.lora_A.default.weight`` and ``<layer>.lora_B.default.weight``
   (:func:`base_layer_names` maps plain checkpoints onto them).
@@ -61,37 +63,35 @@ class LoraSettings:
                           lora_dropout=self.dropout, init_lora_weights=True)
 
 
-def select_trainable(generative_unet: nn.Module, reference_unet: nn.Module | None, kind: str,
-                     lora: LoraSettings | None = None, train_conv_in: bool = True) -> None:
-    """Make ``kind`` (see the module docstring) the trainable parameters of both UNets, in place.
-    Parameters frozen before (e.g. a frozen Reference UNet) stay frozen. A single-UNet architecture
-    (``concat_unet``) gives its UNet as ``generative_unet`` and None as ``reference_unet``, and
-    ``train_conv_in=False`` when the pretrained ``conv_in`` already takes the conditioning channels."""
+def select_trainable(networks: dict[str, nn.Module], kind: str, lora: LoraSettings | None = None,
+                     also_train: tuple[str, ...] = ()) -> None:
+    """Make ``kind`` (see the module docstring) the trainable parameters of the architecture's
+    ``networks`` (by component name), in place. Parameters frozen before (e.g. a frozen Reference
+    UNet) stay frozen. ``also_train``: prefixes of ``<component>.<parameter>`` names that train with
+    ``attention`` and ``lora`` too (the architecture's say, e.g. a ``conv_in`` whose input channels
+    are new)."""
     if kind not in TRAINABLE:
         raise UserError(f"model.trainable: unknown {kind!r}; valid: {', '.join(TRAINABLE)}")
     if kind == "all":
         return
-    # a UNet frozen as a whole (model.freeze_reference_unet) stays so, and gets no adapters
-    unets = [unet for unet in (generative_unet, reference_unet)
-             if unet is not None and any(p.requires_grad for p in unet.parameters())]
-    was_trainable = {id(p) for unet in unets for p in unet.parameters() if p.requires_grad}
+    # a network frozen as a whole (e.g. model.architecture.init_args.freeze_reference_unet) stays
+    # so, and gets no adapters
+    networks = {name: net for name, net in networks.items() if any(p.requires_grad for p in net.parameters())}
+    was_trainable = {id(p) for net in networks.values() for p in net.parameters() if p.requires_grad}
     if kind == "lora":
         from peft import inject_adapter_in_model
 
         config = (lora or LoraSettings()).config()
-        for unet in unets:
+        for net in networks.values():
             try:
-                inject_adapter_in_model(config, unet, adapter_name=ADAPTER)
+                inject_adapter_in_model(config, net, adapter_name=ADAPTER)
             except ValueError as error:  # e.g. no module matches target_modules
                 raise UserError(f"model.lora.target_modules {list(config.target_modules)}: "
                                 f"{str(error).splitlines()[0]}") from error
-    for unet in unets:
-        for name, parameter in unet.named_parameters():
-            if kind == "lora":
-                wanted = _is_adapter(name)
-            else:
-                wanted = ".attn1." in f".{name}"
-            wanted = wanted or (train_conv_in and unet is generative_unet and name.startswith("conv_in."))
+    for component, net in networks.items():
+        for name, parameter in net.named_parameters():
+            wanted = _is_adapter(name) if kind == "lora" else ".attn1." in f".{name}"
+            wanted = wanted or f"{component}.{name}".startswith(also_train)
             # nothing frozen before becomes trainable, except the new adapters
             parameter.requires_grad_(wanted and (id(parameter) in was_trainable or _is_adapter(name)))
 

@@ -10,6 +10,7 @@ convolution is widened to take the conditioning channels, the new channels start
 from __future__ import annotations
 
 import inspect
+import math
 
 import torch
 from diffusers import UNet2DConditionModel
@@ -20,7 +21,8 @@ from leffa.errors import UserError
 from leffa.pretrained import component_location, load_unet
 
 __all__ = ["CROSS_ATTENTION", "CrossAttentionPassthrough", "build_unet", "check_cross_attention_mode",
-           "set_cross_attention", "drop_added_embedding", "set_input_channels", "unet_config_of", "is_sdxl", "pretrained_input_channels"]
+           "set_cross_attention", "drop_added_embedding", "set_input_channels", "unet_config_of", "is_sdxl",
+           "pretrained_input_channels", "attention_levels", "halved"]
 
 #: ``model.cross_attention``: what becomes of each transformer block's text cross-attention
 CROSS_ATTENTION = ("passthrough", "removed")
@@ -131,3 +133,27 @@ def pretrained_input_channels(pretrained: str | None, config: dict | None) -> in
     """The input channels of the UNet that :func:`build_unet` starts from, i.e. before ``set_input_channels``."""
     default = inspect.signature(UNet2DConditionModel.__init__).parameters["in_channels"].default
     return unet_config_of(pretrained, config).get("in_channels", default)
+
+
+def attention_levels(unet: UNet2DConditionModel) -> dict[str, int]:
+    """How many times the UNet has halved the latent at each attention layer (by processor name):
+    down block i of n works on the latent halved i times, the middle block n - 1 times, up block i
+    n - 1 - i times."""
+    levels = len(unet.down_blocks)
+    found = {}
+    for name in unet.attn_processors:
+        block, _, rest = name.partition(".")
+        if block == "mid_block":
+            found[name] = levels - 1
+        else:
+            index = int(rest.split(".", 1)[0])
+            found[name] = index if block == "down_blocks" else levels - 1 - index
+    return found
+
+
+def halved(size: tuple[int, int], times: int) -> tuple[int, int]:
+    """``size`` halved ``times`` times, rounded up as the UNet's stride-2 convolutions (padding 1) do."""
+    h, w = size
+    for _ in range(times):
+        h, w = math.ceil(h / 2), math.ceil(w / 2)
+    return h, w

@@ -15,8 +15,6 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import torch
-
 from leffa.errors import UserError
 from leffa.flow_viz import layer_pictures
 from leffa.module import LeffaModule

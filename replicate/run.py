@@ -38,7 +38,7 @@ sys.path.insert(0, str(ROOT))
 
 from data_prep.__main__ import main as data_prep_main  # noqa: E402
 from data_prep.synthetic_textures import TEXTURES  # noqa: E402
-from leffa.architectures import ARCHITECTURES  # noqa: E402
+from leffa.architectures import SHORT_NAMES  # noqa: E402
 from leffa.errors import UserError, user_errors_as_one_line  # noqa: E402
 from leffa.module import LeffaModule  # noqa: E402
 from replicate import jobs, measure  # noqa: E402
@@ -226,7 +226,7 @@ def parse(argv=None):
     p.add_argument("--continue-families", nargs="+", choices=FAMILIES,
                    help="the families whose continuations run (default: --families; a family left out is "
                         "judged from step 0 alone); the baseline pools all of --families")
-    p.add_argument("--architectures", nargs="+", choices=list(ARCHITECTURES), default=["dual_unet", "concat_unet"],
+    p.add_argument("--architectures", nargs="+", choices=list(SHORT_NAMES), default=["dual_unet", "concat_unet"],
                    help="the first runs the whole matrix, the others no_leffa and leffa on --other-families")
     p.add_argument("--other-families", nargs="*", choices=FAMILIES, default=["periodic", "ramp", "smooth"],
                    help="the families of the architectures after the first (default: both controls and smooth)")

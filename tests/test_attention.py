@@ -4,12 +4,8 @@ import pytest
 import torch
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 
-from leffa.attention import (
-    ConcatAttention,
-    ReferenceBank,
-    ReferenceRecorder,
-    token_grid,
-)
+from leffa.architectures.dual_unet_attention import ConcatAttention, ReferenceRecorder
+from leffa.attention import ReferenceBank, token_grid
 from leffa.unets import build_unet
 
 

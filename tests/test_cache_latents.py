@@ -29,6 +29,7 @@ from leffa.data.transforms import resize_sample
 from leffa.errors import UserError
 from leffa.module import LeffaModule
 from leffa.pretrained import load_vae_folder
+from leffa.stage_checks import check_latent_cache
 
 TINY_VAE = ROOT / "assets" / "tiny_vae_synthetic"
 # the model of configs/tiny_synthetic.yaml (conditioning released: the reference and masked-image
@@ -203,8 +204,8 @@ def test_a_conditioning_whose_images_the_cache_lacks_is_one_line(capsys, shards,
     # the released layout's cache has no DensePose latent; pose_image needs none and is accepted
     refused(capsys, fit_on_cache(shards, cached, "--model.conditioning=pose", f"--trainer.default_root_dir={tmp_path}"),
             "model.conditioning released", "also encodes densepose")
-    LeffaModule(**{**TINY_MODEL, "conditioning": "pose_image"}).check_latent_cache(
-        {**cached[1]["latents"], "folder": str(cached[0])})
+    check_latent_cache(LeffaModule(**{**TINY_MODEL, "conditioning": "pose_image"}),
+                       {**cached[1]["latents"], "folder": str(cached[0])})
 
 
 def test_uncached_validation_shards_with_latents_are_one_line(capsys, shards, cached):

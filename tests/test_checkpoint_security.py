@@ -21,7 +21,8 @@ from leffa.testing import TINY_UNET, TINY_VAE, batch_loader
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "tiny_synthetic.yaml"
-SETTINGS = dict(unet_config=dict(TINY_UNET), vae_config=dict(TINY_VAE), num_registers=1)
+SETTINGS = dict(unet_config=dict(TINY_UNET), vae_config=dict(TINY_VAE),
+                architecture=dict(class_path="dual_unet", init_args=dict(num_registers=1)))
 
 
 # ---------------------------------------------------------------- checkpoints of every form
@@ -206,11 +207,12 @@ def test_one_loader_for_every_form_with_settings(trained, tmp_path):
     with pytest.warns(UserWarning, match="no EMA weights"):
         from_folder = LeffaModule.from_checkpoint(sharded)
     assert same_weights(from_ckpt, expected) and same_weights(from_folder, expected)
-    assert from_folder.hparams.num_registers == 1 and from_folder.hparams.init_from == str(sharded)
+    assert from_folder.hparams.architecture["init_args"]["num_registers"] == 1
+    assert from_folder.hparams.init_from == str(sharded)
     cli_main(["export", "--ckpt", str(sharded), "--weights", "live", "--out", str(tmp_path / "export")])
     assert same_weights(LeffaModule.from_checkpoint(tmp_path / "export"), expected)
     assert same_weights(load_exported(tmp_path / "export", use_leffa_loss=True), expected)
-    assert read_settings(tmp_path / "export")["num_registers"] == 1
+    assert read_settings(tmp_path / "export")["architecture"]["init_args"]["num_registers"] == 1
 
 
 def test_weights_only_forms_say_to_use_init_from(trained, tmp_path, capsys):

@@ -141,7 +141,8 @@ def test_export_command_then_predict_settings_from_the_folder(shards, trained, t
     out = tmp_path / "predictions"
     cli_main([
         "predict", "--config", str(CONFIG), "--model.unet_config=null", "--model.vae_config=null",
-        f"--model.pretrained_model={tmp_path / 'x'}", f"--model.reference_pretrained_model={tmp_path / 'x' / 'reference_unet'}",
+        f"--model.pretrained_model={tmp_path / 'x'}", "--model.architecture=DualUNet",
+        f"--model.architecture.reference_pretrained_model={tmp_path / 'x' / 'reference_unet'}",
         f"--model.init_from={tmp_path / 'x'}", "--model.sampling.num_steps=2",
         "--trainer.callbacks+=leffa.callbacks.ImageWriter", f"--trainer.callbacks.output_dir={out}",
         f"--trainer.default_root_dir={tmp_path}", "--trainer.logger=false",

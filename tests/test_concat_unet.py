@@ -16,7 +16,7 @@ import yaml
 from diffusers import UNet2DConditionModel
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 
-from leffa.architectures import ARCHITECTURES
+from leffa.architectures import DenoiserSettings, architecture_class
 from leffa.architectures.concat_unet import ConcatUNet
 from leffa.cli import cli_main
 from leffa.errors import UserError
@@ -48,7 +48,7 @@ def unet_inputs(unet) -> list[torch.Tensor]:
 
 def test_the_concatenated_input_is_person_then_garment_along_the_width(tiny_configs):
     module = concat_module(tiny_configs)
-    assert isinstance(module.denoiser, ConcatUNet) and ARCHITECTURES["concat_unet"] is ConcatUNet
+    assert isinstance(module.denoiser, ConcatUNet) and architecture_class("concat_unet") is ConcatUNet
     # one UNet, no Reference UNet; its checkpoint prefix is unet.
     assert {name.split(".")[0] for name in module.state_dict()} == {"unet", "vae"}
     assert module.denoiser.unet.config.in_channels == 4 + 5  # latent + mask + masked image
@@ -81,9 +81,10 @@ def test_the_concatenated_input_is_person_then_garment_along_the_width(tiny_conf
 @pytest.mark.parametrize("setting, message", [
     (dict(conditioning="pose_image"), "model.conditioning.*tryon"),
     (dict(conditioning="released"), "model.conditioning.*tryon"),
-    (dict(num_registers=2), "model.num_registers"),
-    (dict(freeze_reference_unet=True), "model.freeze_reference_unet"),
-    (dict(reference_pretrained_model="/somewhere"), "model.reference_pretrained_model"),
+    (dict(architecture=dict(class_path="concat_unet", init_args=dict(num_registers=2))),
+     "model.architecture.init_args: ConcatUNet does not take num_registers"),
+    (dict(architecture=dict(class_path="concat_unet", init_args=dict(freeze_reference_unet=True))),
+     "ConcatUNet does not take freeze_reference_unet"),
 ])
 def test_settings_without_meaning_for_one_unet_are_one_line_errors(tiny_configs, setting, message):
     with pytest.raises(UserError, match=message) as error:
@@ -190,7 +191,8 @@ def test_trainable_attention_at_sd15_inpainting_shapes_is_catvtons_49_57_million
     # SD1.5-inpainting's UNet: SD1.5's shapes with 9 input channels, so conv_in is not new and stays frozen
     config = {**yaml.safe_load((ROOT / "configs" / "model" / "sd15_unet.yaml").read_text()), "in_channels": 9}
     with torch.device("meta"):
-        denoiser = ConcatUNet(None, None, config, in_channels=9, trainable="attention")
+        denoiser = ConcatUNet(DenoiserSettings(None, config, latent_channels=4, conditioning="tryon",
+                                               trainable="attention"))
     count = sum(p.numel() for p in denoiser.unet.parameters() if p.requires_grad)
     assert count == attention_count(denoiser.unet) and not denoiser.unet.conv_in.weight.requires_grad
     assert round(count / 1e6, 2) == 49.57  # CatVTON: 49.57 M trainable parameters
@@ -266,7 +268,7 @@ def test_export_round_trip_is_a_diffusers_unet_folder(tiny_configs, tmp_path):
         torch.testing.assert_close(unet(x, t, encoder_hidden_states=None).sample,
                                    module.denoiser.unet(x, t, encoder_hidden_states=None).sample)
     back = load_exported(out).eval()
-    assert back.hparams.architecture == "concat_unet"
+    assert back.hparams.architecture == {"class_path": "leffa.architectures.concat_unet.ConcatUNet", "init_args": {}}
     assert back.state_dict().keys() == module.state_dict().keys()
     for key, value in module.state_dict().items():
         torch.testing.assert_close(back.state_dict()[key], value, msg=key)

@@ -31,6 +31,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import lightning as L
 import pytest
@@ -43,7 +44,8 @@ from leffa.testing import TINY_UNET, TINY_VAE, make_batch
 ROOT = Path(__file__).resolve().parents[1]
 FSDP_CONFIG = ROOT / "configs" / "strategy" / "fsdp.yaml"
 TRAIN_CONFIG = ROOT / "configs" / "base" / "train.yaml"  # the stages' DDPStrategy
-MODEL_KWARGS = dict(use_leffa_loss=True, theta_timestep=1000, p_drop_ref=0.0, num_registers=2, learning_rate=1e-3)
+MODEL_KWARGS = dict(use_leffa_loss=True, theta_timestep=1000, p_drop_ref=0.0, learning_rate=1e-3,
+                    architecture=dict(class_path="dual_unet", init_args=dict(num_registers=2)))
 STEPS = 2
 SGD_LR = 0.1
 WORLD = 2
@@ -584,13 +586,18 @@ def test_sharding_strategies_refuse_ema_and_rank_zero_samplers(tmp_path, own_pro
         ModelParallelStrategy,
     )
 
-    from leffa.callbacks import SampleGrid
+    from leffa.callbacks import FlowPictures, SampleGrid
     from leffa.parallel import refuse_unshardable_callbacks
 
     callbacks = [EMAWeightAveraging(), SampleGrid()]
     refuse_unshardable_callbacks(DDPStrategy(), callbacks)  # fine: DDP keeps full weights on every rank
-    with pytest.raises(ValueError, match="FSDPStrategy.*EMAWeightAveraging.*SampleGrid runs the sharded model"):
+    with pytest.raises(ValueError, match="FSDPStrategy.*EMAWeightAveraging keeps an unsharded copy"):
         refuse_unshardable_callbacks(FSDPStrategy(), callbacks)
+    # the callbacks that run the model on rank 0 alone refuse themselves when the Trainer sets them up
+    SampleGrid().setup(SimpleNamespace(strategy=DDPStrategy()), None, "fit")
+    for callback in (SampleGrid(), FlowPictures()):
+        with pytest.raises(ValueError, match=f"FSDPStrategy.*{type(callback).__name__} runs the sharded model"):
+            callback.setup(SimpleNamespace(strategy=FSDPStrategy()), None, "fit")
     # through the Trainer (one process is enough): the error comes before any sharding
     trainer = L.Trainer(max_steps=1, accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
                         strategy=ModelParallelStrategy(data_parallel_size=1, tensor_parallel_size=1),
@@ -602,12 +609,12 @@ def test_sharding_strategies_refuse_ema_and_rank_zero_samplers(tmp_path, own_pro
 @pytest.mark.slow  # over 1 s on 2 cores: make test runs it, make test-fast does not
 @pytest.mark.parametrize("checkpointing", [False, True])
 def test_unused_reference_parameters_are_those_without_gradient(checkpointing):
-    from leffa.parallel import freeze_unused_reference_parameters
+    from leffa.architectures.dual_unet_attention import freeze_unused_reference_parameters
 
     module = LeffaModule(unet_config=dict(TINY_UNET), vae_config=dict(TINY_VAE), **MODEL_KWARGS,
                          gradient_checkpointing=checkpointing)
     # frozen when the model was built; trainable again here, to see which get no gradient
-    built_frozen = set(module.denoiser.unused_reference_parameters)
+    built_frozen = {n for n, p in module.reference_unet.named_parameters() if not p.requires_grad}
     module.reference_unet.requires_grad_(True)
     module.setup("fit")
     module.train()

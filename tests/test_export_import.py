@@ -4,6 +4,7 @@ import pytest
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 
+from leffa.architectures import DualUNet
 from leffa.export import export_folder, load_exported
 from leffa.module import LeffaModule
 from leffa.released import convert_released_state_dict, is_released_state_dict
@@ -13,7 +14,8 @@ from leffa.testing import TINY_UNET, TINY_VAE, make_batch
 @pytest.mark.slow  # over 10 s on 2 cores: make test runs it, make test-fast does not
 def test_export_folder_round_trip_with_registers(tiny_configs, tmp_path):
     torch.manual_seed(0)
-    module = LeffaModule(**tiny_configs, conditioning="released", num_registers=2).eval()
+    module = LeffaModule(**tiny_configs, conditioning="released",
+                         architecture=dict(class_path="dual_unet", init_args=dict(num_registers=2))).eval()
     with torch.no_grad():  # make the registers differ from any fresh initialisation
         for name, p in module.named_parameters():
             if name.endswith("registers"):
@@ -52,7 +54,7 @@ def test_released_checkpoint_imports_into_the_module(tiny_configs, tmp_path):
     torch.save(state, path)
     module = LeffaModule(**tiny_configs, conditioning="released", init_from=str(path))
     own = module.state_dict()
-    converted = convert_released_state_dict(state)
+    converted = convert_released_state_dict(state, DualUNet.released_components)
     assert not any("attn2" in k for k in converted)
     assert set(converted) == set(own)
     for key, value in converted.items():

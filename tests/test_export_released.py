@@ -77,7 +77,8 @@ def test_refuses_an_existing_out_without_touching_it(base, tiny_configs, tmp_pat
     "settings, expected",
     [
         (dict(conditioning="tryon"), "conditioning 'tryon'"),
-        (dict(conditioning="released", num_registers=1), "registers"),
+        (dict(conditioning="released", architecture=dict(class_path="dual_unet", init_args=dict(num_registers=1))),
+         "registers"),
     ],
 )
 def test_refuses_another_conditioning_or_extra_weights(base, tiny_configs, tmp_path, capsys, settings, expected):

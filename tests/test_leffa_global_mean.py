@@ -16,6 +16,7 @@ import lightning as L
 import torch
 
 from leffa.module import LeffaModule
+from leffa.selection import draw_selection
 from leffa.testing import make_batch
 
 ACCUMULATE, BATCH, STEPS = 2, 3, 2
@@ -127,7 +128,7 @@ def test_outside_training_the_term_is_the_batch_mean(tiny_configs):
     with torch.no_grad():
         loss = module.compute_loss(batch, torch.Generator().manual_seed(3), train=False)[0]
         generator = torch.Generator().manual_seed(3)
-        timesteps, keep_ref = module.draw_selection(generator, BATCH, train=False)
+        timesteps, keep_ref = draw_selection(generator, BATCH, module.scheduler.config.num_train_timesteps, 0.0)
         assert keep_ref.all()  # no reference dropout outside training
         terms = module.loss_terms(batch, generator, timesteps, keep_ref)
     assert len(terms["rows"]) > 0

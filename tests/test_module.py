@@ -9,6 +9,7 @@ from lightning.pytorch.callbacks import EMAWeightAveraging
 
 from leffa.losses import coordinate_map
 from leffa.module import LeffaModule
+from leffa.selection import draw_selection
 from leffa.testing import batch_loader, make_batch
 
 
@@ -40,7 +41,8 @@ def test_unknown_conditioning_lists_valid_ones(tiny_configs):
 
 
 def test_gradients_reach_both_unets_and_registers_but_not_the_vae(tiny_configs):
-    module = tiny_module(tiny_configs, use_leffa_loss=True, theta_timestep=1000, num_registers=2)
+    module = tiny_module(tiny_configs, use_leffa_loss=True, theta_timestep=1000,
+                         architecture=dict(class_path="dual_unet", init_args=dict(num_registers=2)))
     fixed_step(module, make_batch()).backward()
     gen = [p.grad for p in module.generative_unet.parameters()]
     ref = [p.grad for p in module.reference_unet.down_blocks.parameters()]
@@ -52,7 +54,7 @@ def test_gradients_reach_both_unets_and_registers_but_not_the_vae(tiny_configs):
 
 
 def test_freeze_reference_unet_leaves_it_without_gradients(tiny_configs):
-    module = tiny_module(tiny_configs, freeze_reference_unet=True)
+    module = tiny_module(tiny_configs, architecture=dict(class_path="dual_unet", init_args=dict(freeze_reference_unet=True)))
     fixed_step(module, make_batch()).backward()
     assert all(p.grad is None for p in module.reference_unet.parameters())
     assert module.generative_unet.conv_in.weight.grad is not None
@@ -96,7 +98,7 @@ def test_leffa_term_equals_naive_computation_and_selection(tiny_configs):
 def test_timestep_selection_excludes_large_t(tiny_configs):
     # theta_timestep 1 selects t = 0 only, which the fixed draw of fixed_step does not make
     module = tiny_module(tiny_configs, use_leffa_loss=True, theta_timestep=1)
-    timesteps, _ = module.draw_selection(torch.Generator().manual_seed(0), 2, train=False)
+    timesteps, _ = draw_selection(torch.Generator().manual_seed(0), 2, module.scheduler.config.num_train_timesteps, 0.0)
     assert (timesteps > 0).all()
     with torch.no_grad():
         with_leffa = fixed_step(module, make_batch())

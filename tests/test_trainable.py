@@ -193,7 +193,8 @@ def test_ddp_buckets_only_the_trainable_parameters(tiny_configs, kind, own_proce
 
 @pytest.mark.parametrize("kind", ["attention", "lora"])
 def test_a_frozen_reference_unet_stays_frozen_and_gets_no_adapters(tiny_configs, kind):
-    module = tiny(tiny_configs, trainable=kind, freeze_reference_unet=True)
+    module = tiny(tiny_configs, trainable=kind,
+                  architecture=dict(class_path="dual_unet", init_args=dict(freeze_reference_unet=True)))
     assert not any(p.requires_grad for p in module.reference_unet.parameters())
     assert not any(".lora_" in n for n in module.reference_unet.state_dict())
     assert any(p.requires_grad for p in module.generative_unet.parameters())

@@ -89,11 +89,12 @@ def test_resuming_with_other_model_settings_is_one_line_naming_each_key(lora_run
 def test_resuming_a_checkpoint_of_another_architecture_is_refused(lora_run, shards, tmp_path, capsys):
     last, _ = lora_run
     checkpoint = torch.load(last, weights_only=True)
-    checkpoint["hyper_parameters"]["architecture"] = "concat_unet"  # its record of what it trained
+    checkpoint["hyper_parameters"]["architecture"] = "concat_unet"  # its record of what it trained (an old form)
     torch.save(checkpoint, tmp_path / "concat.ckpt")
     refused(capsys, run_args(shards, tmp_path, 3, f"--ckpt_path={tmp_path / 'concat.ckpt'}",
                              "--model.trainable=lora"),
-            "model.architecture: concat_unet in the checkpoint, dual_unet given")
+            "model.architecture.class_path: leffa.architectures.concat_unet.ConcatUNet in the checkpoint, "
+            "leffa.architectures.dual_unet.DualUNet given")
 
 
 @pytest.mark.slow  # over 1 s on 2 cores: make test runs it, make test-fast does not
@@ -119,7 +120,7 @@ def test_which_settings_a_resume_compares(tiny_configs):
                                   "gradient_checkpointing": True, "sampling": {"num_steps": 3}}, fitting=True)
     # a setting the checkpoint does not record (it predates it), or a nested key one side lacks
     # (an optimizer argument of another torch version), is not compared
-    older = {k: v for k, v in own.items() if k != "num_registers"}
+    older = {k: v for k, v in own.items() if k != "p_drop_ref"}
     older["unet_config"] = {k: v for k, v in own["unet_config"].items() if k != "norm_num_groups"}
     module.check_resume_settings(older, fitting=True)
     with pytest.raises(UserError, match=r"^--ckpt_path x.ckpt was written with other model settings: "
@@ -180,7 +181,7 @@ def test_the_layers_named_at_start_are_those_training_captures(tiny_configs, arc
 
 def test_a_concat_seam_inside_a_leffa_token_is_refused_before_training(tiny_configs):
     module = LeffaModule(**tiny_configs, architecture="concat_unet", conditioning="tryon", use_leffa_loss=True)
-    with pytest.raises(UserError, match="concat_unet: .*data.width 40"):
+    with pytest.raises(UserError, match="ConcatUNet: .*data.width 40.*seam"):
         module.check_image_size(64, 40, "fit")
     module.check_image_size(64, 40, "predict")  # no Leffa layer in sampling: fine
 
@@ -280,7 +281,7 @@ def test_shards_that_are_all_unreadable_are_refused_before_the_model_is_built(sh
     def no_model(*args, **kwargs):
         raise AssertionError("the model was built before the shards were checked")
 
-    monkeypatch.setattr("leffa.module.architecture_class", no_model)  # the first step of building the model
+    monkeypatch.setattr("leffa.module.build_denoiser", no_model)  # the first step of building the model
     pattern = str(broken / "train-*.tar")
     refused(capsys, run_args(shards, tmp_path, 2, f"--data.train_shards={pattern}"),
             f"data.train_shards: nothing readable in {pattern}", "3 shards")

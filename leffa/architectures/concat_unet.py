@@ -2,7 +2,7 @@
 diffusers ``UNet2DConditionModel`` (the SD1.5- or SDXL-inpainting layout, without text as
 ``leffa.unets`` builds it: CatVTON's code also keeps the blocks' cross-attention step as a
 pass-through, our ``passthrough``; no Reference UNet) sees the person and the garment side by side along the latent width, so its own
-self-attention relates them; the Leffa loss reads that attention (``leffa.attention.WidthConcatAttention``).
+self-attention relates them; the Leffa loss reads that attention (:class:`WidthConcatAttention`).
 
 Layout of the UNet input, (B, 4 + conditioning channels, h, 2w), left half the person, right half
 the garment:
@@ -24,63 +24,53 @@ Reference dropout and the unconditional branch of guidance zero the reference la
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
-from torch.distributed.device_mesh import DeviceMesh
 
-from leffa.attention import ReferenceBank, attach_width_concat_attention
+from diffusers.models.attention_processor import Attention
+
+from leffa.architectures.base import DenoiserSettings, ReferenceDenoiser
+from leffa.attention import (
+    LeffaCapture, ReferenceBank, check_plain_self_attention, finish_attention, project_heads,
+    set_self_attention_processors, token_grid,
+)
 from leffa.conditioning import LAYOUTS, PART_CHANNELS
 from leffa.errors import UserError
-from leffa.parallel import shard_unets
-from leffa.trainable import LoraSettings, select_trainable
-from leffa.unets import build_unet, pretrained_input_channels
+from leffa.trainable import select_trainable
+from leffa.unets import attention_levels, build_unet, halved, pretrained_input_channels
 
-__all__ = ["ConcatUNet"]
+__all__ = ["ConcatUNet", "WidthConcatAttention"]
 
 # what the garment half holds in each conditioning part: zeros for a mask, the garment latent for
 # an image latent; layouts with other parts (pose images and latents) have no garment half
 GARMENT_HALF = {"mask": "zeros", "masked_image": "garment"}
 
 
-class ConcatUNet:
-    """One UNet over ``[person | garment]`` (a :class:`~leffa.architectures.base.ReferenceDenoiser`).
-
-    Args:
-        pretrained_model: local SD1.5- or SDXL-inpainting folder for the UNet (None: ``unet_config``).
-        reference_pretrained_model: must be None (there is no Reference UNet).
-        unet_config: ``UNet2DConditionModel`` config used when no folder is given.
-        in_channels: the UNet's input channels (latent + conditioning).
-        num_registers: must be 0 (no register tokens in this architecture).
-        theta_resolution: Leffa layer selection, Sec. 3.3, on the person half's token grid.
-        freeze_reference: must be False (there is no Reference UNet).
-        gradient_checkpointing: recompute UNet blocks in backward.
-        trainable: which parameters train (``leffa.trainable``): ``attention`` is CatVTON's recipe
-            (every self-attention layer, plus ``conv_in`` when its input channels are new; the rest
-            frozen; the concat configs set it), ``all`` or ``lora``.
-        lora: the adapters of ``trainable="lora"``.
-        conditioning: the conditioning layout (``leffa.conditioning``); ``tryon`` only.
-        cross_attention: ``passthrough`` or ``removed`` (``leffa.unets.set_cross_attention``).
+class ConcatUNet(ReferenceDenoiser):
+    """One UNet over ``[person | garment]`` (``model.architecture: concat_unet``). It has no
+    arguments of its own; from the shared settings: ``trainable: attention`` is CatVTON's recipe
+    (every self-attention layer, plus ``conv_in`` when its input channels are new; the rest
+    frozen; the concat configs set it), and the conditioning must be ``tryon``.
     """
 
-    #: ``leffa export`` folder -> component
     export_folders = {"unet": "unet"}
 
-    def __init__(self, pretrained_model: str | None, reference_pretrained_model: str | None, unet_config: dict | None,
-                 in_channels: int, num_registers: int = 0, theta_resolution: float = 1.0 / 32,
-                 freeze_reference: bool = False, gradient_checkpointing: bool = False, trainable: str = "attention",
-                 lora: LoraSettings | None = None, conditioning: str = "tryon", cross_attention: str = "passthrough"):
-        _refuse_dual_unet_settings(reference_pretrained_model, num_registers, freeze_reference)
-        parts = LAYOUTS.get(conditioning, ())
+    def __init__(self, settings: DenoiserSettings):
+        parts = LAYOUTS.get(settings.conditioning, ())
         if not parts or any(part not in GARMENT_HALF for part in parts):
             raise UserError(f"model.conditioning: concat_unet takes the try-on layout only (conditioning: tryon, "
-                            f"mask and masked image), got {conditioning!r}, which has no garment half")
+                            f"mask and masked image), got {settings.conditioning!r}, which has no garment half")
         self.parts = parts
-        self.unet = build_unet(pretrained_model, unet_config, in_channels, cross_attention)
-        self.bank = attach_width_concat_attention(self.unet, ReferenceBank(theta_resolution=theta_resolution))
+        in_channels = settings.in_channels
+        self.unet = build_unet(settings.pretrained_model, settings.unet_config, in_channels, settings.cross_attention)
+        self.bank = ReferenceBank(theta_resolution=settings.theta_resolution)
+        set_self_attention_processors(self.unet, lambda name, layer: WidthConcatAttention(self.bank, name))
         # conv_in trains with the attention (or adapters) only when its input channels are new: an
         # SD1.5-inpainting UNet already takes these 9 (CatVTON then trains 49.57 M parameters)
-        new_inputs = pretrained_input_channels(pretrained_model, unet_config) != in_channels
-        select_trainable(self.unet, None, trainable, lora, train_conv_in=new_inputs)
-        if gradient_checkpointing:
+        new_inputs = pretrained_input_channels(settings.pretrained_model, settings.unet_config) != in_channels
+        select_trainable(self.components(), settings.trainable, settings.lora,
+                         also_train=("unet.conv_in.",) if new_inputs else ())
+        if settings.gradient_checkpointing:
             self.unet.enable_gradient_checkpointing()
         self.garment: torch.Tensor | None = None
 
@@ -117,15 +107,58 @@ class ConcatUNet:
                                encoder_hidden_states=None).sample
         return prediction[..., :width]
 
-    def shard(self, mesh: DeviceMesh, param_dtype: torch.dtype | None) -> None:
-        """FSDP2 over the UNet: each block, then the UNet (see ``leffa.parallel``)."""
-        shard_unets(self.unet, None, mesh, param_dtype)
+    def leffa_grids(self, latent_hw: tuple[int, int]) -> dict[str, tuple[int, float]]:
+        """Each self-attention layer, on the person half of the (h, 2w) grid halved as often as its
+        level: its width is not a whole number where the seam falls inside a token."""
+        grids = {}
+        for name, level in attention_levels(self.unet).items():
+            processor = self.unet.attn_processors[name]
+            if isinstance(processor, WidthConcatAttention):
+                rows, columns = halved((latent_hw[0], 2 * latent_hw[1]), level)
+                grids[processor.name] = (rows, columns / 2)
+        return grids
 
 
-def _refuse_dual_unet_settings(reference_pretrained_model, num_registers: int, freeze_reference: bool) -> None:
-    if reference_pretrained_model:
-        raise UserError("model.reference_pretrained_model: concat_unet has no Reference UNet; leave it unset")
-    if num_registers:
-        raise UserError(f"model.num_registers: concat_unet has no register tokens; set it to 0, got {num_registers}")
-    if freeze_reference:
-        raise UserError("model.freeze_reference_unet: concat_unet has no Reference UNet; leave it false")
+class WidthConcatAttention:
+    """Self-attention of a UNet whose input is ``[person | garment]`` along the latent width
+    (``concat_unet``): plain self-attention over all tokens of the (h, 2w) grid. At layers selected
+    for the Leffa loss it captures, for the bank's ``capture_rows``, the queries of the person
+    half's h*w tokens and the keys of the garment half's h*w tokens, each row-major over its own
+    (h, w) grid (a row of the concatenated grid is w person tokens, then w garment tokens). The
+    selection uses the person half's grid against the image height, as :class:`ReferenceBank` does.
+    """
+
+    def __init__(self, bank: ReferenceBank, name: str):
+        self.bank, self.name = bank, name
+
+    def __call__(self, attn: Attention, hidden_states: torch.Tensor, encoder_hidden_states=None,
+                 attention_mask=None, temb=None, **kwargs) -> torch.Tensor:
+        check_plain_self_attention(attn, hidden_states)
+        q = project_heads(attn, attn.to_q, hidden_states, attn.norm_q)
+        k = project_heads(attn, attn.to_k, hidden_states, attn.norm_k)
+        v = project_heads(attn, attn.to_v, hidden_states, None)
+        self._maybe_capture(q, k)
+        return finish_attention(attn, F.scaled_dot_product_attention(q, k, v), hidden_states)
+
+    def _maybe_capture(self, q: torch.Tensor, k: torch.Tensor) -> None:
+        bank = self.bank
+        if bank.capture_rows is None or bank.capture_rows.numel() == 0:
+            return
+        if bank.latent_hw is None:
+            raise RuntimeError("ReferenceBank.latent_hw is unset: set it before running the UNet")
+        h, w = bank.latent_hw  # the person's latent; the UNet sees (h, 2w)
+        rows, width = token_grid(q.shape[2], (h, 2 * w))
+        if not bank.wants_capture((rows, width // 2)):
+            return
+        if width % 2:
+            raise UserError(f"concat_unet: the Leffa layer {self.name} has a {rows}x{width} token grid, whose "
+                            f"person|garment seam falls inside a token; choose a data.width whose latent width "
+                            f"({w}) halves evenly down to that layer")
+        picked = bank.capture_rows
+
+        def half(x: torch.Tensor, side: int) -> torch.Tensor:
+            # (B, heads, rows*width, d) -> the side's (b, heads, rows*width/2, d), row-major
+            x = x[picked].unflatten(2, (rows, 2, width // 2))[:, :, :, side]
+            return x.flatten(2, 3)
+
+        bank.captures[self.name] = LeffaCapture(half(q, 0), half(k, 1), None, (rows, width // 2))
