@@ -299,7 +299,7 @@ def test_leffa_fit_on_the_tiny_concat_config_trains_both_losses(shards, tmp_path
         values = [float(r[name]) for r in rows if r.get(name)]
         assert values and all(math.isfinite(v) for v in values), name
     checkpoint = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
-    assert checkpoint["hyper_parameters"]["architecture"] == "concat_unet"
+    assert checkpoint["hyper_parameters"]["architecture"]["class_path"] == "leffa.architectures.concat_unet.ConcatUNet"
     assert {k.split(".")[0] for k in checkpoint["state_dict"]} == {"unet", "vae"}
     assert sorted(p.name for p in (run / "samples").glob("*.png")) == ["step_000002.png"]
     # leffa export of the checkpoint: a diffusers UNet folder, read back whole

@@ -145,7 +145,7 @@ def test_a_checkpoint_that_trained_the_reference_head_initialises_but_does_not_r
                          default_root_dir=tmp_path)
 
     old = build()
-    head = old.denoiser.unused_reference_parameters
+    head = [n for n, p in old.reference_unet.named_parameters() if not p.requires_grad]  # frozen when built
     for name in head:  # as the earlier code left them
         old.reference_unet.get_parameter(name).requires_grad_(True)
     trainer(2).fit(old, datamodule=StepData())
