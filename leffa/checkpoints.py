@@ -25,7 +25,7 @@ from torch import nn
 
 from leffa.architectures.registry import architecture_class, architecture_record, upgrade_settings
 from leffa.errors import MissingFileError, UserError
-from leffa.released import RELEASED_COMPONENTS, convert_released_state_dict, is_released_state_dict
+from leffa.released import convert_released_state_dict, is_released_state_dict
 
 __all__ = [
     "read_state_dict", "read_settings", "load_weights",
@@ -87,7 +87,7 @@ def is_export_folder(path: str | Path) -> bool:
 
 
 def read_state_dict(path: str | Path, weights: str = "ema",
-                    released_components: dict[str, str] | None = RELEASED_COMPONENTS) -> dict[str, torch.Tensor]:
+                    released_components: dict[str, str] | None = None) -> dict[str, torch.Tensor]:
     """The model state dict stored in ``path``.
 
     Args:

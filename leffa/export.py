@@ -30,7 +30,7 @@ from leffa.checkpoints import (
 )
 from leffa.errors import UserError
 from leffa.module import LeffaModule
-from leffa.released import RELEASED_COMPONENTS, RELEASED_CONDITIONING, to_released_state_dict
+from leffa.released import RELEASED_CONDITIONING, to_released_state_dict
 from leffa.trainable import LoraSettings, has_lora, merge_lora, merge_lora_state_dict
 
 __all__ = ["export_folder", "export_released", "load_exported", "export_main"]
@@ -97,9 +97,9 @@ def export_released(ckpt: str | Path, base: str | Path, out: str | Path, weights
     if conditioning != RELEASED_CONDITIONING:
         raise UserError(f"{ckpt} was trained with conditioning {conditioning!r}; the released layout needs "
                         f"model.conditioning: {RELEASED_CONDITIONING}")
-    # the architecture's released layout (a weights-only file: the paper's, whose layout it is)
-    components = (architecture_class(architecture_record(settings["architecture"])["class_path"]).released_components
-                  if "architecture" in settings else RELEASED_COMPONENTS)
+    # the architecture's released layout (a weights-only file: the paper's architecture, whose layout it is)
+    components = architecture_class(architecture_record(settings.get("architecture", "dual_unet"))["class_path"]
+                                    ).released_components
     base_state = load_checkpoint_file(base, mmap=True)  # weights_only=True; tensors read when written
     own = read_state_dict(ckpt, weights, components)
     if has_lora(own):

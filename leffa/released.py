@@ -18,14 +18,11 @@ import torch
 from leffa.errors import UserError
 
 __all__ = ["is_released_state_dict", "convert_released_state_dict", "to_released_state_dict", "RELEASED_CONDITIONING",
-           "RELEASED_CROSS_ATTENTION", "RELEASED_COMPONENTS", "has_cross_attention_norm"]
+           "RELEASED_CROSS_ATTENTION", "has_cross_attention_norm"]
 
 RELEASED_CONDITIONING = "released"
 #: the ``model.cross_attention`` that computes what the released code computes
 RELEASED_CROSS_ATTENTION = "passthrough"
-#: the networks of a released file: its key prefix -> the ``dual_unet`` component it holds (the
-#: released layout's own architecture: ``DualUNet.released_components`` says the same to the module)
-RELEASED_COMPONENTS = {"unet": "generative_unet", "unet_encoder": "reference_unet"}
 
 
 def is_released_state_dict(state_dict: dict) -> bool:

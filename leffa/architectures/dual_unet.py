@@ -15,7 +15,6 @@ from leffa.architectures.dual_unet_attention import (
     ConcatAttention, attach_reference_attention, freeze_unused_reference_parameters,
 )
 from leffa.attention import ReferenceBank
-from leffa.released import RELEASED_COMPONENTS
 from leffa.trainable import select_trainable
 from leffa.unets import attention_levels, build_unet, halved
 
@@ -34,7 +33,8 @@ class DualUNet(ReferenceDenoiser):
     """
 
     export_folders = {"unet": "generative_unet", "reference_unet": "reference_unet"}
-    released_components = RELEASED_COMPONENTS
+    #: the authors' released files hold these two networks as ``unet.*`` and ``unet_encoder.*``
+    released_components = {"unet": "generative_unet", "unet_encoder": "reference_unet"}
     local_args = ("reference_pretrained_model",)
     weight_args = ("num_registers",)
 
