@@ -13,7 +13,7 @@ TORCH  ?= torch==2.14.1 torchvision==0.29.1
 export OMP_NUM_THREADS ?= 1
 
 # make shards DATASET=vitonhd SRC=/data/VITON-HD OUT=shards/vitonhd [SPLIT=all] [SHARD_SIZE=1000] [WORKERS=2]
-# make shards DATASET=folder SRC=my_data OUT=shards/my_data   (your own photos: see data_prep/folder.py)
+# make shards DATASET=folder SRC=my_data OUT=shards/my_data   (your own photos: see data_prep/own_photos.py)
 DATASET    ?=
 SRC        ?=
 OUT        ?=

@@ -18,7 +18,7 @@ from functools import partial
 from pathlib import Path
 from types import ModuleType
 
-from data_prep.pipeline import SplitReport, convert_split
+from data_prep.split_conversion import SplitReport, convert_split
 from data_prep.registry import CONVERTERS, get_converter
 from leffa.errors import UserError, user_errors_as_one_line
 from leffa.manifest import check_out_dir, discard_staged_manifest, publish_manifest, stage_manifest

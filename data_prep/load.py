@@ -25,7 +25,7 @@ from leffa.pair_file import check_file_names, read_pair_file
 # image over the limit is refused before it is decoded.
 _PIL_ERRORS = (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError, Image.DecompressionBombWarning)
 # What normalize_image did to the images read since the last take_conversions() (in this process:
-# pipeline.load_or_reason takes them after each sample, in the worker that loaded it).
+# split_conversion.load_or_reason takes them after each sample, in the worker that loaded it).
 _CONVERSIONS: list[str] = []
 
 

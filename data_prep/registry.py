@@ -13,9 +13,9 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from data_prep import deepfashion, dresscode, folder, synthetic, vitonhd
+from data_prep import deepfashion, dresscode, own_photos, synthetic, vitonhd
 
-CONVERTERS: dict[str, ModuleType] = {m.DATASET: m for m in (vitonhd, dresscode, deepfashion, synthetic, folder)}
+CONVERTERS: dict[str, ModuleType] = {m.DATASET: m for m in (vitonhd, dresscode, deepfashion, synthetic, own_photos)}
 
 
 def get_converter(name: str) -> ModuleType:

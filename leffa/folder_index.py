@@ -1,6 +1,6 @@
 """The files of a folder of your own data, by id: the one indexer of the converter
 (``python -m data_prep folder``) and of the prediction folder (``--data.predict_folder``,
-``leffa.data.folder``), so that both read the same folder the same way.
+``leffa.data.predict_folder``), so that both read the same folder the same way.
 
 An id is a file's stem (``alice.jpg`` -> ``alice``). Only files whose suffix, in any case, is one
 of the given ones count (folders and other files are ignored). Two files of one id (``alice.jpg``

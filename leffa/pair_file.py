@@ -1,6 +1,6 @@
 """Reading the small text files that list pairs (``pairs.txt``, dataset pair lists, CSV indexes).
 
-Both the prediction folder (``leffa.data.folder``) and the dataset converters (``data_prep``) read
+Both the prediction folder (``leffa.data.predict_folder``) and the dataset converters (``data_prep``) read
 their pair files here, so a bad file gives the same one-line :class:`~leffa.errors.UserError`
 everywhere: ``<path>:<line>: <what is wrong>``. Files are UTF-8 (a leading byte-order mark is
 dropped); line ends may be ``\\n`` or ``\\r\\n``; blank lines are ignored.

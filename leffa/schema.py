@@ -33,7 +33,7 @@ Ids are file stems in which ``.``, ``/``, ``\\`` and whitespace become ``_`` (we
 names at the first dot). They may hold ``_`` (``048392_0``), but no ``__`` and no ``_`` at either
 end, so the one ``__`` of a key is the separator between target and reference.
 
-Folder keys (``leffa predict`` from a plain folder, see ``leffa.data.folder``) are
+Folder keys (``leffa predict`` from a plain folder, see ``leffa.data.predict_folder``) are
 ``<person id>[__<reference id>]`` with the same id rules; their pairing is ``paired`` without a
 reference id and ``unpaired`` with one.
 """

@@ -1,4 +1,4 @@
-"""Checkpoints are written atomically in their own folder (``leffa.checkpoint_io``, wired into the
+"""Checkpoints are written atomically in their own folder (``leffa.atomic_checkpoint_io``, wired into the
 configs as ``trainer.plugins``): a job killed while saving, with ``$TMPDIR`` on another file
 system, keeps the previous ``last.ckpt`` whole.
 
@@ -23,7 +23,7 @@ import pytest
 import torch
 import yaml
 
-from leffa.checkpoint_io import AtomicCheckpointIO, atomic_torch_save
+from leffa.atomic_checkpoint_io import AtomicCheckpointIO, atomic_torch_save
 from leffa.testing import TINY_UNET, TINY_VAE, batch_loader
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -175,7 +175,7 @@ def test_every_training_config_writes_checkpoints_atomically(monkeypatch, capsys
         printed = yaml.safe_load(capsys.readouterr().out)
         plugins = printed["trainer"]["plugins"]
         plugins = plugins if isinstance(plugins, list) else [plugins]
-        assert [p["class_path"] for p in plugins] == ["leffa.checkpoint_io.AtomicCheckpointIO"], configs
+        assert [p["class_path"] for p in plugins] == ["leffa.atomic_checkpoint_io.AtomicCheckpointIO"], configs
 
 
 if __name__ == "__main__":

@@ -166,7 +166,7 @@ def test_the_same_folder_serves_prediction(tmp_path):
 
 def test_two_files_of_one_id_are_one_error_naming_both_in_the_converter_and_the_predict_folder(tmp_path):
     # One indexer (leffa.folder_index) for both readers; the predict folder used to take p3.png silently.
-    from leffa.data.folder import FolderPairs
+    from leffa.data.predict_folder import FolderPairs
 
     src = make_folder(tmp_path / "my_data")
     save_png(src / "mask" / "p3.png.jpg", np.zeros((H, W), np.uint8), mode="L")  # id p3.png: no clash
@@ -181,7 +181,7 @@ def test_two_files_of_one_id_are_one_error_naming_both_in_the_converter_and_the_
 def test_pair_names_and_keys_are_read_alike_by_the_converter_and_the_predict_folder(tmp_path):
     # An id is the name without its image extension (`p.v2.jpg` and `p.v2` are the id `p.v2`), and a
     # key holds it as the converter's keys do (SampleKey: '.' -> '_').
-    from leffa.data.folder import FolderPairs
+    from leffa.data.predict_folder import FolderPairs
 
     src = make_folder(tmp_path / "my_data")
     for folder, name in (("person", "p3.jpg"), ("mask", "p3.png"), ("densepose", "p3.jpeg")):

@@ -222,15 +222,15 @@ class FullDisk(io.RawIOBase):
 @pytest.mark.slow  # over 1 s on 2 cores: make test runs it, make test-fast does not
 def test_a_full_disk_during_a_save_is_one_line_and_keeps_the_previous_checkpoint(shards, tmp_path, capsys,
                                                                                  monkeypatch):
-    import leffa.checkpoint_io
+    import leffa.atomic_checkpoint_io
 
-    real, saves = leffa.checkpoint_io.write_atomically, []
+    real, saves = leffa.atomic_checkpoint_io.write_atomically, []
 
     def second_save_fills_the_disk(path, write):
         saves.append(path)
         return real(path, write if len(saves) < 2 else lambda file: write(FullDisk(file, 4096)))
 
-    monkeypatch.setattr(leffa.checkpoint_io, "write_atomically", second_save_fills_the_disk)
+    monkeypatch.setattr(leffa.atomic_checkpoint_io, "write_atomically", second_save_fills_the_disk)
     last = tmp_path / "ck" / "last.ckpt"
     with pytest.raises(SystemExit) as error:
         cli_main(run_args(shards, tmp_path, 4))

@@ -19,7 +19,7 @@ from raw_datasets import decode, read_manifest, read_split
 
 from data_prep.__main__ import main as data_prep_main
 from leffa import metrics
-from leffa.data.folder import FolderPairs
+from leffa.data.predict_folder import FolderPairs
 from leffa.images import ASPECT_TOLERANCE, normalize_image, read_image
 from leffa.errors import UserError
 

@@ -8,10 +8,10 @@ from leffa.data.batch import Collate, to_model_batch
 from leffa.data.distributed import node_info
 from leffa.errors import UserError
 from leffa.data.eval_split import batches_per_rank
-from leffa.data.folder import FolderPairs
 from leffa.data.global_batch import split_global_batch
 from leffa.data.latents import cache_record
 from leffa.data.pipeline import ExactlyOnce, eval_pipeline, train_pipeline
+from leffa.data.predict_folder import FolderPairs
 from leffa.data.preflight import check_sources
 from leffa.data.shards import resolve_sources
 from leffa.data.skips import SkipCounter
@@ -76,7 +76,7 @@ class LeffaDataModule(L.LightningDataModule):
             test_shards: test shards (default split "test"). None: no test.
             predict_shards: shards to run ``predict`` on (default split "test").
             predict_folder: instead of shards, a folder of ``person/``, ``reference/``, ``mask/``,
-                ``densepose/`` images (and an optional ``pairs.txt``; see ``leffa.data.folder``).
+                ``densepose/`` images (and an optional ``pairs.txt``; see ``leffa.data.predict_folder``).
             train_weights: one mixing weight per ``train_shards`` entry (relative; 0 drops a
                 source). None: all shards pooled, so each source counts by its shard count.
             height: image height of this stage, in pixels; every key is resized to it.
