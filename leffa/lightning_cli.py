@@ -85,15 +85,21 @@ class LeffaArgumentParser(LightningArgumentParser):
 
 
 def _plain_union_error(line: str) -> str:
-    """jsonargparse's report for a class given an argument it does not take, through a union of
-    types (``model.architecture``: a short name or a ``class_path``), in a few words:
+    """jsonargparse's report for a ``class_path`` whose ``init_args`` do not parse, through a union of
+    types (``model.architecture``: a short name or a class path), in a few words, e.g.
     ``model.architecture: leffa.architectures.ConcatUNet does not take num_registers``."""
-    found = re.search(r"Parser key \"([^\"]+)\": Does not validate against any of the Union subtypes.*?"
-                      r"Option '([^']+)' is not accepted\. Got value: Namespace\(class_path='([^']+)'", line)
+    found = re.search(r"Parser key \"([^\"]+)\": Does not validate against any of the Union subtypes.*"
+                      r"expects a function or a callable class: (.*?) Got value: Namespace\(class_path='([^']+)'", line)
     if not found:
         return line
-    key, option, class_path = found.groups()
-    return f"{key}: {class_path} does not take {option}"
+    key, reason, class_path = found.groups()
+    option = re.fullmatch(r"Option '([^']+)' is not accepted\.", reason)
+    if option:
+        return f"{key}: {class_path} does not take {option.group(1)}"
+    value = re.fullmatch(r"Parser key \"([^\"]+)\": (.*?)\.? Got value: (.*?)\.?", reason)
+    if value:
+        return f"{key}.init_args.{value.group(1)} of {class_path}: {value.group(2)}, got {value.group(3)}"
+    return f"{key}: {class_path}: {reason}"
 
 
 def _nearest_options(parser, message: str) -> list[str]:

@@ -114,11 +114,16 @@ def test_a_config_names_a_new_architecture_by_class_path(shards, tmp_path, capsy
 
 
 def test_an_argument_of_another_architecture_is_one_parser_line(shards, tmp_path, capsys):
-    refused(capsys, [*fit_args(shards, tmp_path), "--model.architecture=ConcatUNet", "--model.architecture.num_registers=2"],
+    refused(capsys, [*fit_args(shards, tmp_path), "--model.architecture=ConcatUNet",
+                     "--model.architecture.num_registers=2"],
             "model.architecture: leffa.architectures.ConcatUNet does not take num_registers")
     refused(capsys, [*fit_args(shards, tmp_path), f"--model.architecture={CLASS_PATH}",
                      "--model.architecture.freeze_reference_unet=true"],
             f"model.architecture: {CLASS_PATH} does not take freeze_reference_unet")
+    refused(capsys, [*fit_args(shards, tmp_path), "--model.architecture=DualUNet",
+                     "--model.architecture.num_registers=two"],
+            "model.architecture.init_args.num_registers of leffa.architectures.DualUNet: Expected a <class 'int'>, "
+            "got two")
 
 
 def test_the_paper_architecture_keeps_its_checkpoint_names(tiny_configs):
