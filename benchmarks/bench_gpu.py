@@ -3,7 +3,9 @@
 At each stage shape of the try-on configs (512x384 with configs/vton_512.yaml's per-device batch of
 16, 1024x768 with configs/vton_1024.yaml's 4), SD1.5's UNet and VAE shapes with random weights, the
 dual UNet with every weight trained and the Leffa loss on, bf16 autocast: the step of a fit (loss,
-backward, clipping, AdamW, EMA) with every switch off, each switch alone, all together, and a bare
+backward, clipping, AdamW, EMA) with every switch off, each switch alone, all together, all
+together on cached latents (the batch carries the VAE posterior's moments, as ``leffa
+cache-latents`` writes them and ``data.latents`` reads them: the VAE does not run), and a bare
 diffusers ``UNet2DConditionModel`` forward, backward and AdamW step at the same shape (what one
 UNet costs, the anchor). Each variant is built, warmed up (compiling where it compiles), timed and
 freed in turn. Reported: samples/s, MFU (the FLOPs of the step run, counted on the meta device,
@@ -37,7 +39,8 @@ BASELINE = "every switch off"
 def variants() -> dict[str, dict]:
     """Variant name -> the switches it turns on."""
     return {BASELINE: {}, **{f"{s} alone": {s: True} for s in SWITCHES},
-            "all switches": dict.fromkeys(SWITCHES, True)}
+            "all switches": dict.fromkeys(SWITCHES, True),
+            "all switches, cached latents": {**dict.fromkeys(SWITCHES, True), "cached_latents": True}}
 
 
 def set_tf32(on: bool) -> None:
@@ -57,6 +60,7 @@ def leffa_step(args, switches: dict, height: int, width: int, batch_size: int):
     from leffa.module import LeffaModule
     from leffa.testing import make_batch
     from leffa.throughput import training_flops
+    from leffa.vae_encoding import posterior_moments
 
     set_tf32(switches.get("tf32", False))
     torch.manual_seed(0)
@@ -65,6 +69,8 @@ def leffa_step(args, switches: dict, height: int, width: int, batch_size: int):
                          use_leffa_loss=True, theta_timestep=1000, p_drop_ref=0.0, trainable="all", speed=speed)
     module.setup("fit")
     batch = make_batch(batch_size, height, width, device=args.device)
+    if switches.get("cached_latents"):  # computed once, before timing, as leffa cache-latents does offline
+        batch["moments"] = posterior_moments(module.vae.to(args.device), "tryon", batch)
     flops = training_flops(module, batch)
     module = module.to(args.device).train()
     module.apply_speed(bf16=args.bf16)

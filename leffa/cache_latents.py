@@ -45,7 +45,7 @@ import torch.distributed as dist
 from lightning.pytorch.callbacks import BasePredictionWriter
 from torch.utils.data import DataLoader, IterableDataset
 
-from leffa.conditioning import build_conditioning, encoded_images
+from leffa.conditioning import encoded_images
 from leffa.data.batch import Collate, to_model_batch
 from leffa.data.decode import decode_sample
 from leffa.data.distributed import node_info, worker_info
@@ -56,6 +56,7 @@ from leffa.data.tar_samples import count_samples, is_local, read_samples
 from leffa.data.transforms import resize_sample
 from leffa.errors import UserError
 from leffa.pretrained import vae_scale_factor
+from leffa.vae_encoding import posterior_moments
 from leffa.schema import MANIFEST_NAME, SCHEMA_VERSION
 
 __all__ = ["cache_latents_main", "CacheSamples", "LatentEncoder", "LatentShardWriter"]
@@ -146,22 +147,8 @@ class LatentEncoder(L.LightningModule):
         return to_model_batch(batch)
 
     def predict_step(self, batch: dict, batch_idx: int) -> dict:
-        images = {"tgt": batch["tgt"], "ref": batch["ref"]}
-        factor = vae_scale_factor(self.vae)
-        height, width = batch["tgt"].shape[-2:]
-        latent_hw = (height // factor, width // factor)
-
-        def take(image: torch.Tensor, name: str) -> torch.Tensor:
-            images[name] = image
-            return image.new_zeros(image.shape[0], self.vae.config.latent_channels, *latent_hw)
-
-        build_conditioning(self.conditioning, batch, take, latent_hw)
-        assert tuple(images) == encoded_images(self.conditioning), (tuple(images), self.conditioning)
-        moments = {}
-        for name, image in images.items():
-            posterior = self.vae.encode(image.to(self.vae.dtype)).latent_dist
-            moments[name] = (posterior.mode().float().cpu().numpy(), posterior.std.float().cpu().numpy())
-        return moments
+        moments = posterior_moments(self.vae, self.conditioning, batch)
+        return {name: (mean.cpu().numpy(), std.cpu().numpy()) for name, (mean, std) in moments.items()}
 
 
 class LatentShardWriter(BasePredictionWriter):

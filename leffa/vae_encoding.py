@@ -5,9 +5,11 @@ from __future__ import annotations
 import torch
 from diffusers.utils.torch_utils import randn_tensor
 
+from leffa.conditioning import build_conditioning, encoded_images
+from leffa.pretrained import vae_scale_factor
 from leffa.speed import autocast_on, pinned_copy
 
-__all__ = ["encode_latent"]
+__all__ = ["encode_latent", "posterior_moments"]
 
 
 @torch.no_grad()
@@ -35,3 +37,27 @@ def encode_latent(vae, image: torch.Tensor, generator: torch.Generator | list[to
     # weight in bf16) the UNets take the VAE's own dtype
     dtype = torch.float32 if autocast_on(latent.device) else vae.dtype
     return (latent * vae.config.scaling_factor).to(dtype)
+
+
+@torch.no_grad()
+def posterior_moments(vae, conditioning: str, batch: dict) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """The VAE posterior's ``(mean, std)`` (float32, (B, C, h, w)) of every image a training step
+    of layout ``conditioning`` encodes (``leffa.conditioning.encoded_images``: the target, the
+    reference, and the conditioning's images as ``build_conditioning`` makes them): what ``leffa
+    cache-latents`` stores and ``batch["moments"]`` carries."""
+    images = {"tgt": batch["tgt"], "ref": batch["ref"]}
+    factor = vae_scale_factor(vae)
+    height, width = batch["tgt"].shape[-2:]
+    latent_hw = (height // factor, width // factor)
+
+    def take(image: torch.Tensor, name: str) -> torch.Tensor:
+        images[name] = image
+        return image.new_zeros(image.shape[0], vae.config.latent_channels, *latent_hw)
+
+    build_conditioning(conditioning, batch, take, latent_hw)
+    assert tuple(images) == encoded_images(conditioning), (tuple(images), conditioning)
+    moments = {}
+    for name, image in images.items():
+        posterior = vae.encode(image.to(vae.dtype)).latent_dist
+        moments[name] = (posterior.mode().float(), posterior.std.float())
+    return moments
