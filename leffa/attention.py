@@ -57,6 +57,12 @@ class ReferenceBank:
         self.latent_hw, self.image_hw, self.capture_rows = tuple(latent_hw), image_hw, rows
         self.captures.clear()
 
+    def release(self) -> None:
+        """Drop the pass's reference features and captures (after a training step's backward: they
+        would otherwise stay in memory through the optimizer step, 0.29 GiB at SDXL 1024x768)."""
+        self.features.clear()
+        self.captures.clear()
+
     def grid_of(self, num_tokens: int) -> tuple[int, int]:
         if self.latent_hw is None:
             raise RuntimeError("ReferenceBank.latent_hw is unset: set it before running the UNets")

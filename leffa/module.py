@@ -153,7 +153,7 @@ class LeffaModule(L.LightningModule):
 
     def setup(self, stage: str) -> None:
         self.noise_generator.manual_seed(torch.initial_seed() + self.global_rank)
-        self._checked_size = None
+        self._checked_size, self._starting = None, True
         if self._trainer is not None:
             prepare_stage(self, stage)  # leffa.stage_checks
 
@@ -322,13 +322,13 @@ class LeffaModule(L.LightningModule):
         if "skipped" in batch:
             self.log("data/skipped", batch["skipped"].sum().float(), reduce_fx="sum", batch_size=b)
 
-    def on_train_start(self) -> None:
-        self._starting = True
-
     def on_train_batch_start(self, batch: dict, batch_idx: int) -> None:
         if getattr(self, "_starting", False):
             self._starting = False
             check_first_batch(self, batch)  # leffa.stage_checks
+
+    def on_after_backward(self) -> None:
+        self.bank.release()  # nothing reads a training step's features or captures after its backward
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         return self._step("train", batch, self.noise_generator, batch_idx)
