@@ -10,6 +10,7 @@ a file the pool's parent wrote (``baseline.pt``, read with ``weights_only=True``
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import threading
 import time
@@ -45,7 +46,10 @@ RUNS = {
 def init_worker(threads: int, eval_timesteps: list[int]) -> None:
     torch.set_num_threads(threads)
     measure.EVAL_TIMESTEPS[:] = eval_timesteps
-    threading.Thread(target=_exit_with_parent, args=(os.getppid(),), daemon=True).start()
+    # the pool's process, not whoever is the parent now: a worker that starts after the pool's
+    # process is gone (its parent is then init) would otherwise wait for it forever
+    parent = multiprocessing.parent_process()
+    threading.Thread(target=_exit_with_parent, args=(parent.pid if parent else os.getppid(),), daemon=True).start()
 
 
 def _exit_with_parent(parent: int) -> None:
