@@ -162,7 +162,7 @@ def test_report_only_rewrites_the_report_from_results_json(quick_run, tmp_path):
     assert "## Criterion" in report
     # the verdicts follow the results: a family without continuations is judged from step 0 alone
     assert "mixed" not in json.loads((tmp_path / "results.json").read_text())["verdicts"]["2"]["dual_unet"]
-    assert report.count("| dual_unet | mixed |") == 2 and report.count("not continued)** |") == 2
+    assert report.count("| dual_unet | mixed |") == 2 and report.count("not continued in this run** |") == 2
 
 
 def test_guess_epe_is_zero_for_its_own_flow_and_measures_pixels():
