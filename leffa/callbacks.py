@@ -19,7 +19,7 @@ from leffa.atomic_write import write_atomically
 from leffa.errors import UserError
 from leffa.parallel import refuse_under_sharding
 from leffa.sampling import sample
-from leffa.viz import sample_grid, save_png
+from leffa.pictures import sample_grid, save_png
 
 __all__ = ["SampleGrid", "FlowPictures", "ImageWriter", "unsafe_key_reason"]
 
@@ -76,7 +76,7 @@ class FlowPictures(L.Callback):
 
     When the batch carries the ground-truth flow (synthetic shards hold ``flow.npy``), the pictures
     show its colour beside the attention flow's, and the end-point error in pixels of the attention
-    flow against it (``leffa.flow_viz.end_point_error``, mean over the Leffa layers) is logged as
+    flow against it (``leffa.flow_pictures.end_point_error``, mean over the Leffa layers) is logged as
     ``val/flow_epe_px`` (per layer: ``val/flow_epe_px/<layer>``) on these samples at ``timestep``.
 
     Args:
@@ -94,8 +94,8 @@ class FlowPictures(L.Callback):
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
         if batch_idx != 0 or trainer.sanity_checking or not trainer.is_global_zero:
             return
-        from leffa.flow_viz import end_point_error, layer_flows
-        from leffa.flow_viz import layer_pictures
+        from leffa.flow_pictures import end_point_error, layer_flows
+        from leffa.flow_pictures import layer_pictures
 
         keys = ("tgt", "ref", "mask", "densepose", "flow")
         batch = {k: v[: self.num_samples] for k, v in batch.items() if k in keys}

@@ -16,9 +16,9 @@ import argparse
 from pathlib import Path
 
 from leffa.errors import UserError
-from leffa.flow_viz import layer_pictures
+from leffa.flow_pictures import layer_pictures
 from leffa.module import LeffaModule
-from leffa.viz import save_png
+from leffa.pictures import save_png
 
 __all__ = ["visualize_main", "check_new_folder"]
 

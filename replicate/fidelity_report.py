@@ -12,7 +12,7 @@ from torchvision.utils import make_grid
 from replicate import criterion
 from replicate.fidelity_scores import SCALE_ROWS
 from replicate.report import ROLE, _cell, _write
-from leffa.viz import save_png, to_unit
+from leffa.pictures import save_png, to_unit
 
 SCALE_NOTES = {
     "flat": "every masked pixel the reference's mean colour",

@@ -26,7 +26,7 @@ from torchvision.utils import save_image
 from leffa.losses import warp
 from leffa.metrics import paired_scores
 from leffa.sampling import SamplingConfig, key_generators, sample
-from leffa.viz import to_unit
+from leffa.pictures import to_unit
 
 SCALE_ROWS = ("flat", "paste", "gt_warp_vae", "vae_recon")
 SCORES = ("psnr_mask", "ssim_mask", "psnr")

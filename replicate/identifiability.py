@@ -1,6 +1,6 @@
 """What the data and Eq. 4 alone allow a token grid to learn, before any model is trained.
 
-- ``end_point_error`` (``leffa.flow_viz``): mean pixel distance between a token-grid flow, bilinearly
+- ``end_point_error`` (``leffa.flow_pictures``): mean pixel distance between a token-grid flow, bilinearly
   upsampled as in Eq. 4 (``align_corners=True``), and the ground-truth flow, where that is defined.
 - :func:`least_squares_floor`: the grid values whose upsampling fits the ground truth best (linear
   least squares inside the mask): the floor of a token grid. Token ``j`` sits at ``linspace(-1, 1)``,
@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from leffa.flow_viz import end_point_error
+from leffa.flow_pictures import end_point_error
 from leffa.losses import attention_flow, warp_loss
 
 __all__ = ["end_point_error", "upsample_flow", "cell_average", "least_squares_floor", "centre_flow",

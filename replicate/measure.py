@@ -1,6 +1,6 @@
 """Measures of a trained module on held-out batches, and its flow pictures.
 
-Every call into the module's internals and ``leffa.flow_viz`` lives in this file (``_flows`` and
+Every call into the module's internals and ``leffa.flow_pictures`` lives in this file (``_flows`` and
 ``pictures``), so that a rename touches one place.
 """
 
@@ -14,19 +14,19 @@ import torch
 import torch.nn.functional as F
 from torchvision.utils import make_grid
 
-from leffa.flow_viz import (
+from leffa.flow_pictures import (
+    QUERY_POINTS,
     capture_flows,
     end_point_error,
     flow_figure,
     flow_to_rgb,
+    forward_at_timestep,
     head_averaged_attention,
-    noised_forward,
     query_attention,
     warp,
 )
 from leffa.losses import coordinate_map, diffusion_loss, warp_loss
-from leffa.flow_viz import QUERY_POINTS
-from leffa.viz import save_png, to_unit
+from leffa.pictures import save_png, to_unit
 
 EVAL_TIMESTEPS = [100, 250, 400]  # all below theta_timestep = 500
 
@@ -37,7 +37,7 @@ def grid_name(grid: tuple[int, int]) -> str:
 
 def _flows(module, batch: dict, timestep: int) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """Both UNets on ``batch`` noised to ``timestep``: (prediction, noise, {layer: capture and flow})."""
-    prediction, noise = noised_forward(module, batch, timestep=timestep, seed=timestep)
+    prediction, noise = forward_at_timestep(module, batch, timestep=timestep, seed=timestep)
     return prediction, noise, capture_flows(module)
 
 

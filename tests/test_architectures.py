@@ -83,7 +83,7 @@ def test_a_config_names_a_new_architecture_by_class_path(shards, tmp_path, capsy
     config.write_text(yaml.safe_dump({"model": {"architecture": width_shift(shift=2), "use_leffa_loss": False,
                                                 "conditioning": "tryon"}}))
     args = [*fit_args(shards, tmp_path, steps=2), "--config", str(config), "--trainer.callbacks=[]",
-            f"--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint",
+            "--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint",
             f"--trainer.callbacks.dirpath={tmp_path / 'ck'}", "--trainer.callbacks.save_last=true"]
     cli_main(args)
     checkpoint = torch.load(tmp_path / "ck" / "last.ckpt", weights_only=True)

@@ -6,7 +6,7 @@ import torch
 from leffa.module import LeffaModule
 from leffa.sampling import SamplingConfig, make_scheduler, sample
 from leffa.testing import make_batch
-from leffa.viz import sample_grid
+from leffa.pictures import sample_grid
 
 
 @pytest.fixture
@@ -144,7 +144,7 @@ def test_sample_grid_draws_what_predict_draws_with_fewer_steps(module, tmp_path)
     from torchvision.io import read_image
 
     from leffa.callbacks import SampleGrid
-    from leffa.viz import sample_grid
+    from leffa.pictures import sample_grid
 
     batch = make_batch(batch_size=2, height=32, width=24)
     trainer = SimpleNamespace(sanity_checking=False, is_global_zero=True, global_step=3, logger=None,

@@ -6,7 +6,6 @@ folder converter (`python -m data_prep folder`), in `--data.predict_folder` and 
 
 from __future__ import annotations
 
-import io
 import struct
 import zlib
 from pathlib import Path
@@ -15,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from raw_datasets import decode, read_manifest, read_split
+from raw_datasets import decode, read_split
 
 from data_prep.__main__ import main as data_prep_main
 from leffa import metrics

@@ -17,9 +17,9 @@ import torch.nn.functional as F
 from torchvision.utils import make_grid
 
 from leffa.losses import capture_flow, warp
-from leffa.viz import to_unit
+from leffa.pictures import to_unit
 
-__all__ = ["flow_to_rgb", "warp", "end_point_error", "noised_forward", "capture_flows", "layer_flows",
+__all__ = ["flow_to_rgb", "warp", "end_point_error", "forward_at_timestep", "capture_flows", "layer_flows",
            "head_averaged_attention", "query_attention", "flow_figure", "layer_pictures", "QUERY_POINTS"]
 
 QUERY_POINTS = [(0.35, 0.5), (0.55, 0.35), (0.7, 0.6)]  # (y, x) relative: chest, left, lower right
@@ -44,7 +44,7 @@ def end_point_error(flow: torch.Tensor, ground_truth: torch.Tensor) -> float:
 
 
 @torch.no_grad()
-def noised_forward(module, batch: dict, timestep: int = 250, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+def forward_at_timestep(module, batch: dict, timestep: int = 250, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """``module.noised_forward`` at one ``timestep`` for every sample (noise and VAE sample from
     ``seed``), every sample's Leffa layers captured; returns (prediction, noise)."""
     b = batch["tgt"].shape[0]
@@ -61,7 +61,7 @@ def capture_flows(module) -> dict:
 def layer_flows(module, batch: dict, timestep: int = 250, seed: int = 0) -> dict:
     """Run both UNets on ``batch`` noised to ``timestep`` and return, per Leffa layer, its capture and
     head-averaged flow (B, h, w, 2). Layers are those of the module's theta_resolution."""
-    noised_forward(module, batch, timestep, seed)
+    forward_at_timestep(module, batch, timestep, seed)
     return capture_flows(module)
 
 

@@ -2,7 +2,7 @@
 
 import torch
 
-from leffa.flow_viz import flow_figure, flow_to_rgb, layer_flows, query_attention, warp
+from leffa.flow_pictures import flow_figure, flow_to_rgb, layer_flows, query_attention, warp
 from leffa.losses import coordinate_map
 from leffa.module import LeffaModule
 from leffa.testing import make_batch
@@ -47,7 +47,7 @@ def affine_flow(height, width, shift_px=0.0, image_width=48):
 
 
 def test_end_point_error_in_pixels_over_the_defined_region():
-    from leffa.flow_viz import end_point_error
+    from leffa.flow_pictures import end_point_error
 
     truth = affine_flow(64, 48)
     truth[:, :10] = float("nan")  # undefined outside the garment: left out
@@ -92,7 +92,7 @@ def test_flow_pictures_log_the_end_point_error_against_the_ground_truth(tiny_con
     from PIL import Image
 
     from leffa.callbacks import FlowPictures
-    from leffa.flow_viz import end_point_error
+    from leffa.flow_pictures import end_point_error
 
     torch.manual_seed(0)
     module = LeffaModule(**tiny_configs, conditioning="released").eval()
