@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import multiprocessing
 import os
 import sys
@@ -30,6 +29,7 @@ from leffa.errors import UserError, user_errors_as_one_line  # noqa: E402
 from leffa.sampling import SamplingConfig  # noqa: E402
 from replicate import criterion, fidelity_report, jobs, measure  # noqa: E402
 from replicate.fidelity_runs import demo_protocol, scale_run, training_run  # noqa: E402
+from replicate.report import read_results  # noqa: E402
 from replicate.run import make_shards  # noqa: E402
 
 MATRIX = (("dual_unet", "smooth"), ("dual_unet", "periodic"), ("concat_unet", "smooth"))
@@ -153,9 +153,7 @@ def main(argv=None) -> None:
     args, protocol = parse(argv)
     out = Path(args.out)
     if args.report_only:
-        if not (out / "results.json").is_file():
-            raise UserError(f"--report-only: no {out / 'results.json'}; run without --report-only first")
-        summary = json.loads((out / "results.json").read_text())
+        summary = read_results(out)
         add_verdicts(summary)
         fidelity_report.write(summary, out)
         return

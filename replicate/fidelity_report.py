@@ -11,7 +11,7 @@ from torchvision.utils import make_grid
 
 from replicate import criterion
 from replicate.fidelity_scores import SCALE_ROWS
-from replicate.report import ROLE, _cell, _write
+from replicate.report import ROLE, _cell, _write, wall_time
 from leffa.pictures import save_png, to_unit
 
 SCALE_NOTES = {
@@ -100,11 +100,8 @@ def report(summary: dict) -> str:
               f"Seed {s['seeds'][0]}, the first {s['grid_columns']} held-out samples (columns); rows: {GRID_ROWS}.", ""]
     for name, path in summary.get("grids", {}).items():
         lines += [f"**{name}**", "", f"![{name}]({path})", ""]
-    secs = summary.get("seconds", {})
-    lines += ["## Wall time", "",
-              f"{secs.get('total', 0) / 60:.1f} min in all on {s['processes']} one-thread worker processes, "
-              f"{s['cpus']} CPUs seen; the workers' leffa: `{s.get('leffa_package', '?')}`. Per run (s, training + measuring): "
-              + ", ".join(f"{k} {v:.0f}" for k, v in secs.items() if k != "total"), ""]
+    lines += wall_time(summary, "Per run (s, training + measuring)",
+                       f"; the workers' leffa: `{s.get('leffa_package', '?')}`")
     return "\n".join(lines)
 
 

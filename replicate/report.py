@@ -7,6 +7,7 @@ import os
 import statistics
 from pathlib import Path
 
+from leffa.errors import UserError
 from replicate import criterion
 
 RUN_NOTES = {
@@ -170,11 +171,7 @@ def report(summary: dict) -> str:
         for family, files in families.items():
             lines.append(f"**{arch}, {family}**: " + " ".join(f"[{Path(f).stem}]({f})" for f in files))
             lines += ["", *(f"![{Path(f).stem}]({f})" for f in files), ""]
-    secs = summary.get("seconds", {})
-    lines += ["## Wall time", "",
-              f"{secs.get('total', 0) / 60:.1f} min in all on {s.get('processes')} one-thread worker processes, "
-              f"{s.get('cpus')} CPUs seen. Per stage (s): "
-              + ", ".join(f"{k} {v:.0f}" for k, v in secs.items() if k != "total"), ""]
+    lines += wall_time(summary, "Per stage (s)")
     return "\n".join(lines)
 
 
@@ -223,3 +220,19 @@ def _family_table(summary: dict, family: str, runs: dict) -> list[str]:
             lines.append(f"| {name} | {shown_length} | " + " | ".join(cells) + f" | {RUN_NOTES.get(name, '')} |")
     lines.append("")
     return lines
+
+
+def wall_time(summary: dict, per: str, where: str = "") -> list[str]:
+    """The report's "Wall time" section: the total, the workers, and each entry of ``seconds``."""
+    s, secs = summary["settings"], summary.get("seconds", {})
+    return ["## Wall time", "",
+            f"{secs.get('total', 0) / 60:.1f} min in all on {s.get('processes')} one-thread worker processes, "
+            f"{s.get('cpus')} CPUs seen{where}. {per}: "
+            + ", ".join(f"{k} {v:.0f}" for k, v in secs.items() if k != "total"), ""]
+
+
+def read_results(out: Path) -> dict:
+    """``out/results.json`` for ``--report-only``; one error line when there is none."""
+    if not (out / "results.json").is_file():
+        raise UserError(f"--report-only: no {out / 'results.json'}; run without --report-only first")
+    return json.loads((out / "results.json").read_text())

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import multiprocessing
 import os
 import sys
@@ -43,7 +42,7 @@ from leffa.errors import UserError, user_errors_as_one_line  # noqa: E402
 from leffa.module import LeffaModule  # noqa: E402
 from replicate import jobs, measure  # noqa: E402
 from replicate.criterion import verdict  # noqa: E402
-from replicate.report import write_report  # noqa: E402
+from replicate.report import read_results, write_report  # noqa: E402
 
 ABLATIONS = ("leffa_per_head", "leffa_no_upsample", "leffa_all_timesteps")
 FAMILIES = list(TEXTURES)  # periodic (negative control), ramp (positive control), smooth, prints, mixed
@@ -277,9 +276,7 @@ def main(argv=None):
     args = parse(argv)
     out = Path(args.out)
     if args.report_only:
-        if not (out / "results.json").is_file():
-            raise UserError(f"--report-only: no {out / 'results.json'}; run without --report-only first")
-        summary = json.loads((out / "results.json").read_text())
+        summary = read_results(out)
         add_verdicts(summary)
         write_report(summary, out, args.notes)
         return
