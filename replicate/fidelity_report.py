@@ -131,7 +131,25 @@ def _table(summary: dict, arch: str, family: str, arms: dict) -> list[str]:
     return lines
 
 
+#: the hand-written sections of ``replicate/notes.md`` that end the report: its reading, and why the
+#: 8x6 layers learn in this protocol and not in ``make replicate``'s continuations
+NOTES = Path(__file__).resolve().parent / "notes.md"
+NOTE_SECTIONS = ("## Fidelity", "## The 8x6 question")
+
+
+def notes_sections(notes: Path = NOTES) -> str:
+    """The :data:`NOTE_SECTIONS` of ``notes`` (each from its heading to the next ``## ``), or nothing."""
+    if not notes.is_file():
+        return ""
+    sections = notes.read_text().split("\n## ")
+    picked = [("## " + part if i else part).rstrip() for i, part in enumerate(sections)
+              if ("## " + part if i else part).startswith(NOTE_SECTIONS)]
+    return "\n\n".join(picked) + "\n" if picked else ""
+
+
 def write(summary: dict, out: Path) -> None:
-    """``results.json`` and ``report.md`` into ``out`` (each written to a temporary name, then renamed)."""
+    """``results.json`` and ``report.md`` (with :func:`notes_sections` at the end) into ``out`` (each
+    written to a temporary name, then renamed)."""
     _write(out / "results.json", json.dumps(summary, indent=2))
-    _write(out / "report.md", report(summary))
+    notes = notes_sections()
+    _write(out / "report.md", report(summary) + ("\n" + notes if notes else ""))

@@ -80,6 +80,8 @@ def test_quick_study_has_every_run_row_verdict_and_grid(quick_study):
     for row in SCALE_ROWS + ["no_leffa", "leffa"]:
         assert report.count(f"| {row} |") == 3, row  # one per architecture and family
     assert report.count("![") == 3
+    # the hand-written reading and the 8x6 finding follow the numbers (replicate/notes.md)
+    assert report.index("## Verdicts") < report.index("## The 8x6 question") and "## Fidelity" in report
 
 
 @pytest.mark.slow  # they share one --quick run of replicate/fidelity.py
