@@ -76,24 +76,10 @@ def staged_manifest_path(out_dir: Path) -> Path:
     return Path(out_dir) / f".{MANIFEST_NAME}.tmp"
 
 
-def update_manifest(
-    out_dir: Path,
-    dataset: str,
-    split: str,
-    split_entry: dict,
-    skipped: list[dict],
-    source: str | None,
-    command: str,
-) -> dict:
-    """Merge one split's results into `<out_dir>/manifest.json` and return the new manifest.
-
-    Args:
-        split_entry: pairings, num_samples_in, num_written, num_skipped, shards, options.
-        skipped: one {"key", "source", "reason"} per skipped sample of this split.
-        source: raw dataset folder (None for the synthetic set).
-        command: the command line that made the shards.
-    """
-    manifest = stage_manifest(out_dir, dataset, split, split_entry, skipped, source, command)
+def update_manifest(out_dir: Path, *entry) -> dict:
+    """Merge one split's results into `<out_dir>/manifest.json` and return the new manifest:
+    `stage_manifest(out_dir, *entry)`, then `publish_manifest` (for writers of a single split)."""
+    manifest = stage_manifest(out_dir, *entry)
     publish_manifest(out_dir)
     return manifest
 
@@ -121,9 +107,16 @@ def stage_manifest(
     source: str | None,
     command: str,
 ) -> dict:
-    """`update_manifest` up to the rename: the merged manifest is written (flushed and fsynced, so that
-    a full disk fails here) to `staged_manifest_path`; returns it. A failed write is a UserError
-    and leaves no temporary file. Arguments as for `update_manifest`."""
+    """Merge one split's results into the manifest and write it (flushed and fsynced, so that a full
+    disk fails here) to `staged_manifest_path`, for `publish_manifest` to rename; returns it. A
+    failed write is a UserError and leaves no temporary file.
+
+    Args:
+        split_entry: pairings, num_samples_in, num_written, num_skipped, shards, options.
+        skipped: one {"key", "source", "reason"} per skipped sample of this split.
+        source: raw dataset folder (None for the synthetic set).
+        command: the command line that made the shards.
+    """
     out_dir = Path(out_dir)
     manifest = read_manifest(out_dir) or {
         "schema_version": SCHEMA_VERSION,
