@@ -19,7 +19,8 @@ from torch import nn
 
 
 __all__ = ["ReferenceBank", "LeffaCapture", "token_grid", "project_heads", "finish_attention",
-           "check_plain_self_attention", "self_attention_layers", "set_self_attention_processors"]
+           "check_plain_self_attention", "project_qkv", "self_attention_layers",
+           "set_self_attention_processors"]
 
 
 @dataclass
@@ -108,6 +109,16 @@ def project_heads(attn: Attention, project: nn.Module, x: torch.Tensor, norm: nn
         return _split_heads(norm(y), attn.heads)
     y = _split_heads(y, attn.heads)
     return norm(y) if norm is not None else y
+
+
+def project_qkv(attn: Attention, hidden_states: torch.Tensor, context: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The layer's queries of ``hidden_states`` and keys and values of ``context`` (default: the same
+    tokens, plain self-attention), each (B, heads, n, d)."""
+    context = hidden_states if context is None else context
+    return (project_heads(attn, attn.to_q, hidden_states, attn.norm_q),
+            project_heads(attn, attn.to_k, context, attn.norm_k),
+            project_heads(attn, attn.to_v, context, None))
 
 
 def finish_attention(attn: Attention, out: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:

@@ -31,7 +31,7 @@ from diffusers.models.attention_processor import Attention
 
 from leffa.architectures.base import DenoiserSettings, ReferenceDenoiser
 from leffa.attention import (
-    LeffaCapture, ReferenceBank, check_plain_self_attention, finish_attention, project_heads,
+    LeffaCapture, ReferenceBank, check_plain_self_attention, finish_attention, project_qkv,
     set_self_attention_processors, token_grid,
 )
 from leffa.conditioning import LAYOUTS, PART_CHANNELS
@@ -134,9 +134,7 @@ class WidthConcatAttention:
     def __call__(self, attn: Attention, hidden_states: torch.Tensor, encoder_hidden_states=None,
                  attention_mask=None, temb=None, **kwargs) -> torch.Tensor:
         check_plain_self_attention(attn, hidden_states)
-        q = project_heads(attn, attn.to_q, hidden_states, attn.norm_q)
-        k = project_heads(attn, attn.to_k, hidden_states, attn.norm_k)
-        v = project_heads(attn, attn.to_v, hidden_states, None)
+        q, k, v = project_qkv(attn, hidden_states)
         self._maybe_capture(q, k)
         return finish_attention(attn, F.scaled_dot_product_attention(q, k, v), hidden_states)
 

@@ -20,7 +20,7 @@ from diffusers.models.attention_processor import Attention
 from torch import nn
 
 from leffa.attention import (
-    LeffaCapture, ReferenceBank, check_plain_self_attention, finish_attention, project_heads, self_attention_layers,
+    LeffaCapture, ReferenceBank, check_plain_self_attention, finish_attention, project_qkv, self_attention_layers,
     set_self_attention_processors,
 )
 
@@ -41,9 +41,7 @@ class ReferenceRecorder:
                  attention_mask=None, temb=None, **kwargs) -> torch.Tensor:
         check_plain_self_attention(attn, hidden_states)
         self.bank.features[self.name] = hidden_states
-        q = project_heads(attn, attn.to_q, hidden_states, attn.norm_q)
-        k = project_heads(attn, attn.to_k, hidden_states, attn.norm_k)
-        v = project_heads(attn, attn.to_v, hidden_states, None)
+        q, k, v = project_qkv(attn, hidden_states)
         return finish_attention(attn, F.scaled_dot_product_attention(q, k, v), hidden_states)
 
 
@@ -79,9 +77,7 @@ class ConcatAttention(nn.Module):
             parts.append(self.registers.to(hidden_states.dtype).expand(batch, -1, -1))
         # (B, n + m + R, C): the key/value tokens of the concatenated attention
         context = torch.cat(parts, dim=1)
-        q = project_heads(attn, attn.to_q, hidden_states, attn.norm_q)
-        k = project_heads(attn, attn.to_k, context, attn.norm_k)
-        v = project_heads(attn, attn.to_v, context, None)
+        q, k, v = project_qkv(attn, hidden_states, context)
         self._maybe_capture(q, k, n, reference.shape[1])
         return finish_attention(attn, F.scaled_dot_product_attention(q, k, v), hidden_states)
 
