@@ -8,10 +8,13 @@ import pytest
 from leffa.cli import cli_main
 
 
-def error_line(capsys, error: pytest.ExceptionInfo, *named: object) -> str:
-    """Exit status 2 and exactly one ``error:`` line on stderr, naming each of ``named``, no traceback."""
+def error_line(capsys, error: pytest.ExceptionInfo, *named: object, quiet: bool = False) -> str:
+    """Exit status 2 and exactly one ``error:`` line on stderr, naming each of ``named``, no traceback;
+    ``quiet``: nothing on stdout either (refused before any work)."""
     assert error.value.code == 2, error.value.code
-    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    captured = capsys.readouterr()
+    assert not quiet or captured.out == "", captured.out
+    lines = [line for line in captured.err.splitlines() if line.strip()]
     errors = [line for line in lines if line.startswith("error: ")]
     assert len(errors) == 1 and "Traceback" not in "\n".join(lines), lines
     for item in named:

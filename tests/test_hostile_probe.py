@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from one_line_errors import error_line
 from PIL import Image
 from test_checkpoint_security import SETTINGS, RunsCode, tiny_module, write_sharded_folder
 
@@ -24,20 +25,6 @@ ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "tiny_synthetic.yaml"
 IDS = [f"{i:05d}_00" for i in range(3)]
 KEYS = [f"vitonhd_test_paired_{i}" for i in IDS]  # predictions named by sample key, as leffa predict writes
-
-
-def one_error_line(capsys, error: pytest.ExceptionInfo, *named: object, quiet: bool = False) -> str:
-    """The exit was status 2 with exactly one ``error:`` line on stderr, naming each of ``named``;
-    ``quiet``: nothing on stdout either (refused before any work)."""
-    assert error.value.code == 2
-    captured = capsys.readouterr()
-    assert not quiet or captured.out == "", captured.out
-    lines = [line for line in captured.err.splitlines() if line.strip()]
-    errors = [line for line in lines if line.startswith("error: ")]
-    assert len(errors) == 1 and "Traceback" not in "\n".join(lines), lines
-    for item in named:
-        assert str(item) in errors[0], errors[0]
-    return errors[0]
 
 
 def tree(folder: Path) -> dict[str, bytes | None]:
@@ -58,7 +45,7 @@ def test_predict_output_dir_that_is_a_file_is_one_line_naming_it(shards, tmp_pat
                       f"--trainer.default_root_dir={tmp_path}", "--trainer.logger=false",
                       f"--data.predict_shards={shards}", "--data.height=64", "--data.width=48",
                       "--data.num_workers=0"])
-        assert "not a folder" in one_error_line(capsys, error, not_a_folder)
+        assert "not a folder" in error_line(capsys, error, not_a_folder)
     assert tree(tmp_path) == {"some_file.txt": b"mine"}
 
 
@@ -109,7 +96,7 @@ def test_paired_eval_under_the_lpips_minimum_size_is_one_line(net, minimum, tmp_
     monkeypatch.setattr(metrics, "load_lpips", lambda *args, **kwargs: loaded.append(args))
     with pytest.raises(SystemExit) as error:
         cli_main(eval_command(pred, gt, "--paired", "--lpips-net", net))
-    line = one_error_line(capsys, error, f"{minimum}x{minimum}", f"{minimum - 1}x40", pred / f"{KEYS[0]}.png")
+    line = error_line(capsys, error, f"{minimum}x{minimum}", f"{minimum - 1}x40", pred / f"{KEYS[0]}.png")
     assert f"LPIPS {net}" in line and not loaded  # refused before any network is loaded
 
 
@@ -133,7 +120,7 @@ def test_eval_out_refuses_an_existing_results_file(tmp_path, no_inception, capsy
     out.write_text("earlier results")
     with pytest.raises(SystemExit) as error:
         cli_main(eval_command(pred, gt, "--paired", "--out", str(out)))
-    assert "--out" in one_error_line(capsys, error, out, quiet=True)  # refused before computing anything
+    assert "--out" in error_line(capsys, error, out, quiet=True)  # refused before computing anything
     assert out.read_text() == "earlier results"
     # a new name is written, and then refused the next time
     new = tmp_path / "new" / "results.json"
@@ -143,7 +130,7 @@ def test_eval_out_refuses_an_existing_results_file(tmp_path, no_inception, capsy
     written = new.read_text()
     with pytest.raises(SystemExit) as error:
         cli_main(eval_command(pred, gt, "--out", str(new)))
-    one_error_line(capsys, error, new)
+    error_line(capsys, error, new)
     assert new.read_text() == written and sorted(p.name for p in new.parent.iterdir()) == ["results.json"]
 
 
@@ -154,7 +141,7 @@ def test_eval_refuses_ground_truth_of_another_aspect_ratio(tmp_path, no_inceptio
     for paired in (["--paired"], []):
         with pytest.raises(SystemExit) as error:
             cli_main(eval_command(pred, gt, *paired))
-        line = one_error_line(capsys, error, f"{gt / IDS[1]}.png", "64x64", "48x64", "--allow-aspect-change")
+        line = error_line(capsys, error, f"{gt / IDS[1]}.png", "64x64", "48x64", "--allow-aspect-change")
         assert "1 of 3 ground-truth images" in line
     # the user's choice: resize (squash) them anyway, recorded in the results
     torch.manual_seed(0)
@@ -197,13 +184,13 @@ def test_visualize_out_refuses_a_folder_that_holds_something(shards, tmp_path, c
     assert earlier and all(name.endswith(".png") for name in earlier)
     with pytest.raises(SystemExit) as error:
         cli_main(visualize_command(ckpt, shards, out, "--timestep", "900"))
-    assert "--out" in one_error_line(capsys, error, out)
+    assert "--out" in error_line(capsys, error, out)
     assert tree(out) == earlier
     # a file in the way, too
     (tmp_path / "file.png").write_bytes(b"mine")
     with pytest.raises(SystemExit) as error:
         cli_main(visualize_command(ckpt, shards, tmp_path / "file.png"))
-    one_error_line(capsys, error, tmp_path / "file.png")
+    error_line(capsys, error, tmp_path / "file.png")
     assert (tmp_path / "file.png").read_bytes() == b"mine"
 
 
@@ -214,7 +201,7 @@ def test_visualize_with_no_leffa_layer_selected_is_an_error(shards, tmp_path, ca
     out = tmp_path / "pictures"
     with pytest.raises(SystemExit) as error:
         cli_main(visualize_command(ckpt, shards, out))
-    assert "no Leffa layer" in one_error_line(capsys, error, "theta_resolution 0.5", "--height 64")
+    assert "no Leffa layer" in error_line(capsys, error, "theta_resolution 0.5", "--height 64")
     assert not out.exists()
 
 
@@ -257,7 +244,7 @@ def refused_everywhere(folder: Path, tmp_path: Path, capsys, *named: object) -> 
     for command in (["export", "--weights", "live"], ["visualize", "--weights", "live", "--shards", str(tmp_path)]):
         with pytest.raises(SystemExit) as error:
             cli_main([*command, "--ckpt", str(folder), "--out", str(tmp_path / "out")])
-        lines.append(one_error_line(capsys, error, folder, *named))
+        lines.append(error_line(capsys, error, folder, *named))
     assert not (tmp_path / "out").exists()
     return lines[0]
 
@@ -310,7 +297,7 @@ def test_a_corrupt_safetensors_file_in_an_export_folder_is_one_line(damage, tmp_
     for command in (["export"], ["visualize", "--shards", str(tmp_path)]):
         with pytest.raises(SystemExit) as error:
             cli_main([*command, "--ckpt", str(folder), "--out", str(tmp_path / "out")])
-        one_error_line(capsys, error, weights)
+        error_line(capsys, error, weights)
     assert not (tmp_path / "out").exists()
 
 
